@@ -1,0 +1,237 @@
+"""Contrastive training of a small HF CLIPModel (the embedded default is the `embedded` preset).
+
+Plain nanoGPT-style loop: fresh procedural batches (or a labelled dataset), a UniCL-style
+multi-positive contrastive loss (image-text pairs of the same class are positives, so the
+many same-class pairs in a batch are not pushed apart), AdamW, warm-up + cosine schedule,
+resumable safetensors checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+from tgems.errors import TGEMError
+from tgems.tokenizer import build_word_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Recipe:
+    vision: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    projection_dim: int = 128
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.1
+    caption_prob: float = 0.7
+    context_length: int = 24
+
+
+PRESETS = {
+    "embedded": Recipe(
+        vision=dict(image_size=32, patch_size=8, hidden_size=128, num_hidden_layers=12,
+                    num_attention_heads=4, intermediate_size=512),
+        text=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+    ),
+    "tiny": Recipe(
+        vision=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4,
+                    num_attention_heads=2, intermediate_size=64),
+        text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        projection_dim=32, steps=30, batch_size=64, lr=2e-3, warmup=5,
+    ),
+}
+
+
+class _Batches:
+    """Deterministic (images, texts, labels) batches for a step index."""
+
+    def __init__(self, spec: str, recipe: Recipe, seed: int):
+        from tgems.data import scenes
+
+        self.recipe, self.seed = recipe, seed
+        self.stream = spec in ("scenes", "scenes:train")
+        if self.stream:
+            self.scenes = scenes
+            self.classes, self.templates = scenes.CLASSES, scenes.PROMPT_TEMPLATES
+            self.words = scenes.vocabulary()
+        else:
+            from tgems.data.spec import load_dataset
+
+            self.data = load_dataset(spec, seed=seed)
+            if not isinstance(self.data.images, np.ndarray):
+                raise TGEMError(f"pretraining needs equally sized images; {spec} has mixed sizes")
+            self.classes, self.templates = self.data.classes, ("{}", "a picture of {}", "an image of {}")
+            texts = list(self.classes) + list(self.data.captions or []) + list(self.templates)
+            self.words = sorted({w for t in texts for w in t.replace("{}", " ").replace(",", " ").lower().split()})
+
+    def __call__(self, step: int):
+        B = self.recipe.batch_size
+        rng = np.random.default_rng([self.seed, step, 11])
+        if self.stream:
+            data = self.scenes.generate("train", step * B, B, seed=self.seed)
+        else:
+            epoch, pos = divmod(step * B, len(self.data))
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+            idx = np.concatenate([perm, np.random.default_rng([self.seed, epoch + 1]).permutation(len(self.data))])
+            data = self.data.subset(idx[pos:pos + B])
+        texts = []
+        for i, y in enumerate(data.labels):
+            if data.captions is not None and rng.uniform() < self.recipe.caption_prob:
+                texts.append(data.captions[i])
+            else:
+                texts.append(self.templates[rng.integers(len(self.templates))].format(self.classes[y]))
+        return data.images, texts, torch.as_tensor(data.labels)
+
+
+def pixels_from_uint8(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor):
+    logits = scale * img @ txt.t()
+    pos = (labels[:, None] == labels[None, :]).float()
+    target = pos / pos.sum(1, keepdim=True)
+    return 0.5 * (-(target * F.log_softmax(logits, 1)).sum(1).mean()
+                  - (target * F.log_softmax(logits.t(), 1)).sum(1).mean())
+
+
+def _lr(step: int, r: Recipe) -> float:
+    if step < r.warmup:
+        return r.lr * (step + 1) / r.warmup
+    t = (step - r.warmup) / max(1, r.steps - r.warmup)
+    return r.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _save_optimizer(opt, path: Path):
+    tensors = {}
+    for i, st in enumerate(opt.state.values()):
+        for k, v in st.items():
+            tensors[f"{i}.{k}"] = v.detach().clone().reshape(-1) if v.dim() == 0 else v.detach().clone()
+    save_file(tensors, str(path))
+
+
+def _load_optimizer(opt, path: Path):
+    tensors = load_file(str(path))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
+        if st:
+            if "step" in st:
+                st["step"] = st["step"].reshape(())
+            opt.state[p] = st
+
+
+def build_model(recipe: Recipe, vocab_size: int, seed: int) -> CLIPModel:
+    torch.manual_seed(seed)
+    text = dict(recipe.text, vocab_size=vocab_size, max_position_embeddings=recipe.context_length,
+                pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    cfg = CLIPConfig(text_config=text, vision_config=dict(recipe.vision), projection_dim=recipe.projection_dim)
+    return CLIPModel(cfg)
+
+
+def _write_model(model, tokenizer, recipe: Recipe, out: Path, info: dict):
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    s = recipe.vision["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(tmp)
+    (tmp / "pretrain.json").write_text(json.dumps(info, indent=2))
+    if out.exists():
+        keep = out / "checkpoint"
+        if keep.exists():
+            shutil.move(str(keep), str(tmp / "checkpoint"))
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:train", seed: int = 0,
+             steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
+             ckpt_every: int = 250, resume: bool = True, keep_checkpoint: bool = False,
+             progress: bool = True, threads: int | None = None) -> dict:
+    """Train a CLIP from scratch and save a standard HF directory at `out`; returns the run's record."""
+    if preset not in PRESETS:
+        raise TGEMError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    if threads:
+        torch.set_num_threads(threads)
+    recipe = Recipe(**{**asdict(PRESETS[preset]), **{k: v for k, v in
+                                                      dict(steps=steps, batch_size=batch_size, lr=lr).items()
+                                                      if v is not None}})
+    out = Path(out)
+    batches = _Batches(data, recipe, seed)
+    tokenizer = build_word_tokenizer(batches.words, recipe.context_length)
+    model = build_model(recipe, len(tokenizer), seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
+
+    ckpt = out / "checkpoint"
+    start, log, elapsed = 0, [], 0.0
+    if resume and (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["recipe"] != asdict(recipe) or state["seed"] != seed or state["data"] != data:
+            raise TGEMError(f"checkpoint in {ckpt} was made with another recipe/seed/data; use --no-resume")
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        _load_optimizer(opt, ckpt / "optimizer.safetensors")
+        start, log, elapsed = state["step"], state["log"], state["elapsed_s"]
+
+    model.train()
+    t0 = time.time() - elapsed
+    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="pretrain",
+               disable=not progress, dynamic_ncols=True)
+    running = None
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, recipe)
+        images, texts, labels = batches(step)
+        tok = tokenizer(texts, padding=True, truncation=True, max_length=recipe.context_length,
+                        return_tensors="pt")
+        outp = model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                     pixel_values=pixels_from_uint8(images))
+        img = F.normalize(outp.image_embeds, dim=-1)
+        txt = F.normalize(outp.text_embeds, dim=-1)
+        loss = multi_positive_loss(img, txt, labels, model.logit_scale.exp().clamp(max=100))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{running:.3f}")
+        if step % 25 == 0 or step == recipe.steps - 1:
+            log.append({"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 1)})
+        if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < recipe.steps:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+            _save_optimizer(opt, ckpt / "optimizer.safetensors")
+            (ckpt / "state.json").write_text(json.dumps(
+                {"step": step + 1, "log": log, "elapsed_s": time.time() - t0, "recipe": asdict(recipe),
+                 "seed": seed, "data": data}))
+    model.eval()
+    info = {"preset": preset, "data": data, "seed": seed, "recipe": asdict(recipe),
+            "train_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(),
+            "samples_seen": recipe.steps * recipe.batch_size, "log": log,
+            "command": f"tgems pretrain --preset {preset} --data {data} --seed {seed} --out {out}"}
+    _write_model(model, tokenizer, recipe, out, info)
+    if not keep_checkpoint:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    return info
