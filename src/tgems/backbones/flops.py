@@ -1,0 +1,29 @@
+"""Analytic compute of a ViT image encoder, per image.
+
+Floating-point operations, a multiply-add counted as 2. Only matrix products and
+the patch convolution are counted: layernorms, softmax, GELU and residual adds are
+a few percent of a block and the same for every method compared, so they are left
+out to keep the figures reproducible from the config alone.
+
+T: tokens (patches + 1), W: width, M: MLP size, D: projection size, L: blocks.
+"""
+
+
+def flops_embed(T, W, patch, channels=3):
+    """Patch convolution on T - 1 patches plus the position-embedding add."""
+    return 2 * (T - 1) * channels * patch * patch * W + T * W
+
+
+def flops_block(T, W, M):
+    """One transformer block over all T tokens: QKV + out projections, attention, MLP."""
+    return 2 * 4 * T * W * W + 2 * 2 * T * T * W + 2 * 2 * T * W * M
+
+
+def flops_readout(W, D):
+    """Class token through post_layernorm (not counted) and the visual projection."""
+    return 2 * W * D
+
+
+def flops_full(T, W, M, D, patch, L, channels=3):
+    """The whole encoder: embed, L blocks, one readout (= get_image_features)."""
+    return flops_embed(T, W, patch, channels) + L * flops_block(T, W, M) + flops_readout(W, D)

@@ -1,0 +1,198 @@
+"""Batched layer-by-layer early-exit inference with per-sample compute accounting.
+
+Rows that exit at a candidate layer are dropped from the batch (index_select),
+so later blocks run on fewer rows: the wall-clock saving follows the FLOPs saving.
+
+An exit policy is any object with `candidate_layers` (sorted ints in 1..L; L is
+always final), optional `needs_rates` (bool), `head_flops` (per row per candidate
+layer visited), `start(n)` (called once per call of `run_early_exit` with the number
+of input rows) and `decide(layer, z, rows[, rates])` returning a bool mask
+"these rows exit now", or `(mask, outputs)` with outputs (n_active, K) kept for the
+exiting rows. `rows` are the rows' indices in the input, so a policy can keep
+per-row state. A plain callable `policy(layer, z, rows) -> mask` also works.
+"""
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from tgems.errors import TGEMError
+
+
+@dataclass
+class EngineResult:
+    """Per-row results, in input order."""
+
+    features: torch.Tensor
+    exit_layers: torch.Tensor
+    flops: torch.Tensor
+    outputs: torch.Tensor | None
+    full_flops: float
+    num_layers: int
+
+    @property
+    def mean_layers(self):
+        return float(self.exit_layers.double().mean())
+
+    @property
+    def flops_ratio(self):
+        return float(self.flops.mean()) / self.full_flops
+
+
+class ExitAtLayer:
+    """Every row exits at layer k (a static truncated encoder)."""
+
+    needs_rates = False
+    head_flops = 0.0
+
+    def __init__(self, k):
+        self.k = k
+        self.candidate_layers = [k]
+
+    def decide(self, layer, z, rows):
+        return torch.ones(len(rows), dtype=torch.bool, device=z.device)
+
+
+class ExitPerRow:
+    """Row i exits at layers[i] (oracle or replayed decisions).
+
+    Readouts happen only at the layers that occur in `layers` unless `candidate_layers` is given.
+    """
+
+    needs_rates = False
+    head_flops = 0.0
+
+    def __init__(self, layers, candidate_layers=None):
+        self.layers = torch.as_tensor(layers, dtype=torch.long).reshape(-1)
+        self.candidate_layers = sorted(set(self.layers.tolist()) if candidate_layers is None
+                                       else candidate_layers)
+
+    def start(self, n):
+        if n != len(self.layers):
+            raise TGEMError(f"ExitPerRow has {len(self.layers)} exit layers for {n} images")
+
+    def decide(self, layer, z, rows):
+        return self.layers.to(rows.device)[rows] == layer
+
+
+class NeverExit:
+    """No early exit: the engine's equivalent of the full encoder."""
+
+    needs_rates = False
+    head_flops = 0.0
+    candidate_layers = []
+
+    def decide(self, layer, z, rows):
+        return torch.zeros(len(rows), dtype=torch.bool, device=z.device)
+
+
+class _CallablePolicy:
+    needs_rates = False
+    head_flops = 0.0
+
+    def __init__(self, fn, num_layers):
+        self.fn = fn
+        self.candidate_layers = list(range(1, num_layers + 1))
+
+    def decide(self, layer, z, rows):
+        return self.fn(layer, z, rows)
+
+
+def _as_policy(policy, num_layers):
+    if not hasattr(policy, "decide"):
+        if not callable(policy):
+            raise TGEMError(f"an exit policy needs decide() or must be callable, got {type(policy).__name__}")
+        policy = _CallablePolicy(policy, num_layers)
+    layers = []
+    for l in getattr(policy, "candidate_layers", None) or []:
+        try:
+            l = operator.index(l)
+        except TypeError:
+            raise TGEMError(f"candidate layers must be integers, got {l!r}") from None
+        if not 1 <= l <= num_layers:
+            raise TGEMError(f"candidate layer {l} is outside 1..{num_layers}")
+        layers.append(l)
+    return policy, sorted(set(layers) | {num_layers})
+
+
+def _split_decision(decision, n):
+    mask, outputs = decision if isinstance(decision, tuple) else (decision, None)
+    mask = torch.as_tensor(mask).reshape(-1).to(torch.bool)
+    if len(mask) != n:
+        raise TGEMError(f"exit policy returned a mask of {len(mask)} rows for {n} active rows")
+    if outputs is not None and (outputs.ndim != 2 or len(outputs) != n):
+        raise TGEMError(f"exit policy outputs must be (n_active, K), got {tuple(outputs.shape)}")
+    return mask, outputs
+
+
+class _Store:
+    """Results for the whole input, filled as rows exit."""
+
+    def __init__(self, n, dim, device, dtype):
+        self.features = torch.zeros(n, dim, device=device, dtype=dtype)
+        self.exit_layers = torch.zeros(n, dtype=torch.long)
+        self.outputs = None
+
+    def put(self, rows, layer, z, outputs):
+        self.features[rows] = z
+        self.exit_layers[rows.cpu()] = layer
+        if outputs is not None:
+            if self.outputs is None:
+                self.outputs = torch.full((len(self.features), outputs.shape[1]), float("nan"),
+                                          dtype=outputs.dtype, device=outputs.device)
+            self.outputs[rows.to(outputs.device)] = outputs
+
+
+def _run_chunk(backbone, pixels, offset, policy, readout_layers, store):
+    L = backbone.num_layers
+    wants_rates = bool(getattr(policy, "needs_rates", False))
+    readout_set = set(readout_layers)
+    h = backbone.embed(pixels)
+    rows = torch.arange(offset, offset + len(pixels), device=h.device)
+    for l in range(1, L + 1):
+        rates = None
+        if wants_rates and l in readout_set:
+            h, rates = backbone.block(l, h, return_rates=True)
+        else:
+            h = backbone.block(l, h)
+        if l not in readout_set:
+            continue
+        z = backbone.readout(h, l)
+        decision = policy.decide(l, z, rows, rates) if wants_rates else policy.decide(l, z, rows)
+        mask, outputs = _split_decision(decision, len(rows))
+        mask = mask.to(h.device)
+        if l == L:
+            mask = torch.ones_like(mask)
+        if not mask.any():
+            continue
+        exiting = mask.nonzero().squeeze(1)
+        store.put(rows[exiting], l, z[exiting], None if outputs is None else outputs[exiting.to(outputs.device)])
+        keep = (~mask).nonzero().squeeze(1)
+        if len(keep) == 0:
+            return
+        h, rows = h.index_select(0, keep), rows[keep]
+
+
+@torch.no_grad()
+def run_early_exit(backbone, pixels, policy, batch_size=None):
+    """Run the vision tower with per-row early exit; rows come back in input order.
+
+    `batch_size` only bounds memory: the policy sees the whole input as one batch.
+    """
+    backbone.check_pixels(pixels)
+    n = len(pixels)
+    if n == 0:
+        raise TGEMError("no images given")
+    policy, readout_layers = _as_policy(policy, backbone.num_layers)
+    if hasattr(policy, "start"):
+        policy.start(n)
+    store = _Store(n, backbone.embed_dim, backbone.device, backbone.dtype)
+    step = batch_size or n
+    for offset in range(0, n, step):
+        _run_chunk(backbone, pixels[offset:offset + step], offset, policy, readout_layers, store)
+    visits = torch.searchsorted(torch.tensor(readout_layers), store.exit_layers, right=True)
+    per_head = backbone.flops_readout() + float(getattr(policy, "head_flops", 0.0) or 0.0)
+    flops = (backbone.flops_embed() + store.exit_layers.double() * backbone.flops_block()
+             + visits.double() * per_head)
+    return EngineResult(store.features, store.exit_layers, flops, store.outputs,
+                        float(backbone.flops_full()), backbone.num_layers)
