@@ -121,9 +121,12 @@ def _lr(step: int, r: Recipe) -> float:
 
 
 def _save_optimizer(opt, path: Path):
+    # keyed by the parameter's position in the param groups (what _load_optimizer uses), not by
+    # the order in which states were created; 0-dim tensors are stored as (1,) and restored below.
     tensors = {}
-    for i, st in enumerate(opt.state.values()):
-        for k, v in st.items():
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
             tensors[f"{i}.{k}"] = v.detach().clone().reshape(-1) if v.dim() == 0 else v.detach().clone()
     save_file(tensors, str(path))
 
@@ -136,6 +139,9 @@ def _load_optimizer(opt, path: Path):
         if st:
             if "step" in st:
                 st["step"] = st["step"].reshape(())
+            for k, v in st.items():
+                if k != "step" and v.shape != p.shape and v.numel() == p.numel():
+                    st[k] = v.reshape(p.shape)  # e.g. the moments of the 0-dim logit_scale
             opt.state[p] = st
 
 
