@@ -48,6 +48,7 @@ _SPLITS = {
     "calib": (2, 2000, "seen"),
     "test": (3, 2600, "seen"),
     "heldout": (4, 1200, "heldout"),
+    "shots": (5, 1024, "all"),  # images of every class, only for the k-shot (sample-based) baseline
 }
 SPLITS = (*_SPLITS, "testall")
 
@@ -205,7 +206,7 @@ def generate(split: str, start: int, n: int, seed: int = 0) -> Dataset:
     if split not in _SPLITS:
         raise TGEMError(f"unknown scenes split '{split}' (choose from {', '.join(SPLITS)})")
     stream, _, which = _SPLITS[split]
-    classes = SEEN_CLASSES if which == "seen" else HELDOUT_CLASSES
+    classes = {"seen": SEEN_CLASSES, "heldout": HELDOUT_CLASSES, "all": np.arange(len(CLASSES))}[which]
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     labels = np.empty(n, dtype=np.int64)
     captions, difficulty = [], np.empty(n, dtype=np.float32)

@@ -1,0 +1,178 @@
+"""Accuracy / compute of every method at one budget or a sweep, on the same images and machine.
+
+Exit decisions are made on cached per-layer features (identical to what the engine decides; the
+test suite checks this), and throughput is measured by running the engine itself on a fixed batch.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from tgems.baselines import ProbeExits, fit_probes, oracle_depth
+from tgems.classifier import EarlyExitClassifier
+from tgems.engine import ExitAtLayer, NeverExit, run_early_exit
+from tgems.features import LayerFeatures, extract_features
+from tgems.fit import final_scale, fit_jumper, load_tgem
+from tgems.jumper import calibrate_max_drop, simulate
+from tgems.profiles import sample_profiles
+
+DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
+METHODS = ("full", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle")
+
+
+def analytic_flops(backbone, depth: torch.Tensor, candidates: list[int], head_flops: float) -> torch.Tensor:
+    """Per-sample FLOPs as the engine counts them: embedding, `depth` blocks, and a readout plus exit
+    head at every candidate layer visited (the last layer is always one)."""
+    L = backbone.num_layers
+    cands = torch.as_tensor(sorted(set(candidates) | {L}), dtype=torch.long)
+    visited = (cands[None, :] <= depth[:, None]).sum(1)
+    return (backbone.flops_embed() + depth.double() * backbone.flops_block()
+            + visited.double() * (backbone.flops_readout() + head_flops))
+
+
+def measure_throughput(backbone, pixels: torch.Tensor, policy, repeats: int = 3, batch_size: int = 256) -> float:
+    """Median images/second of the engine with this policy on a fixed batch."""
+    run_early_exit(backbone, pixels[: min(len(pixels), 32)], policy, batch_size=batch_size)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run_early_exit(backbone, pixels, policy, batch_size=batch_size)
+        times.append(time.perf_counter() - t)
+    return float(len(pixels) / np.median(times))
+
+
+class Recorder:
+    """Turns per-sample predictions and depths into result records, one per class split."""
+
+    def __init__(self, backbone, labels: torch.Tensor, full_preds: torch.Tensor, splits: np.ndarray):
+        self.backbone, self.labels, self.full, self.results = backbone, labels, full_preds, []
+        self.masks = {"all": np.ones(len(labels), dtype=bool)}
+        for name in ("seen", "heldout"):
+            m = splits == name
+            if m.any() and not m.all():
+                self.masks[name] = m
+
+    def add(self, method: str, budget, preds, depth, flops, ips=None, **extra):
+        full_flops = self.backbone.flops_full()
+        for split, m in self.masks.items():
+            mt = torch.as_tensor(m)
+            self.results.append({
+                "method": method, "budget": budget, "split": split,
+                "accuracy": round(float((preds[mt] == self.labels[mt]).float().mean()), 5),
+                "agreement": round(float((preds[mt] == self.full[mt]).float().mean()), 5),
+                "mean_layers": round(float(depth[mt].float().mean()), 4),
+                "flops_ratio": round(float(flops[mt].mean() / full_flops), 5),
+                "images_per_second": None if ips is None else round(ips, 1),
+                "n": int(m.sum()), **extra})
+
+
+def _classifier_from_tgem(backbone, path, labels, templates):
+    tgem, jumper, cfg = load_tgem(path, backbone)
+    clf = EarlyExitClassifier(backbone, tgem, labels, templates or cfg.get("templates"), jumper=jumper)
+    return clf, cfg
+
+
+def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, budgets=DEFAULT_BUDGETS,
+             k_shot: int = 16, seed: int = 0, progress: bool = True, speed: bool = True, timing_n: int = 512,
+             templates=None, log=print) -> dict:
+    """Every method, every budget; returns {"results": [...], "extras": {...}} (see DESIGN.md)."""
+    L = backbone.num_layers
+    labels = list(test.classes)
+    clfs = {}
+    for d in tgem_dirs:
+        clf, cfg = _classifier_from_tgem(backbone, d, labels, templates)
+        clfs[f"tgem_{cfg['space']}"] = clf
+    if "tgem_cls" not in clfs:
+        from tgems.errors import TGEMError
+
+        raise TGEMError("tgems eval needs a `cls` T-GEM checkpoint (the reference for static truncation and oracle)")
+    need_rates = "tgem_rates" in clfs
+    ref = clfs["tgem_cls"]
+    log(f"extracting features ({len(test)} test, {len(calib)} calibration images)")
+    ft = extract_features(backbone, test, rates=need_rates, progress=progress, desc="test features")
+    fc = extract_features(backbone, calib, rates=need_rates, progress=progress, desc="calib features")
+    ftr = extract_features(backbone, train, progress=progress, desc="train features") if train is not None else None
+    fs = extract_features(backbone, shots, progress=progress, desc="shot features") if shots is not None else None
+    y = ft.labels
+    _, ref_preds = ref.layer_predictions(ft)
+    full_preds = ref_preds[:, -1]
+    rec = Recorder(backbone, y, full_preds, test.sample_split())
+    timing = backbone.preprocess(test.images[:timing_n]) if speed else None
+    ips = (lambda pol: measure_throughput(backbone, timing, pol)) if speed else (lambda pol: None)
+    full_depth = torch.full((len(y),), L)
+
+    rec.add("full", None, full_preds, full_depth, analytic_flops(backbone, full_depth, [], ref.profiles.head_flops()),
+            ips(NeverExit()))
+
+    # static truncation with the T-GEM `cls` profiles of each layer (layer L: full CLIP)
+    all_layers = list(range(1, L + 1))
+    for k in all_layers:
+        depth = torch.full((len(y),), k)
+        preds = ref_preds[:, ref.profiles.layers.index(k)] if k < L else full_preds
+        rec.add("static", None, preds, depth, analytic_flops(backbone, depth, [k], ref.profiles.head_flops()),
+                ips(ExitAtLayer(k)) if k in (L // 4, L // 2, 3 * L // 4) else None, layer=k)
+
+    # oracle: first layer from which the prediction equals the full model's and stays so
+    od = oracle_depth(ref_preds, ref.profiles.layers + [L])
+    rec.add("oracle", None, full_preds, od, analytic_flops(backbone, od, ref.profiles.layers, ref.profiles.head_flops()))
+
+    methods: dict = {}
+    if ftr is not None:
+        w, b = fit_probes(ftr, ref.profiles.layers, len(labels), seed=seed)
+        methods["probe"] = ProbeExits(w, b, ref.profiles.layers, ref.text, final_scale(backbone), L)
+    if fs is not None:
+        prof = sample_profiles(fs.space("cls"), fs.labels, len(labels), ref.text, ref.profiles.layers, L,
+                               final_scale(backbone), "cls", k_shot, seed)
+        sclf = EarlyExitClassifier(backbone, None, labels, ref.templates, profiles=prof)
+        sclf.jumper = fit_jumper(prof, ftr if ftr is not None else fc)
+        methods["sample"] = sclf
+    methods.update(clfs)
+
+    for name, m in methods.items():
+        for budget in budgets:
+            if name == "probe":
+                m.calibrate_budget(fc, budget)
+                scores, lp = m.layer_predictions(ft)
+                preds, depth = simulate(scores, lp, m.layers + [L], m.tau)
+                pol, head, tau = m, m.head_flops, m.tau
+            else:
+                m.calibrate(fc, budget=budget)
+                preds, depth = m.simulate(ft)
+                pol, head, tau = m.policy(), m.profiles.head_flops(), m.tau
+            flops = analytic_flops(backbone, depth, pol.candidate_layers, head)
+            rec.add(name, budget, preds, depth, flops, ips(pol), tau=round(float(tau), 5))
+        log(f"  {name}: done")
+
+    extras = {"exit_layers": {}, "difficulty": None}
+    if 0.5 in budgets or budgets:
+        b = 0.5 if 0.5 in budgets else budgets[len(budgets) // 2]
+        ref.calibrate(fc, budget=b)
+        _, depth = ref.simulate(ft)
+        extras["exit_layers"] = {"budget": b, "layers": depth.tolist()}
+        if ft.difficulty is not None:
+            extras["difficulty"] = np.asarray(ft.difficulty).round(4).tolist()
+    return {"results": rec.results, "extras": extras, "features": {"test": ft, "calib": fc}, "classifiers": clfs}
+
+
+def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 0.01, delta: float = 0.1,
+                    n_splits: int = 20, seed: int = 0, calib_fraction: float = 0.5) -> dict:
+    """Re-split a pool into calibration / test halves n_splits times; calibrate max_drop on one half and
+    measure the disagreement with the full model on the other."""
+    scores, preds = clf.layer_predictions(pool)
+    layers = clf.profiles.layers + [clf.backbone.num_layers]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_splits):
+        perm = torch.as_tensor(rng.permutation(len(pool)))
+        nc = int(len(pool) * calib_fraction)
+        c, t = perm[:nc], perm[nc:]
+        tau, info = calibrate_max_drop(scores[c], preds[c], layers, eps, delta)
+        p, d = simulate(scores[t], preds[t], layers, tau)
+        dis = float((p != preds[t, -1]).float().mean())
+        rows.append({"split": i, "tau": round(tau, 5), "test_disagreement": round(dis, 5),
+                     "test_mean_layers": round(float(d.float().mean()), 3), "calib_ucb": round(info["ucb"], 5)})
+    held = sum(r["test_disagreement"] <= eps for r in rows)
+    return {"eps": eps, "delta": delta, "n_splits": n_splits, "held": held, "rows": rows,
+            "mean_test_layers": round(float(np.mean([r["test_mean_layers"] for r in rows])), 3)}
