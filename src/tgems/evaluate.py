@@ -176,3 +176,18 @@ def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 
     held = sum(r["test_disagreement"] <= eps for r in rows)
     return {"eps": eps, "delta": delta, "n_splits": n_splits, "held": held, "rows": rows,
             "mean_test_layers": round(float(np.mean([r["test_mean_layers"] for r in rows])), 3)}
+
+
+def zero_shot_layers(backbone, feats: LayerFeatures, text: torch.Tensor, splits: np.ndarray | None = None) -> list:
+    """Top-1 of every layer's readout z_l against the class text embeddings ("logit lens"), per split."""
+    masks = {"all": np.ones(len(feats), dtype=bool)}
+    if splits is not None:
+        masks.update({s: splits == s for s in ("seen", "heldout") if (splits == s).any()})
+    preds = torch.einsum("nld,cd->nlc", torch.nn.functional.normalize(feats.z, dim=-1), text).argmax(-1)
+    rows = []
+    for l in range(feats.z.shape[1]):
+        row = {"layer": l + 1}
+        for s, m in masks.items():
+            row[s] = round(float((preds[torch.as_tensor(m), l] == feats.labels[torch.as_tensor(m)]).float().mean()), 4)
+        rows.append(row)
+    return rows

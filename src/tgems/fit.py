@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
-from tgems.jumper import Jumper, exit_signals
+from tgems.jumper import Jumper, calibrate_budget, exit_signals
 from tgems.profiles import TGEM, ClassProfiles, class_embeddings
 
 FORMAT_VERSION = 1
@@ -42,6 +42,7 @@ class FitSettings:
     soft_tau: float = 0.9  # confidence threshold of the soft exits during training
     soft_k: float = 20.0  # sharpness of the soft exits
     jumper_fraction: float = 0.2  # part of the data held out of G_l training to fit the Jumper
+    default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
     seed: int = 0
 
 
@@ -185,6 +186,8 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     jumper = fit_jumper(profiles, jfeats)
     probs = layer_probs(profiles, jfeats)
     preds = probs.argmax(-1)
+    scores = jumper.scores(jumper_signals(probs, jfeats, layers))
+    jumper.tau = calibrate_budget(scores, preds, layers + [L], L, s.default_budget)
     per_layer = [{"layer": l, "accuracy": round((preds[:, j] == jfeats.labels).float().mean().item(), 4),
                   "agreement": round((preds[:, j] == preds[:, -1]).float().mean().item(), 4)}
                  for j, l in enumerate(layers + [L])]
