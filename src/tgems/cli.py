@@ -376,12 +376,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries():
+    """transformers' weight-loading bars and torchvision notices are noise for tgems users."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    _quiet_libraries()
     try:
         return args.func(args)
     except TGEMError as e:
