@@ -72,12 +72,25 @@ def _load_local(path, dtype):
     return model, tokenizer, (json.loads(pre.read_text()) if pre.is_file() else None), path
 
 
+def _hub_reachable(timeout=3.0):
+    """A quick connection test, so an unreachable hub fails at once instead of after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hub(name, dtype):
     from transformers import AutoTokenizer, CLIPModel
     from transformers.utils import cached_file
 
     error = None
-    for local_only in ([True] if _offline() else [True, False]):
+    for local_only in ([True] if _offline() or not _hub_reachable() else [True, False]):
         try:
             model = CLIPModel.from_pretrained(name, dtype=dtype, local_files_only=local_only)
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
