@@ -36,6 +36,26 @@ def _budget(value: str) -> float:
     return b
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{value}'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _seed_value(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer in 0 .. 2**32 - 1, got '{value}'") from None
+    if not 0 <= n < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"seed must be an integer in 0 .. 2**32 - 1, got {n}")
+    return n
+
+
 def _layers(value: str) -> list[int]:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
@@ -53,6 +73,32 @@ def _seed(seed: int):
 
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+def _check_outputs(args) -> None:
+    """Refuse unwritable outputs before the work (not after minutes of it), and never let --out
+    replace an existing directory that is not a previous output of the same command."""
+    for flag in ("json", "plot", "out"):
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        p = Path(value).expanduser().absolute()
+        if flag != "out" and p.is_dir():
+            raise TGEMError(f"--{flag} {value} is a directory")
+        if flag == "out" and p.exists():
+            if not p.is_dir():
+                raise TGEMError(f"--out {value} exists and is not a directory")
+            own = {"fit": ["tgem.json"], "pretrain": ["pretrain.json", "checkpoint/state.json"]}.get(args.command)
+            if own and any(p.iterdir()) and not any((p / f).is_file() for f in own):
+                raise TGEMError(f"--out {value} is a non-empty directory that is not a previous "
+                                f"`tgems {args.command}` output; refusing to replace it")
+        parent = p.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise TGEMError(f"cannot write --{flag} {value}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK):
+            raise TGEMError(f"cannot write --{flag} {value}: {parent} is not writable")
 
 
 # ----------------------------------------------------------------------------- table
@@ -175,6 +221,9 @@ def cmd_eval(args):
     if args.shots:
         shots = load_dataset(args.shots, seed=args.seed)
     if calib is None:
+        if len(test) < 2:
+            raise TGEMError(f"{args.data} has {len(test)} image(s): too few to split into calibration and "
+                            f"test halves (give --calib SPEC)")
         calib, test = _split_dataset(test, args.seed)
         log("no --calib given: half of the data calibrates, the other half is tested")
     budgets = [0.3, 0.4, 0.5, 0.6, 0.7] if args.sweep or args.budget is None else [args.budget]
@@ -308,11 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, json_help="write the figures as JSON"):
         sp.add_argument("--json", metavar="PATH", help=json_help)
         sp.add_argument("--quiet", action="store_true", help="no progress bars or logs")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=_seed_value, default=0)
 
     d = sub.add_parser("demo", help="the whole story on the embedded default, offline")
     d.add_argument("--out", default="results/demo")
-    d.add_argument("--n", type=int, default=None, help="number of test images (default: the whole split)")
+    d.add_argument("--n", type=_positive_int, default=None, help="number of test images (default: the whole split)")
     d.add_argument("--no-speed", action="store_true", help="skip throughput measurements")
     common(d)
     d.set_defaults(func=cmd_demo)
@@ -321,10 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--preset", default="embedded")
     pt.add_argument("--data", default="scenes:train")
     pt.add_argument("--out", required=True)
-    pt.add_argument("--steps", type=int)
-    pt.add_argument("--batch-size", type=int)
+    pt.add_argument("--steps", type=_positive_int)
+    pt.add_argument("--batch-size", type=_positive_int)
     pt.add_argument("--lr", type=float)
-    pt.add_argument("--threads", type=int)
+    pt.add_argument("--threads", type=_positive_int)
     pt.add_argument("--no-resume", action="store_true")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)
@@ -333,11 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", default="embedded")
     f.add_argument("--data", default="scenes:train")
     f.add_argument("--out", required=True)
-    f.add_argument("--n", type=int, help="use the first N images")
+    f.add_argument("--n", type=_positive_int, help="use the first N images")
     f.add_argument("--space", choices=("cls", "rates"), default="cls")
     f.add_argument("--layers", type=_layers, help="candidate exit layers, e.g. 2,4,6 (default: all)")
-    f.add_argument("--hidden", type=int, default=256)
-    f.add_argument("--epochs", type=int, default=30)
+    f.add_argument("--hidden", type=_positive_int, default=256)
+    f.add_argument("--epochs", type=_positive_int, default=30)
     f.add_argument("--lam", type=float, default=0.0, help="rate-based regularizer strength (0 = off)")
     f.add_argument("--r-target", type=float, default=0.4, help="target expected fraction of layers run")
     common(f)
@@ -347,10 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="embedded")
     e.add_argument("--tgem", action="append", required=True, help="T-GEM checkpoint (repeat for cls and rates)")
     e.add_argument("--data", required=True)
-    e.add_argument("--n", type=int, help="use N test images")
+    e.add_argument("--n", type=_positive_int, help="use N test images")
     e.add_argument("--calib", help="calibration data spec (default: scenes:calib for scenes, else half the data)")
     e.add_argument("--train", help="training data for the probe baseline")
-    e.add_argument("--n-train", type=int, default=4000)
+    e.add_argument("--n-train", type=_positive_int, default=4000)
     e.add_argument("--shots", help="images for the k-shot baseline")
     g = e.add_mutually_exclusive_group()
     g.add_argument("--budget", type=_budget)
@@ -396,6 +445,7 @@ def main(argv=None) -> int:
         return 0
     _quiet_libraries()
     try:
+        _check_outputs(args)
         return args.func(args)
     except TGEMError as e:
         print(f"tgems: error: {e}", file=sys.stderr)
