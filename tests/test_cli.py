@@ -1,0 +1,540 @@
+"""End-to-end tests of the `tgems` command line (`tgems.cli.main`), on a tiny trained CLIP.
+
+The shipped embedded model is not used: a module fixture pretrains a 4-block CLIP for a few
+steps (model A), fits `cls` and `rates` T-GEMs on it through the CLI, and a second tiny CLIP
+with another seed (model B) stands for "another backbone".
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tgems import __version__
+from tgems.cli import main
+
+SWEEP = [0.3, 0.4, 0.5, 0.6, 0.7]
+RECORD_KEYS = {"method", "budget", "split", "accuracy", "agreement", "mean_layers", "flops_ratio",
+               "images_per_second"}
+
+
+def run_cli(capsys, *argv):
+    """main(argv) -> (exit code, stdout, stderr); argparse exits are returned as codes too."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse: --version, usage errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err):
+    assert rc not in (0, None), err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert lines[0].startswith("tgems: error:"), lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Tiny CLIP A (+ its cls / rates T-GEMs, fitted through the CLI) and tiny CLIP B (another seed)."""
+    from tgems.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("cli")
+    model_a, model_b = root / "clip_a", root / "clip_b"
+    pretrain(model_a, preset="tiny", steps=20, threads=1, progress=False, seed=0)
+    pretrain(model_b, preset="tiny", steps=20, threads=1, progress=False, seed=1)
+    fit_json = root / "fit_cls.json"
+    codes = []
+    for space, out in (("cls", root / "tgem_cls"), ("rates", root / "tgem_rates")):
+        argv = ["fit", "--model", str(model_a), "--data", "scenes:train:400", "--out", str(out), "--epochs", "1",
+                "--quiet", "--space", space]
+        if space == "cls":
+            argv += ["--json", str(fit_json)]
+        codes.append(main(argv))
+    assert codes == [0, 0]
+    return {"root": root, "model_a": model_a, "model_b": model_b, "tgem_cls": root / "tgem_cls",
+            "tgem_rates": root / "tgem_rates", "fit_json": fit_json}
+
+
+def _eval_argv(work, out_dir: Path, *extra):
+    return ["eval", "--model", work["model_a"], "--tgem", work["tgem_cls"], "--tgem", work["tgem_rates"],
+            "--data", "scenes:testall:120", "--n-train", "300", "--no-speed", "--quiet",
+            "--json", out_dir / "eval.json", "--plot", out_dir / "eval.png", *extra]
+
+
+@pytest.fixture(scope="module")
+def sweep_eval(work):
+    """The default sweep, run once for the module: (exit code, stdout, report, png path)."""
+    out_dir = work["root"] / "eval1"
+    rc = main([str(a) for a in _eval_argv(work, out_dir)])
+    report = json.loads((out_dir / "eval.json").read_text()) if rc == 0 else None
+    return rc, report, out_dir / "eval.png"
+
+
+@pytest.fixture(scope="module")
+def images(work):
+    """Three readable 32x32 PNGs (scenes test samples) and one garbage file with a .png name."""
+    from tgems.data import load_dataset
+
+    d = work["root"] / "images"
+    d.mkdir()
+    data = load_dataset("scenes:test:3")
+    good = []
+    for i in range(3):
+        p = d / f"img{i}.png"
+        Image.fromarray(data.images[i]).save(p)
+        good.append(p)
+    bad = d / "broken.png"
+    bad.write_bytes(b"this is not a png at all \x00\x01\x02" * 4)
+    return good, bad
+
+
+@pytest.fixture(scope="module")
+def folder_data(work):
+    """folder:DIR with 3 class sub-folders (underscores for spaces) of 6 scenes images each."""
+    from tgems.data.scenes import CLASSES, generate
+
+    root = work["root"] / "folder_ds"
+    data = generate("test", 0, 52 * 6)  # the test split cycles over its 52 seen classes
+    wanted = sorted(set(data.labels.tolist()))[:3]
+    for label in wanted:
+        sub = root / CLASSES[label].replace(" ", "_")
+        sub.mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(data.labels == label)[:6]):
+            Image.fromarray(data.images[i]).save(sub / f"{j}.png")
+    return root, [CLASSES[label] for label in wanted]
+
+
+# ----------------------------------------------------------------------------- basics
+
+
+def test_version(capsys):
+    rc, out, err = run_cli(capsys, "--version")
+    assert rc == 0
+    assert out.strip() == f"tgems {__version__}"
+
+
+def test_no_command_prints_help(capsys):
+    rc, out, err = run_cli(capsys)
+    assert rc == 0
+    assert "usage: tgems" in out
+    for cmd in ("demo", "pretrain", "fit", "eval", "classify"):
+        assert cmd in out
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def test_fit_writes_checkpoint_and_json(work):
+    for space in ("cls", "rates"):
+        d = work[f"tgem_{space}"]
+        assert (d / "tgem.json").is_file() and (d / "tgem.safetensors").is_file()
+        cfg = json.loads((d / "tgem.json").read_text())
+        assert cfg["space"] == space
+        assert cfg["num_layers"] == 4 and cfg["layers"] == [1, 2, 3]
+        assert cfg["data"] == "scenes:train:400"
+        assert not (d.parent / (d.name + ".tmp")).exists()
+    info = json.loads(work["fit_json"].read_text())
+    assert info["model"] == str(work["model_a"]) and info["data"] == "scenes:train:400" and info["seed"] == 0
+    assert info["settings"]["epochs"] == 1 and info["settings"]["space"] == "cls"
+    assert [r["layer"] for r in info["per_layer_holdout"]] == [1, 2, 3, 4]
+    assert info["num_train"] + info["num_jumper"] == 400
+    assert info["fit_seconds"] >= 0
+
+
+def test_fit_missing_folder_leaves_nothing(work, tmp_path, capsys):
+    out, js = tmp_path / "T", tmp_path / "fit.json"
+    rc, _, err = run_cli(capsys, "fit", "--model", work["model_a"], "--data", "folder:/nonexistent",
+                         "--out", out, "--json", js, "--quiet")
+    assert rc == 2
+    line = assert_one_line_error(rc, err)
+    assert "/nonexistent" in line
+    assert not out.exists() and not js.exists()
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_sweep_report(sweep_eval, work):
+    rc, report, png = sweep_eval
+    assert rc == 0
+    for key in ("model", "data", "num_layers", "seed", "results"):
+        assert key in report
+    assert report["model"] == str(work["model_a"])
+    assert report["data"] == "scenes:testall"
+    assert report["num_layers"] == 4 and report["seed"] == 0
+    assert report["budgets"] == SWEEP
+    results = report["results"]
+    for r in results:
+        assert RECORD_KEYS <= set(r), r
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["agreement"] <= 1
+        assert 1 <= r["mean_layers"] <= 4
+        assert 0 < r["flops_ratio"] <= 1.01
+        assert r["images_per_second"] is None  # --no-speed
+    methods = {r["method"] for r in results}
+    assert {"full", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle"} <= methods
+    assert {r["split"] for r in results} >= {"seen", "heldout", "all"}
+    static_layers = {r["layer"] for r in results if r["method"] == "static"}
+    assert static_layers == {1, 2, 3, 4}
+    for m in ("tgem_cls", "tgem_rates", "sample", "probe"):
+        for split in ("all", "seen", "heldout"):
+            got = sorted(r["budget"] for r in results if r["method"] == m and r["split"] == split)
+            assert got == SWEEP, (m, split, got)
+    full = [r for r in results if r["method"] == "full" and r["split"] == "all"]
+    assert len(full) == 1 and full[0]["agreement"] == 1.0 and full[0]["mean_layers"] == 4
+    # budgets are met on calibration data; the test split should stay close to them
+    for r in results:
+        if r["method"] == "tgem_cls" and r["split"] == "all":
+            assert r["mean_layers"] / 4 <= r["budget"] + 0.15, r
+
+
+def test_eval_plot_is_png(sweep_eval):
+    rc, _, png = sweep_eval
+    assert rc == 0
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not png.with_name(png.name + ".tmp").exists()
+
+
+def test_eval_is_deterministic(sweep_eval, work, tmp_path, capsys):
+    rc0, report, _ = sweep_eval
+    assert rc0 == 0
+    rc, out, err = run_cli(capsys, *_eval_argv(work, tmp_path))
+    assert rc == 0, err
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["results"] == report["results"]
+    assert "tgem_cls" in out and "T-GEM at budget 0.5" in out  # the table and the summary line
+
+
+def test_eval_single_budget(work, tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--data", "scenes:testall:60", "--n-train", "200", "--no-speed", "--quiet",
+                           "--budget", "0.5", "--json", tmp_path / "e.json")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["budgets"] == [0.5]
+    assert {r["budget"] for r in report["results"]} == {None, 0.5}
+    assert "tgem_rates" not in {r["method"] for r in report["results"]}
+
+
+def test_eval_folder_dataset_splits_calibration(work, folder_data, tmp_path, capsys):
+    root, classes = folder_data
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--tgem", work["tgem_rates"], "--data", f"folder:{root}", "--no-speed",
+                           "--budget", "0.5", "--json", tmp_path / "f.json", "--plot", tmp_path / "f.png")
+    assert rc == 0, err
+    assert "half of the data calibrates" in err  # the fallback is logged (not --quiet)
+    assert "Traceback" not in err
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert report["data"] == f"folder:{root.name}"
+    results = report["results"]
+    methods = {r["method"] for r in results}
+    assert {"full", "static", "oracle", "tgem_cls", "tgem_rates"} <= methods
+    assert not {"probe", "sample"} & methods  # no training / shot data for a folder
+    full = next(r for r in results if r["method"] == "full" and r["split"] == "all")
+    assert full["n"] == 9  # 18 images, half calibrate
+    assert {r["split"] for r in results} == {"all"}
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- classify
+
+
+def test_classify_good_and_bad_images(work, images, tmp_path, capsys):
+    good, bad = images
+    labels = "a red circle,a blue square,a green star"
+    rc, out, err = run_cli(capsys, "classify", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--labels", labels, *good, bad, "--json", tmp_path / "c.json")
+    assert rc not in (0, None)
+    assert "Traceback" not in err
+    lines = out.strip().splitlines()
+    assert len(lines) == len(good)
+    for p, line in zip(good, lines):
+        path, label, prob, layer, flops = line.split("\t")
+        assert path == str(p)
+        assert label in labels.split(",")
+        assert 0 < float(prob) <= 1
+        assert layer.startswith("layer ") and layer.endswith("/4") and 1 <= int(layer[6:-2]) <= 4
+        assert flops.startswith("FLOPs ") and 0 < float(flops[6:]) <= 1.01
+    assert str(bad) not in out
+    err_lines = err.strip().splitlines()
+    assert any(str(bad) in ln and ln.startswith("tgems: skipped") for ln in err_lines)
+    assert err_lines[-1].startswith("tgems: error:") and "1 of 4" in err_lines[-1]
+    assert all(ln.startswith("tgems:") for ln in err_lines)
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["failed"] == 1 and len(report["results"]) == len(good)
+
+
+def test_classify_jsonl_and_labels_file(work, images, tmp_path, capsys):
+    good, _ = images
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("a red circle\n\na blue square\n  a green star  \n")
+    rc, out, err = run_cli(capsys, "classify", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--labels-file", labels_file, "--jsonl", *good)
+    assert rc == 0, err
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in good]
+    for r in records:
+        assert set(r) == {"path", "label", "probability", "exit_layer", "flops_ratio"}
+        assert r["label"] in ("a red circle", "a blue square", "a green star")
+        assert 1 <= r["exit_layer"] <= 4 and 0 < r["probability"] <= 1
+
+
+def test_classify_with_budget_calibration(work, images, capsys):
+    good, _ = images
+    rc, out, err = run_cli(capsys, "classify", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--labels", "a red circle,a blue square", "--budget", "0.5", "--calib", "scenes:calib:60",
+                           "--jsonl", good[0])
+    assert rc == 0, err
+    assert len(out.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("labels", [",", " , ,", "a red circle,a blue square,a red circle"])
+def test_classify_bad_label_lists(work, images, tmp_path, capsys, labels):
+    good, _ = images
+    js = tmp_path / "c.json"
+    rc, out, err = run_cli(capsys, "classify", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--labels", labels, good[0], "--json", js)
+    line = assert_one_line_error(rc, err)
+    assert ("empty" in line) if "circle" not in labels else ("duplicate" in line and "a red circle" in line)
+    assert out == "" and not js.exists()
+
+
+def test_classify_empty_labels_file(work, images, tmp_path, capsys):
+    good, _ = images
+    empty = tmp_path / "labels.txt"
+    empty.write_text("\n  \n")
+    rc, out, err = run_cli(capsys, "classify", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--labels-file", empty, good[0])
+    assert "empty" in assert_one_line_error(rc, err)
+    rc, out, err = run_cli(capsys, "classify", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--labels-file", tmp_path / "missing.txt", good[0])
+    assert "missing.txt" in assert_one_line_error(rc, err)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _outputs(tmp_path):
+    return tmp_path / "out.json", tmp_path / "out.png"
+
+
+def _assert_no_outputs(tmp_path):
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert leftovers == [], leftovers
+
+
+def test_error_unknown_model(work, images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    js, png = _outputs(tmp_path)
+    rc, out, err = run_cli(capsys, "eval", "--model", "no-such-model-xyz", "--tgem", work["tgem_cls"],
+                           "--data", "scenes:testall:20", "--quiet", "--json", js, "--plot", png)
+    assert rc == 2
+    assert "no-such-model-xyz" in assert_one_line_error(rc, err)
+    rc, out, err = run_cli(capsys, "classify", "--model", "no-such-model-xyz", "--tgem", work["tgem_cls"],
+                           "--labels", "a,b", images[0][0], "--json", js)
+    assert "no-such-model-xyz" in assert_one_line_error(rc, err)
+    assert out == ""
+    _assert_no_outputs(tmp_path)
+
+
+def test_error_missing_dataset_folder(work, tmp_path, capsys):
+    js, png = _outputs(tmp_path)
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--data", "folder:/nonexistent", "--quiet", "--json", js, "--plot", png)
+    assert rc == 2
+    assert "/nonexistent" in assert_one_line_error(rc, err)
+    _assert_no_outputs(tmp_path)
+
+
+def test_error_bad_dataset_specs(work, tmp_path, capsys):
+    js, png = _outputs(tmp_path)
+    for spec in ("scenes:nosuchsplit", "nosuchkind:x", "scenes:test:zero"):
+        rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                               "--data", spec, "--quiet", "--json", js, "--plot", png)
+        assert rc == 2
+        assert_one_line_error(rc, err)
+    _assert_no_outputs(tmp_path)
+
+
+def test_error_checkpoint_for_another_backbone(work, images, tmp_path, capsys):
+    js, png = _outputs(tmp_path)
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_b"], "--tgem", work["tgem_cls"],
+                           "--data", "scenes:testall:20", "--n-train", "20", "--quiet", "--no-speed",
+                           "--json", js, "--plot", png)
+    assert rc == 2
+    assert "another backbone" in assert_one_line_error(rc, err)
+    rc, out, err = run_cli(capsys, "classify", "--model", work["model_b"], "--tgem", work["tgem_cls"],
+                           "--labels", "a red circle,a blue square", images[0][0], "--json", js)
+    assert rc == 2
+    assert "another backbone" in assert_one_line_error(rc, err)
+    assert out == ""
+    _assert_no_outputs(tmp_path)
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "-0.2", "abc"])
+def test_error_budget_out_of_range(work, tmp_path, capsys, budget):
+    js, png = _outputs(tmp_path)
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--data", "scenes:testall:20", "--budget", budget, "--json", js, "--plot", png)
+    assert rc == 2  # argparse usage error (SystemExit(2))
+    assert "Traceback" not in err
+    assert "--budget" in err and "(0, 1]" in err
+    _assert_no_outputs(tmp_path)
+
+
+def test_error_budget_out_of_range_classify(work, images, capsys):
+    rc, out, err = run_cli(capsys, "classify", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--labels", "a,b", "--budget", "0", images[0][0])
+    assert rc == 2 and "(0, 1]" in err and "Traceback" not in err
+
+
+def test_error_tgem_path_not_a_checkpoint(work, images, tmp_path, capsys):
+    not_ckpt = tmp_path / "not_a_tgem"
+    not_ckpt.mkdir()
+    (not_ckpt / "tgem.json").write_text("{}")  # no tensors
+    js, png = tmp_path / "o" / "out.json", tmp_path / "o" / "out.png"
+    for path in (not_ckpt, tmp_path / "missing_dir", work["model_a"]):
+        rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", path,
+                               "--data", "scenes:testall:20", "--quiet", "--json", js, "--plot", png)
+        assert rc == 2
+        assert "not a T-GEM checkpoint" in assert_one_line_error(rc, err)
+        rc, out, err = run_cli(capsys, "classify", "--model", work["model_a"], "--tgem", path,
+                               "--labels", "a,b", images[0][0], "--json", js)
+        assert rc == 2
+        assert "not a T-GEM checkpoint" in assert_one_line_error(rc, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_error_corrupt_checkpoint_json(work, tmp_path, capsys):
+    bad = tmp_path / "bad_tgem"
+    bad.mkdir()
+    (bad / "tgem.json").write_text("{not json")
+    (bad / "tgem.safetensors").write_bytes((work["tgem_cls"] / "tgem.safetensors").read_bytes())
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", bad,
+                           "--data", "scenes:testall:20", "--quiet", "--json", tmp_path / "o.json")
+    assert rc == 2
+    assert_one_line_error(rc, err)
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_error_eval_needs_cls_checkpoint(work, tmp_path, capsys):
+    js, png = _outputs(tmp_path)
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_rates"],
+                           "--data", "scenes:testall:20", "--n-train", "20", "--quiet", "--no-speed",
+                           "--json", js, "--plot", png)
+    assert rc == 2
+    assert "cls" in assert_one_line_error(rc, err)
+    _assert_no_outputs(tmp_path)
+
+
+def test_error_plot_must_be_png(work, tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--data", "scenes:testall:20", "--quiet", "--json", tmp_path / "o.json",
+                           "--plot", tmp_path / "o.pdf")
+    assert ".png" in assert_one_line_error(rc, err)
+    _assert_no_outputs(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the installed script
+
+
+def test_console_script_subprocess(work, images, tmp_path):
+    """The real `tgems` entry point: exit code and a clean stderr (no traceback, only tgems lines)."""
+    exe = Path(sys.executable).with_name("tgems")
+    if not exe.is_file():
+        pytest.skip("the tgems console script is not installed next to this interpreter")
+    good, bad = images
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TGEMS_DEBUG", None)
+    proc = subprocess.run([str(exe), "classify", "--model", str(work["model_a"]), "--tgem", str(work["tgem_cls"]),
+                           "--labels", "a red circle,a blue square", "--jsonl", str(good[0]), str(bad)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [json.loads(ln)["path"] for ln in proc.stdout.strip().splitlines()] == [str(good[0])]
+    err_lines = proc.stderr.strip().splitlines()
+    assert err_lines[-1].startswith("tgems: error:")
+    assert all(ln.startswith("tgems:") for ln in err_lines), proc.stderr
+
+
+# ----------------------------------------------------------------------------- options checked up front
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["fit", "--epochs", "0"], "--epochs"),
+    (["fit", "--epochs", "-1"], "--epochs"),
+    (["fit", "--hidden", "0"], "--hidden"),
+    (["fit", "--seed", "-1"], "--seed"),
+    (["eval", "--tgem", "T", "--data", "scenes:test", "--n-train", "0"], "--n-train"),
+    (["pretrain", "--batch-size", "0"], "--batch-size"),
+    (["pretrain", "--steps", "x"], "--steps"),
+])
+def test_bad_numeric_options_are_usage_errors(tmp_path, capsys, argv, flag):
+    if argv[0] in ("fit", "pretrain"):
+        argv = argv + ["--out", str(tmp_path / "o")]
+    rc, out, err = run_cli(capsys, *argv, "--json", tmp_path / "o.json")
+    assert rc == 2 and flag in err and "Traceback" not in err and "internal error" not in err
+    _assert_no_outputs(tmp_path)
+
+
+def test_unwritable_output_fails_before_the_work(work, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--data", "scenes:testall:20", "--quiet", "--no-speed", "--json", afile / "r.json")
+    assert "not a directory" in assert_one_line_error(rc, err)
+    assert out == ""  # failed before the table
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--data", "scenes:testall:20", "--quiet", "--no-speed", "--plot", tmp_path)
+    assert "is a directory" in assert_one_line_error(rc, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_fit_out_never_replaces_an_unrelated_directory(work, tmp_path, capsys):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep me")
+    fit = ["fit", "--model", work["model_a"], "--data", "scenes:train:40", "--epochs", "1", "--quiet"]
+    rc, out, err = run_cli(capsys, *fit, "--out", victim)
+    assert "refusing" in assert_one_line_error(rc, err)
+    assert (victim / "notes.txt").read_text() == "keep me"
+    # a previous checkpoint (or an empty directory) may be replaced
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for _ in range(2):
+        rc, out, err = run_cli(capsys, *fit, "--out", ckpt)
+        assert rc == 0, err
+        assert sorted(p.name for p in ckpt.iterdir()) == ["tgem.json", "tgem.safetensors"]
+
+
+def test_pretrain_command(tmp_path, capsys):
+    out, js = tmp_path / "clip", tmp_path / "pretrain.json"
+    rc, _, err = run_cli(capsys, "pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", "16",
+                         "--threads", "1", "--out", out, "--json", js, "--quiet")
+    assert rc == 0, err
+    assert (out / "config.json").is_file() and (out / "pretrain.json").is_file()
+    info = json.loads(js.read_text())
+    assert info["preset"] == "tiny" and info["recipe"]["steps"] == 2 and info["log"]
+    rc, _, err = run_cli(capsys, "pretrain", "--preset", "no-such-preset", "--out", tmp_path / "x", "--quiet")
+    assert "no-such-preset" in assert_one_line_error(rc, err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_folder_too_small_to_split(work, tmp_path, capsys):
+    root = tmp_path / "one"
+    (root / "a_red_circle").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "a_red_circle" / "0.png")
+    rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
+                           "--data", f"folder:{root}", "--quiet", "--no-speed", "--json", tmp_path / "o.json")
+    assert "--calib" in assert_one_line_error(rc, err)
+    assert not (tmp_path / "o.json").exists()
