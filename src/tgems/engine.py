@@ -118,6 +118,7 @@ def _as_policy(policy, num_layers):
 def _split_decision(decision, n):
     mask, outputs = decision if isinstance(decision, tuple) else (decision, None)
     mask = torch.as_tensor(mask).reshape(-1).to(torch.bool)
+    outputs = None if outputs is None else torch.as_tensor(outputs)
     if len(mask) != n:
         raise TGEMError(f"exit policy returned a mask of {len(mask)} rows for {n} active rows")
     if outputs is not None and (outputs.ndim != 2 or len(outputs) != n):
