@@ -99,7 +99,9 @@ def _train_modules(tgem: TGEM, x, y, cap_idx, cap_text, class_text, final_ce, s:
     g = torch.Generator().manual_seed(s.seed)
     steps_per_epoch = max(1, math.ceil(len(y) / s.batch_size))
     total = s.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=0.1)
+    # OneCycleLR divides by zero when pct_start * total_steps == 1 (10 steps in all with 0.1)
+    pct_start = 0.1 if total != 10 else 0.2
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=pct_start)
     bar = tqdm(total=total, desc=f"fit T-GEM ({tgem.space})", disable=not progress, leave=False)
     history = []
     for epoch in range(s.epochs):
