@@ -202,8 +202,11 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
 
 
 def save_tgem(path, tgem: TGEM, jumper: Jumper, backbone, info: dict, data_spec: str = "") -> Path:
-    """Write atomically: a temporary directory renamed into place."""
+    """Write atomically: a temporary directory renamed into place. Replaces an earlier checkpoint or an
+    empty directory, never anything else."""
     path = Path(path)
+    if path.exists() and not (path.is_dir() and ((path / "tgem.json").is_file() or not any(path.iterdir()))):
+        raise TGEMError(f"{path} exists and is not a T-GEM checkpoint; refusing to replace it")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
