@@ -13,7 +13,7 @@ import torch
 
 from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
-from tgems.features import LayerFeatures, extract_features
+from tgems.features import RATES_DTYPE, LayerFeatures, extract_features
 from tgems.fit import final_scale, fit_jumper, jumper_signals, layer_probs, load_tgem
 from tgems.jumper import Jumper, calibrate_budget, calibrate_max_drop, exit_signals, simulate
 from tgems.profiles import TGEM, ClassProfiles, class_embeddings, sample_profiles
@@ -51,7 +51,7 @@ class _JumperPolicy:
         if layer not in self._index:  # the last layer: full CLIP
             return torch.ones(len(rows), dtype=torch.bool), self.p.logits(len(self.p.layers), z).softmax(-1)
         j = self._index[layer]
-        x = rates if self.p.space == "rates" else z
+        x = rates.to(RATES_DTYPE).float() if self.p.space == "rates" else z  # as in the feature cache
         probs = self.p.logits(j, x).softmax(-1)
         if j == 0:
             sig = exit_signals(probs, None, z, None)

@@ -9,6 +9,10 @@ from tqdm.auto import tqdm
 
 from tgems.data.dataset import Dataset
 
+# Activation rates are cached at this precision (memory); exit policies that score rates round them the
+# same way, so the engine decides exactly as the simulation on cached features.
+RATES_DTYPE = torch.float16
+
 
 @dataclass
 class LayerFeatures:
@@ -43,7 +47,7 @@ def extract_features(backbone, data: Dataset, rates: bool = False, batch_size: i
         out = backbone.hidden_states(backbone.preprocess(data.images[start:start + batch_size]), rates=rates)
         zs.append(out["z"].float().cpu())
         if rates:
-            rs.append(out["rates"].to(torch.float16).cpu())
+            rs.append(out["rates"].to(RATES_DTYPE).cpu())
     return LayerFeatures(z=torch.cat(zs), rates=torch.cat(rs) if rates else None,
                          labels=torch.as_tensor(data.labels, dtype=torch.long),
                          difficulty=data.difficulty)
