@@ -67,7 +67,8 @@ class Jumper:
         return self
 
     def score(self, j: int, signals: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(signals.float() @ self.weight[j] + self.bias[j])
+        # the same reduction as `scores`, so the engine's scores equal the cached ones bit for bit
+        return torch.sigmoid((signals.float() * self.weight[j]).sum(-1) + self.bias[j])
 
     def scores(self, signals: torch.Tensor) -> torch.Tensor:
         """(N, n, S) -> (N, n)."""
@@ -86,9 +87,16 @@ def first_exit(scores: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def tau_grid(scores: torch.Tensor, size: int = 400) -> np.ndarray:
-    """Descending thresholds, from 'never exit' (2.0) to 'exit at the first candidate' (0.0)."""
-    qs = np.quantile(scores.flatten().numpy(), np.linspace(0, 1, size))
-    return np.unique(np.concatenate([[0.0, 2.0], qs]))[::-1]
+    """Descending thresholds, from 'never exit' (2.0) to 'exit at the first candidate' (0.0).
+
+    Thresholds lie midway between distinct scores (at `size` evenly spaced ranks), never on a score:
+    a threshold equal to a calibration score would make that image's exit hinge on the last bit of a
+    float, which the engine (other batch, other summation order) need not reproduce."""
+    s = np.unique(scores.flatten().numpy().astype(np.float64))
+    mids = (s[1:] + s[:-1]) / 2
+    if len(mids) > size:
+        mids = mids[np.unique(np.linspace(0, len(mids) - 1, size).round().astype(np.int64))]
+    return np.unique(np.concatenate([[0.0, 2.0], mids]))[::-1]
 
 
 def simulate(scores: torch.Tensor, layer_preds: torch.Tensor, layers: list[int], tau: float):
