@@ -3,6 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# One thread: the tiny models gain nothing from more, and tests often share a small machine.
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import make_tiny_clip  # noqa: E402
