@@ -33,8 +33,8 @@ class Recipe:
     vision: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     projection_dim: int = 128
-    steps: int = 3000
-    batch_size: int = 256
+    steps: int = 4200
+    batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.1
