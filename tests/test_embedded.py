@@ -1,0 +1,111 @@
+"""The shipped embedded default: a standard HF CLIP directory that loads offline, as accurate as the
+README says on a small test sample, and shipped T-GEM checkpoints that belong to it and exit early."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tgems
+from tgems.backbones.clip import _embedded_dir
+from tgems.classifier import EarlyExitClassifier
+from tgems.data import load_dataset, scenes
+from tgems.features import extract_features
+from tgems.fit import load_tgem
+from tgems.profiles import class_embeddings
+
+TGEM_DIR = _embedded_dir().parent / "embedded_tgem"
+# Measured on the whole scenes:testall split (README): 73.35 % seen, 47.50 % held-out; floors leave
+# room for the smaller sample here.
+SEEN_FLOOR, HELDOUT_FLOOR = 0.68, 0.40
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return tgems.load_backbone("embedded")
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_dataset("scenes:testall:780")  # 533 seen-combination + 247 held-out images
+
+
+@pytest.fixture(scope="module")
+def feats(bb, sample):
+    return extract_features(bb, sample, progress=False)
+
+
+def test_is_a_small_standard_hf_clip():
+    from transformers import AutoTokenizer, CLIPModel
+
+    d = _embedded_dir()
+    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    assert size <= 25 * 2 ** 20, size
+    model = CLIPModel.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    assert model.config.vision_config.num_hidden_layers == 12
+    ids = tok(["a red star"])["input_ids"][0]
+    assert tok.unk_token_id not in ids
+    record = json.loads((d / "pretrain.json").read_text())
+    assert record["preset"] == "embedded" and record["train_seconds"] <= 45 * 60
+
+
+def test_zero_shot_accuracy(bb, sample, feats):
+    """Full-model zero-shot, 64-way with the prompt ensemble (the README's table has the whole split)."""
+    text = class_embeddings(bb, sample.classes, scenes.PROMPT_TEMPLATES)
+    preds = (torch.nn.functional.normalize(feats.z[:, -1], dim=-1) @ text.t()).argmax(1)
+    split = sample.sample_split()
+    correct = (preds == feats.labels).numpy()
+    seen, held = correct[split == "seen"].mean(), correct[split == "heldout"].mean()
+    assert seen >= SEEN_FLOOR, seen
+    assert held >= HELDOUT_FLOOR, held
+
+
+@pytest.mark.parametrize("space", ["cls", "rates"])
+def test_shipped_tgems_belong_to_the_embedded_model(bb, space):
+    tgem, jumper, cfg = load_tgem(TGEM_DIR / space, bb)
+    assert cfg["space"] == space and cfg["layers"] == list(range(1, bb.num_layers))
+    assert jumper.num_layers == bb.num_layers - 1
+    assert set(cfg["train_classes"]).isdisjoint(np.asarray(scenes.CLASSES)[scenes.HELDOUT_CLASSES])
+
+
+def test_tgem_at_half_budget_on_the_engine(bb, sample, feats):
+    """Calibrated for budget 0.5 on other images, T-GEM (cls) runs about half the encoder on the engine,
+    with exits spread over layers, and agrees with the full model more often than static truncation at
+    the same depth (README: 65.1 % against 59.4 % on the whole split)."""
+    clf = EarlyExitClassifier(bb, TGEM_DIR / "cls", sample.classes)
+    clf.calibrate(load_dataset("scenes:calib:600", seed=1), budget=0.5)
+    pred = clf.predict(sample.images)
+    assert pred.mean_layers <= 0.55 * bb.num_layers, pred.mean_layers
+    assert pred.flops_ratio.mean() < 0.6
+    assert len(set(pred.exit_layers.tolist())) >= 3
+    _, layer_preds = clf.layer_predictions(feats)
+    full = layer_preds[:, -1].numpy()
+    agreement = (pred.indices == full).mean()
+    static_depth = int(np.ceil(pred.mean_layers))
+    static_agreement = (layer_preds[:, static_depth - 1].numpy() == full).mean()
+    assert agreement > static_agreement, (agreement, static_depth, static_agreement)
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    """`tgems demo` on a small test sample: the schema of DESIGN.md, every method and budget, the plot
+    and the closing summary line (the full-size run is `make demo`)."""
+    from tgems.cli import main
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--n", "200", "--no-speed", "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["model"] == "embedded" and report["num_layers"] == 12 and report["seed"] == 0
+    results = report["results"]
+    budgets = [0.3, 0.4, 0.5, 0.6, 0.7]
+    for m in ("tgem_cls", "tgem_rates", "sample", "probe"):
+        for split in ("seen", "heldout", "all"):
+            assert sorted(r["budget"] for r in results if r["method"] == m and r["split"] == split) == budgets
+    assert sorted(r["layer"] for r in results if r["method"] == "static" and r["split"] == "all") == list(range(1, 13))
+    assert {r["method"] for r in results} == {"full", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle"}
+    g = report["guarantee"]
+    assert g["n_splits"] == 20 and 0 <= g["held"] <= 20
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert printed.strip().splitlines()[-1].startswith("T-GEM at budget 0.5: accuracy")
