@@ -12,12 +12,12 @@ calibration draw. A test part of a few thousand images adds its own sampling noi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 
 import tgems
+from tgems.cli import write_json
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import load_dataset, scenes
 from tgems.evaluate import guarantee_study
@@ -56,11 +56,8 @@ def main():
           f"on average); test disagreement min {min(dis):.4f}, median {sorted(dis)[len(dis) // 2]:.4f}, "
           f"max {max(dis):.4f}; mean executed layers {g['mean_test_layers']:.2f} of {bb.num_layers}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"model": args.model, "tgem": args.tgem, "seed": args.seed, "n_calib": args.n_calib,
-                       "n_test": len(pool) - args.n_calib, **g}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, {"model": args.model, "tgem": args.tgem, "seed": args.seed, "n_calib": args.n_calib,
+                               "n_test": len(pool) - args.n_calib, **g})
 
 
 if __name__ == "__main__":

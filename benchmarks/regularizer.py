@@ -8,12 +8,11 @@ reports accuracy, agreement and mean depth on scenes:testall, side by side.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 
 import tgems
+from tgems.cli import write_json
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import load_dataset
 from tgems.features import extract_features
@@ -70,10 +69,7 @@ def main():
     for lam, c in out["curves"].items():
         print(f"lambda {lam}: expected depth at the end of training {c['expected_depth_last_epoch']}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

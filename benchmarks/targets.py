@@ -18,6 +18,8 @@ import json
 
 import numpy as np
 
+from tgems.cli import write_json
+
 
 def rows(results, method, split):
     return [r for r in results if r["method"] == method and r["split"] == split]
@@ -66,8 +68,7 @@ def main():
         print(f"T-GEM (cls) at max_drop {g['eps']} (delta {g['delta']}): mean layers {g['mean_test_layers']:.2f}, "
               f"held on {g['held']}/{g['n_splits']} re-splits")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"report": args.report, "rows": out}, f, indent=1)
+        write_json(args.json, {"report": args.report, "rows": out})
 
 
 if __name__ == "__main__":

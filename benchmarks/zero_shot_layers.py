@@ -8,10 +8,9 @@ on the seen-combination test split and on the held-out combinations (64-way in b
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import tgems
+from tgems.cli import write_json
 from tgems.data import load_dataset, scenes
 from tgems.evaluate import zero_shot_layers
 from tgems.features import extract_features
@@ -36,11 +35,8 @@ def main():
     for r in rows:
         print(f"{r['layer']:>5} " + "".join(f"{100 * r[c]:>9.2f}" for c in cols))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"model": args.model, "data": args.data, "seed": args.seed, "num_classes": len(data.classes),
-                       "layers": rows}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, {"model": args.model, "data": args.data, "seed": args.seed,
+                               "num_classes": len(data.classes), "layers": rows})
 
 
 if __name__ == "__main__":
