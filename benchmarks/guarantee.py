@@ -12,18 +12,17 @@ calibration draw. A test part of a few thousand images adds its own sampling noi
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 import tgems
-from tgems.cli import write_json
+from tgems.cli import EMBEDDED_TGEM, write_json
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import load_dataset, scenes
 from tgems.evaluate import guarantee_study
 from tgems.features import LayerFeatures, extract_features
 
-TGEM = os.path.join(os.path.dirname(tgems.__file__), "assets", "embedded_tgem", "cls")
+TGEM = str(EMBEDDED_TGEM / "cls")
 
 
 def main():

@@ -9,12 +9,12 @@ import torch
 import tgems
 from tgems.backbones.clip import _embedded_dir
 from tgems.classifier import EarlyExitClassifier
+from tgems.cli import EMBEDDED_TGEM as TGEM_DIR
 from tgems.data import load_dataset, scenes
 from tgems.features import extract_features
 from tgems.fit import load_tgem
 from tgems.profiles import class_embeddings
 
-TGEM_DIR = _embedded_dir().parent / "embedded_tgem"
 # Measured on the whole scenes:testall split (README): 73.35 % seen, 47.50 % held-out; floors leave
 # room for the smaller sample here.
 SEEN_FLOOR, HELDOUT_FLOOR = 0.68, 0.40
