@@ -32,7 +32,7 @@ def analytic_flops(backbone, depth: torch.Tensor, candidates: list[int], head_fl
             + visited.double() * (backbone.flops_readout() + head_flops))
 
 
-def measure_throughput(backbone, pixels: torch.Tensor, policy, repeats: int = 3, batch_size: int = 256) -> float:
+def measure_throughput(backbone, pixels: torch.Tensor, policy, repeats: int = 5, batch_size: int = 256) -> float:
     """Median images/second of the engine with this policy on a fixed batch."""
     run_early_exit(backbone, pixels[: min(len(pixels), 32)], policy, batch_size=batch_size)
     times = []
@@ -75,7 +75,7 @@ def _classifier_from_tgem(backbone, path, labels, templates):
 
 
 def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, budgets=DEFAULT_BUDGETS,
-             k_shot: int = 16, seed: int = 0, progress: bool = True, speed: bool = True, timing_n: int = 512,
+             k_shot: int = 16, seed: int = 0, progress: bool = True, speed: bool = True, timing_n: int = 1024,
              templates=None, log=print) -> dict:
     """Every method, every budget; returns {"results": [...], "extras": {...}} (see DESIGN.md)."""
     L = backbone.num_layers
