@@ -152,6 +152,16 @@ def test_fit_writes_checkpoint_and_json(work):
     assert info["fit_seconds"] >= 0
 
 
+def test_fit_jumper_target(work, tmp_path, capsys):
+    out = tmp_path / "T"
+    rc, _, err = run_cli(capsys, "fit", "--model", work["model_a"], "--data", "scenes:train:200", "--out", out,
+                         "--epochs", "1", "--quiet", "--jumper-target", "no_loss")
+    assert rc == 0, err
+    assert json.loads((out / "tgem.json").read_text())["settings"]["jumper_target"] == "no_loss"
+    rc, _, err = run_cli(capsys, "fit", "--model", work["model_a"], "--out", tmp_path / "U", "--jumper-target", "x")
+    assert rc == 2 and "invalid choice" in err and not (tmp_path / "U").exists()
+
+
 def test_fit_missing_folder_leaves_nothing(work, tmp_path, capsys):
     out, js = tmp_path / "T", tmp_path / "fit.json"
     rc, _, err = run_cli(capsys, "fit", "--model", work["model_a"], "--data", "folder:/nonexistent",

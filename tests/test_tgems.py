@@ -4,6 +4,7 @@ Learn-then-Test max_drop), fit + checkpoints, the classifier on the engine, the 
 One tiny CLIP is pretrained on scenes for the module (a few seconds) and T-GEMs are fit once per space
 on 600 images; everything else works on cached features or small hand-made tensors.
 """
+import dataclasses
 import math
 import os
 from types import SimpleNamespace
@@ -21,8 +22,8 @@ from tgems.classifier import EarlyExitClassifier
 from tgems.data import scenes
 from tgems.evaluate import analytic_flops, guarantee_study
 from tgems.features import extract_features
-from tgems.fit import (FitSettings, final_scale, fit_tgem, layer_probs, load_tgem, read_tgem_config,
-                       save_tgem)
+from tgems.fit import (FitSettings, final_scale, fit_jumper, fit_tgem, layer_probs, load_tgem,
+                       read_tgem_config, save_tgem)
 from tgems.jumper import (binom_cdf, calibrate_budget, calibrate_max_drop, clopper_pearson_upper, first_exit,
                           simulate, tau_grid)
 from tgems.profiles import TGEM, check_labels, class_embeddings, sample_profiles
@@ -495,6 +496,23 @@ def test_predict_is_independent_of_batch_size_and_order(classifiers, test_data, 
     assert np.array_equal(c.exit_layers, a.exit_layers[perm]) and np.array_equal(c.indices, a.indices[perm])
     assert np.allclose(c.probs, a.probs[perm], atol=1e-6)
     assert c.labels == [a.labels[i] for i in perm]
+
+
+def test_jumper_targets(bb, fitted, test_data, test_feats):
+    """`no_loss` learns P(layer l is right or the full model is wrong): where every label equals the full
+    model's prediction that is exactly `agree`; with the true labels it is another model; it needs labels."""
+    clf = make_classifier(bb, fitted, "cls", test_data.classes)
+    full = clf.layer_predictions(test_feats)[1][:, -1]
+    as_full = dataclasses.replace(test_feats, labels=full)
+    agree, same = fit_jumper(clf.profiles, test_feats), fit_jumper(clf.profiles, as_full, "no_loss")
+    assert torch.allclose(agree.weight, same.weight) and torch.allclose(agree.bias, same.bias)
+    other = fit_jumper(clf.profiles, test_feats, "no_loss")
+    assert not torch.allclose(agree.weight, other.weight)
+    unlabelled = dataclasses.replace(test_feats, labels=torch.full_like(full, -1))
+    with pytest.raises(TGEMError, match="needs labelled images"):
+        fit_jumper(clf.profiles, unlabelled, "no_loss")
+    with pytest.raises(TGEMError, match="unknown Jumper target"):
+        fit_jumper(clf.profiles, test_feats, "accuracy")
 
 
 # ---------------------------------------------------------------------------------------------- 7. errors

@@ -159,7 +159,7 @@ def cmd_fit(args):
     bb = load_backbone(args.model)
     data = load_dataset(args.data, n=args.n, seed=args.seed)
     s = FitSettings(space=args.space, layers=args.layers, hidden=args.hidden, epochs=args.epochs,
-                    lam=args.lam, r_target=args.r_target, seed=args.seed)
+                    lam=args.lam, r_target=args.r_target, jumper_target=args.jumper_target, seed=args.seed)
     t0 = time.time()
     tgem, jumper, info = fit_tgem(bb, data, s, progress=not args.quiet)
     info["fit_seconds"] = round(time.time() - t0, 1)
@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=_positive_int, default=30)
     f.add_argument("--lam", type=float, default=0.0, help="rate-based regularizer strength (0 = off)")
     f.add_argument("--r-target", type=float, default=0.4, help="target expected fraction of layers run")
+    f.add_argument("--jumper-target", choices=("agree", "no_loss"), default="agree",
+                   help="what the exit score estimates: agreement with the full model (label-free, the "
+                        "default) or that exiting costs no accuracy (needs labels)")
     common(f)
     f.set_defaults(func=cmd_fit)
 

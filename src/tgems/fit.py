@@ -43,6 +43,7 @@ class FitSettings:
     soft_k: float = 20.0  # sharpness of the soft exits
     jumper_fraction: float = 0.2  # part of the data held out of G_l training to fit the Jumper
     default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
+    jumper_target: str = "agree"  # what the Jumper's score estimates: see fit_jumper
     seed: int = 0
 
 
@@ -74,11 +75,26 @@ def jumper_signals(probs: torch.Tensor, feats: LayerFeatures, layers: list[int])
     return torch.stack(out, 1)
 
 
-def fit_jumper(profiles: ClassProfiles, feats: LayerFeatures) -> Jumper:
+JUMPER_TARGETS = ("agree", "no_loss")
+
+
+def fit_jumper(profiles: ClassProfiles, feats: LayerFeatures, target: str = "agree") -> Jumper:
+    """Fit the Jumper's per-layer logistic models. `agree` (DESIGN.md): s_l estimates P(the layer-l
+    prediction equals the full model's), needs no labels. `no_loss`: s_l estimates P(exiting at l costs
+    no accuracy against the full model), i.e. layer l is right or the full model is wrong too; it needs
+    labels and spends the depth on images that more depth can still fix."""
     probs = layer_probs(profiles, feats)
     preds = probs.argmax(-1)
-    agree = (preds[:, :-1] == preds[:, -1:]).float()
-    return Jumper().fit(jumper_signals(probs, feats, profiles.layers), agree)
+    if target == "agree":
+        y = preds[:, :-1] == preds[:, -1:]
+    elif target == "no_loss":
+        if (feats.labels < 0).any():
+            raise TGEMError("the no_loss Jumper target needs labelled images")
+        labels = feats.labels[:, None]
+        y = (preds[:, :-1] == labels) | (preds[:, -1:] != labels)
+    else:
+        raise TGEMError(f"unknown Jumper target '{target}' (choose from {', '.join(JUMPER_TARGETS)})")
+    return Jumper().fit(jumper_signals(probs, feats, profiles.layers), y.float())
 
 
 def _soft_exit_terms(logits, ce, final_ce, layers, num_layers, s: FitSettings):
@@ -185,7 +201,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     profiles = tgem.profiles(class_text, fscale)
     jfeats = feats.subset(jump_idx)
     jfeats.labels = y_all[torch.as_tensor(jump_idx)]
-    jumper = fit_jumper(profiles, jfeats)
+    jumper = fit_jumper(profiles, jfeats, s.jumper_target)
     probs = layer_probs(profiles, jfeats)
     preds = probs.argmax(-1)
     scores = jumper.scores(jumper_signals(probs, jfeats, layers))
