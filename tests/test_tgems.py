@@ -515,6 +515,11 @@ def test_jumper_targets(bb, fitted, test_data, test_feats):
         fit_jumper(clf.profiles, test_feats, "accuracy")
 
 
+def test_fit_refuses_an_unknown_jumper_target_before_training(bb, train, train_feats):
+    with pytest.raises(TGEMError, match="unknown Jumper target"):
+        fit_tgem(bb, train, FitSettings(jumper_target="accuracy", epochs=50), feats=train_feats, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------- 7. errors
 
 

@@ -164,6 +164,8 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     if not layers or layers[0] < 1 or layers[-1] >= L:
         raise TGEMError(f"candidate layers must lie in 1..{L - 1} (the last layer is always an exit)")
     s.layers = layers
+    if s.jumper_target not in JUMPER_TARGETS:
+        raise TGEMError(f"unknown Jumper target '{s.jumper_target}' (choose from {', '.join(JUMPER_TARGETS)})")
     templates = list(templates or default_templates(data.name))
     torch.manual_seed(s.seed)
     if feats is None:
