@@ -20,7 +20,7 @@ from tgems.cli import EMBEDDED_TGEM, write_json
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import load_dataset, scenes
 from tgems.evaluate import guarantee_study
-from tgems.features import LayerFeatures, extract_features
+from tgems.features import extract_features
 
 TGEM = str(EMBEDDED_TGEM / "cls")
 
@@ -39,12 +39,8 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     bb = tgems.load_backbone(args.model)
-    n = args.n_calib + args.n_test
-    n_held = round(n * 1200 / 3800)  # the seen / held-out mix of scenes:testall
-    parts = [load_dataset(f"scenes:test:{n - n_held}", seed=args.seed),
-             load_dataset(f"scenes:heldout:{n_held}", seed=args.seed)]
-    feats = [extract_features(bb, d, desc=d.name) for d in parts]
-    pool = LayerFeatures(torch.cat([f.z for f in feats]), None, torch.cat([f.labels for f in feats]))
+    data = load_dataset(f"scenes:testall:{args.n_calib + args.n_test}", seed=args.seed)  # testall's seen/held-out mix
+    pool = extract_features(bb, data, desc=data.name)
     clf = EarlyExitClassifier(bb, args.tgem, scenes.CLASSES)
     g = guarantee_study(clf, pool, eps=args.eps, delta=args.delta, n_splits=args.splits, seed=args.seed,
                         calib_fraction=args.n_calib / len(pool))

@@ -21,6 +21,10 @@ import numpy as np
 from tgems.cli import write_json
 
 
+def fmt(v) -> str:
+    return "" if v is None else f"{100 * v:.2f}"
+
+
 def rows(results, method, split):
     return [r for r in results if r["method"] == method and r["split"] == split]
 
@@ -54,11 +58,11 @@ def main():
                 ll = None if lens is None else float(np.interp(r["mean_layers"], [x["layer"] for x in lens],
                                                                [x[split] for x in lens]))
                 rec = {"split": split, "budget": b, "method": m, "mean_layers": r["mean_layers"],
-                       "accuracy": r["accuracy"], "static_same_depth": round(st, 5), "sample": sa, "probe": pr, "logit_lens_same_depth": ll,
+                       "accuracy": r["accuracy"], "static_same_depth": round(st, 5), "sample": sa, "probe": pr,
+                       "logit_lens_same_depth": ll,
                        "gap_to_full": round(r["accuracy"] - full, 5),
                        "beats_static": r["accuracy"] > st, "beats_sample": sa is not None and r["accuracy"] > sa}
                 out.append(rec)
-                fmt = lambda v: "" if v is None else f"{100 * v:.2f}"
                 print(f"{split:<8}{b:>7.2f}{m:>11}{r['mean_layers']:>7.2f}{100 * r['accuracy']:>7.2f}{100 * st:>9.2f}"
                       f"{fmt(sa):>10}{fmt(pr):>8}{fmt(ll):>8}{100 * rec['gap_to_full']:>+8.2f}")
     print("oracle exit (zero drop) mean layers: " + ", ".join(

@@ -78,22 +78,26 @@ def jumper_signals(probs: torch.Tensor, feats: LayerFeatures, layers: list[int])
 JUMPER_TARGETS = ("agree", "no_loss")
 
 
+def _check_jumper_target(target: str) -> None:
+    if target not in JUMPER_TARGETS:
+        raise TGEMError(f"unknown Jumper target '{target}' (choose from {', '.join(JUMPER_TARGETS)})")
+
+
 def fit_jumper(profiles: ClassProfiles, feats: LayerFeatures, target: str = "agree") -> Jumper:
     """Fit the Jumper's per-layer logistic models. `agree` (DESIGN.md): s_l estimates P(the layer-l
     prediction equals the full model's), needs no labels. `no_loss`: s_l estimates P(exiting at l costs
     no accuracy against the full model), i.e. layer l is right or the full model is wrong too; it needs
     labels and spends the depth on images that more depth can still fix."""
+    _check_jumper_target(target)
     probs = layer_probs(profiles, feats)
     preds = probs.argmax(-1)
     if target == "agree":
         y = preds[:, :-1] == preds[:, -1:]
-    elif target == "no_loss":
+    else:
         if (feats.labels < 0).any():
             raise TGEMError("the no_loss Jumper target needs labelled images")
         labels = feats.labels[:, None]
         y = (preds[:, :-1] == labels) | (preds[:, -1:] != labels)
-    else:
-        raise TGEMError(f"unknown Jumper target '{target}' (choose from {', '.join(JUMPER_TARGETS)})")
     return Jumper().fit(jumper_signals(probs, feats, profiles.layers), y.float())
 
 
@@ -164,8 +168,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     if not layers or layers[0] < 1 or layers[-1] >= L:
         raise TGEMError(f"candidate layers must lie in 1..{L - 1} (the last layer is always an exit)")
     s.layers = layers
-    if s.jumper_target not in JUMPER_TARGETS:
-        raise TGEMError(f"unknown Jumper target '{s.jumper_target}' (choose from {', '.join(JUMPER_TARGETS)})")
+    _check_jumper_target(s.jumper_target)
     templates = list(templates or default_templates(data.name))
     torch.manual_seed(s.seed)
     if feats is None:
