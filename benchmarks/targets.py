@@ -3,13 +3,12 @@
 For every budget and class split: T-GEM (cls and rates) against static truncation at the same mean
 depth (linear interpolation between the two static layers around it), the 16-shot sample-based
 profiles and the linear probes at the same budget, and the gap to the full model; then the oracle
-exit depth against T-GEM's depth at (near) zero drop. `static` in a tgems report scores each layer with
-the T-GEM profiles (so T-GEM vs static isolates the Jumper); `--logit-lens` adds plain truncated CLIP
-(z_l against the raw class texts) at the same depth, from `benchmarks/zero_shot_layers.py`.
+exit depth against T-GEM's depth at (near) zero drop. Two static truncations: `static` scores each
+layer with the T-GEM profiles (so T-GEM vs static isolates the Jumper), `lens` is plain truncated CLIP
+(z_l against the raw class texts), both interpolated to T-GEM's mean depth.
 
     tgems demo --out results/demo
-    python benchmarks/zero_shot_layers.py --json results/zero_shot_layers.json
-    python benchmarks/targets.py results/demo/results.json --logit-lens results/zero_shot_layers.json
+    python benchmarks/targets.py results/demo/results.json
 """
 from __future__ import annotations
 
@@ -29,19 +28,19 @@ def rows(results, method, split):
     return [r for r in results if r["method"] == method and r["split"] == split]
 
 
-def static_at(results, split, depth):
-    st = sorted(rows(results, "static", split), key=lambda r: r["mean_layers"])
+def static_at(results, split, depth, method="static"):
+    st = sorted(rows(results, method, split), key=lambda r: r["mean_layers"])
+    if not st:
+        return None
     return float(np.interp(depth, [r["mean_layers"] for r in st], [r["accuracy"] for r in st]))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report")
-    ap.add_argument("--logit-lens", metavar="JSON", help="output of benchmarks/zero_shot_layers.py")
     ap.add_argument("--json")
     args = ap.parse_args()
     rep = json.load(open(args.report))
-    lens = json.load(open(args.logit_lens))["layers"] if args.logit_lens else None
     res, L = rep["results"], rep["num_layers"]
     splits = [s for s in ("seen", "heldout") if rows(res, "full", s)] or ["all"]
     out = []
@@ -55,13 +54,13 @@ def main():
                 st = static_at(res, split, r["mean_layers"])
                 sa = next((x["accuracy"] for x in rows(res, "sample", split) if x["budget"] == b), None)
                 pr = next((x["accuracy"] for x in rows(res, "probe", split) if x["budget"] == b), None)
-                ll = None if lens is None else float(np.interp(r["mean_layers"], [x["layer"] for x in lens],
-                                                               [x[split] for x in lens]))
+                ll = static_at(res, split, r["mean_layers"], "lens")
                 rec = {"split": split, "budget": b, "method": m, "mean_layers": r["mean_layers"],
                        "accuracy": r["accuracy"], "static_same_depth": round(st, 5), "sample": sa, "probe": pr,
-                       "logit_lens_same_depth": ll,
+                       "lens_same_depth": None if ll is None else round(ll, 5),
                        "gap_to_full": round(r["accuracy"] - full, 5),
-                       "beats_static": r["accuracy"] > st, "beats_sample": sa is not None and r["accuracy"] > sa}
+                       "beats_static": r["accuracy"] > st, "beats_lens": ll is not None and r["accuracy"] > ll,
+                       "beats_sample": sa is not None and r["accuracy"] > sa}
                 out.append(rec)
                 print(f"{split:<8}{b:>7.2f}{m:>11}{r['mean_layers']:>7.2f}{100 * r['accuracy']:>7.2f}{100 * st:>9.2f}"
                       f"{fmt(sa):>10}{fmt(pr):>8}{fmt(ll):>8}{100 * rec['gap_to_full']:>+8.2f}")

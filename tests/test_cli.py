@@ -196,6 +196,13 @@ def test_eval_sweep_report(sweep_eval, work):
     assert {r["split"] for r in results} >= {"seen", "heldout", "all"}
     static_layers = {r["layer"] for r in results if r["method"] == "static"}
     assert static_layers == {1, 2, 3, 4}
+    # plain truncated CLIP: one row per layer, and at the last layer it is the full model
+    lens = {(r["layer"], r["split"]): r for r in results if r["method"] == "lens"}
+    assert {k[0] for k in lens} == {1, 2, 3, 4}
+    for split in ("all", "seen", "heldout"):
+        full = next(r for r in results if r["method"] == "full" and r["split"] == split)
+        assert lens[(4, split)]["agreement"] == 1.0 and lens[(4, split)]["accuracy"] == full["accuracy"]
+        assert lens[(1, split)]["flops_ratio"] < lens[(4, split)]["flops_ratio"] <= 1.01
     for m in ("tgem_cls", "tgem_rates", "sample", "probe"):
         for split in ("all", "seen", "heldout"):
             got = sorted(r["budget"] for r in results if r["method"] == m and r["split"] == split)
@@ -537,6 +544,10 @@ def test_pretrain_command(tmp_path, capsys):
     assert info["preset"] == "tiny" and info["recipe"]["steps"] == 2 and info["log"]
     rc, _, err = run_cli(capsys, "pretrain", "--preset", "no-such-preset", "--out", tmp_path / "x", "--quiet")
     assert "no-such-preset" in assert_one_line_error(rc, err)
+    assert not (tmp_path / "x").exists()
+    rc, _, err = run_cli(capsys, "pretrain", "--preset", "tiny", "--device", "warp-drive", "--out", tmp_path / "x",
+                         "--quiet")
+    assert "warp-drive" in assert_one_line_error(rc, err)
     assert not (tmp_path / "x").exists()
 
 

@@ -104,7 +104,8 @@ def test_demo_end_to_end(tmp_path, capsys):
         for split in ("seen", "heldout", "all"):
             assert sorted(r["budget"] for r in results if r["method"] == m and r["split"] == split) == budgets
     assert sorted(r["layer"] for r in results if r["method"] == "static" and r["split"] == "all") == list(range(1, 13))
-    assert {r["method"] for r in results} == {"full", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle"}
+    assert {r["method"] for r in results} == {"full", "lens", "static", "probe", "sample", "tgem_cls", "tgem_rates",
+                                              "oracle"}
     g = report["guarantee"]
     assert g["n_splits"] == 20 and 0 <= g["held"] <= 20
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"

@@ -253,3 +253,47 @@ def test_unknown_preset(tmp_path):
     with pytest.raises(TGEMError, match="unknown preset"):
         pt.pretrain(tmp_path / "m", preset="huge", progress=False)
     assert not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------ recipe overrides, workers, device
+
+def test_make_recipe_overrides():
+    r = pt.make_recipe("embedded", {"vision": {"intermediate_size": 256}, "lr": 5e-4})
+    base = pt.PRESETS["embedded"]
+    assert r.vision == {**base.vision, "intermediate_size": 256} and r.lr == 5e-4
+    assert r.text == base.text and r.steps == base.steps
+    assert base.vision["intermediate_size"] == 512  # the preset itself is untouched
+    with pytest.raises(TGEMError, match="unknown recipe field 'lr_max'"):
+        pt.make_recipe("embedded", {"lr_max": 1.0})
+    with pytest.raises(TGEMError, match="unknown preset"):
+        pt.make_recipe("huge")
+
+
+def test_workers_make_the_same_batches(tmp_path):
+    # a worker process makes the batches ahead; the model must not notice
+    _run(tmp_path / "inline", steps=7, batch_size=32, seed=2)
+    info = _run(tmp_path / "worker", steps=7, batch_size=32, seed=2, workers=1)
+    _assert_same_weights(tmp_path / "inline", tmp_path / "worker")
+    assert "--workers 1" in info["command"] and info["device"] == "cpu"
+
+
+def test_callback_sees_the_model_in_eval_mode(tmp_path):
+    seen = []
+    _run(tmp_path / "m", steps=7, batch_size=16, callback_every=3,
+         callback=lambda step, model, tok: seen.append((step, model.training, len(tok))))
+    assert [s for s, _, _ in seen] == [3, 6, 7]
+    assert not any(training for _, training, _ in seen)
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(device="no-such-device"), "unknown torch device"),
+                                     (dict(workers=-1), "workers must be")])
+def test_bad_device_or_workers(tmp_path, kw, msg):
+    with pytest.raises(TGEMError, match=msg):
+        _run(tmp_path / "m", steps=2, **kw)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_gpu_is_refused(tmp_path):
+    with pytest.raises(TGEMError, match="sees no CUDA GPU"):
+        _run(tmp_path / "m", steps=2, device="cuda")

@@ -142,7 +142,7 @@ def cmd_pretrain(args):
 
     info = pretrain(args.out, preset=args.preset, data=args.data, seed=args.seed, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, resume=not args.no_resume, progress=not args.quiet,
-                    threads=args.threads)
+                    threads=args.threads, device=args.device, workers=args.workers)
     _log(args)(f"saved {args.out} ({info['train_seconds']:.0f} s, {info['samples_seen']} samples)")
     if args.json:
         write_json(args.json, {k: v for k, v in info.items() if k != "log"} | {"log": info["log"]})
@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--batch-size", type=_positive_int)
     pt.add_argument("--lr", type=float)
     pt.add_argument("--threads", type=_positive_int)
+    pt.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default: cpu)")
+    pt.add_argument("--workers", type=int, default=1,
+                    help="processes that make batches ahead of the training step (default: 1; 0 = inline)")
     pt.add_argument("--no-resume", action="store_true")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)

@@ -19,7 +19,7 @@ from tgems.jumper import calibrate_max_drop, simulate
 from tgems.profiles import sample_profiles
 
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
-METHODS = ("full", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle")
+METHODS = ("full", "lens", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle")
 
 
 def analytic_flops(backbone, depth: torch.Tensor, candidates: list[int], head_flops: float) -> torch.Tensor:
@@ -114,6 +114,13 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
         rec.add("static", None, preds, depth, analytic_flops(backbone, depth, [k], ref.profiles.head_flops()),
                 ips(ExitAtLayer(k)) if k in (L // 4, L // 2, 3 * L // 4) else None, layer=k)
 
+    # plain truncated CLIP ("logit lens"): z_l against the raw class texts, no T-GEM, no training
+    lens_preds = lens_predictions(ft.z, ref.text)
+    for k in all_layers:
+        depth = torch.full((len(y),), k)
+        rec.add("lens", None, lens_preds[:, k - 1], depth,
+                analytic_flops(backbone, depth, [k], 2.0 * ref.text.numel()), layer=k)
+
     # oracle: first layer from which the prediction equals the full model's and stays so
     od = oracle_depth(ref_preds, ref.profiles.layers + [L])
     rec.add("oracle", None, full_preds, od, analytic_flops(backbone, od, ref.profiles.layers, ref.profiles.head_flops()))
@@ -178,12 +185,17 @@ def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 
             "mean_test_layers": round(float(np.mean([r["test_mean_layers"] for r in rows])), 3)}
 
 
+def lens_predictions(z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """[N, L] class of every layer's readout z_l [N, L, d] against class text embeddings [C, d]."""
+    return torch.einsum("nld,cd->nlc", torch.nn.functional.normalize(z, dim=-1), text).argmax(-1)
+
+
 def zero_shot_layers(backbone, feats: LayerFeatures, text: torch.Tensor, splits: np.ndarray | None = None) -> list:
     """Top-1 of every layer's readout z_l against the class text embeddings ("logit lens"), per split."""
     masks = {"all": np.ones(len(feats), dtype=bool)}
     if splits is not None:
         masks.update({s: splits == s for s in ("seen", "heldout") if (splits == s).any()})
-    preds = torch.einsum("nld,cd->nlc", torch.nn.functional.normalize(feats.z, dim=-1), text).argmax(-1)
+    preds = lens_predictions(feats.z, text)
     rows = []
     for l in range(feats.z.shape[1]):
         row = {"layer": l + 1}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-STYLE = {"full": ("black", "*"), "static": ("grey", "s"), "probe": ("tab:orange", "^"),
+STYLE = {"full": ("black", "*"), "lens": ("silver", "x"), "static": ("grey", "s"), "probe": ("tab:orange", "^"),
          "sample": ("tab:green", "v"), "tgem_cls": ("tab:blue", "o"), "tgem_rates": ("tab:purple", "D"),
          "oracle": ("tab:red", "P")}
 

@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class Recipe:
     vision: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     projection_dim: int = 128
-    steps: int = 4200
+    steps: int = 5200
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200
@@ -63,7 +64,7 @@ class _Batches:
     def __init__(self, spec: str, recipe: Recipe, seed: int):
         from tgems.data import scenes
 
-        self.recipe, self.seed = recipe, seed
+        self.spec, self.recipe, self.seed = spec, recipe, seed
         self.stream = spec in ("scenes", "scenes:train")
         if self.stream:
             self.scenes = scenes
@@ -98,6 +99,54 @@ class _Batches:
         return data.images, texts, torch.as_tensor(data.labels)
 
 
+_WORKER_BATCHES = None
+
+
+def _init_worker(spec: str, recipe: Recipe, seed: int):
+    global _WORKER_BATCHES
+    torch.set_num_threads(1)
+    _WORKER_BATCHES = _Batches(spec, recipe, seed)
+
+
+def _worker_batch(step: int):
+    images, texts, labels = _WORKER_BATCHES(step)
+    return images, texts, labels.numpy()
+
+
+def _batch_stream(batches: _Batches, start: int, workers: int):
+    """(images, texts, labels) for steps start.. in order; with workers > 0, made ahead in
+    separate processes (a batch depends only on its step index, so the stream is the same)."""
+    steps = range(start, batches.recipe.steps)
+    if workers <= 0:
+        yield from map(batches, steps)
+        return
+    import multiprocessing as mp
+
+    init = (batches.spec, batches.recipe, batches.seed)
+    ahead = 2 * workers  # bounded: workers that run far ahead only take cores from the training step
+    with mp.get_context("spawn").Pool(workers, _init_worker, init) as pool:
+        pending = deque(pool.apply_async(_worker_batch, (s,)) for s in steps[:ahead])
+        for s in steps[ahead:]:
+            images, texts, labels = pending.popleft().get()
+            pending.append(pool.apply_async(_worker_batch, (s,)))
+            yield images, texts, torch.as_tensor(labels)
+        while pending:
+            images, texts, labels = pending.popleft().get()
+            yield images, texts, torch.as_tensor(labels)
+
+
+def make_recipe(preset: str, overrides: dict | None = None) -> Recipe:
+    """The preset's recipe with some fields replaced; `vision` / `text` overrides merge key by key."""
+    if preset not in PRESETS:
+        raise TGEMError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    fields = asdict(PRESETS[preset])
+    for k, v in (overrides or {}).items():
+        if k not in fields:
+            raise TGEMError(f"unknown recipe field '{k}' (choose from {', '.join(fields)})")
+        fields[k] = {**fields[k], **v} if isinstance(fields[k], dict) else v
+    return Recipe(**fields)
+
+
 def pixels_from_uint8(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
@@ -127,7 +176,8 @@ def _save_optimizer(opt, path: Path):
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         for k, v in opt.state.get(p, {}).items():
-            tensors[f"{i}.{k}"] = v.detach().clone().reshape(-1) if v.dim() == 0 else v.detach().clone()
+            v = v.detach().cpu().clone()
+            tensors[f"{i}.{k}"] = v.reshape(-1) if v.dim() == 0 else v
     save_file(tensors, str(path))
 
 
@@ -140,8 +190,8 @@ def _load_optimizer(opt, path: Path):
             if "step" in st:
                 st["step"] = st["step"].reshape(())
             for k, v in st.items():
-                if k != "step" and v.shape != p.shape and v.numel() == p.numel():
-                    st[k] = v.reshape(p.shape)  # e.g. the moments of the 0-dim logit_scale
+                if k != "step":  # moments live with their parameter; a 0-dim logit_scale's were saved as (1,)
+                    st[k] = v.reshape(p.shape).to(p.device)
             opt.state[p] = st
 
 
@@ -170,22 +220,37 @@ def _write_model(model, tokenizer, recipe: Recipe, out: Path, info: dict):
     tmp.rename(out)
 
 
+def _check_device(device: str):
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise TGEMError(f"unknown torch device '{device}'") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise TGEMError(f"device '{device}' asked for, but torch sees no CUDA GPU")
+
+
 def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:train", seed: int = 0,
              steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
              ckpt_every: int = 250, resume: bool = True, keep_checkpoint: bool = False,
-             progress: bool = True, threads: int | None = None) -> dict:
-    """Train a CLIP from scratch and save a standard HF directory at `out`; returns the run's record."""
-    if preset not in PRESETS:
-        raise TGEMError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+             progress: bool = True, threads: int | None = None, device: str = "cpu", workers: int = 0,
+             overrides: dict | None = None, callback=None, callback_every: int = 0) -> dict:
+    """Train a CLIP from scratch and save a standard HF directory at `out`; returns the run's record.
+
+    `overrides` replaces recipe fields (see `make_recipe`); `callback(step, model, tokenizer)` is
+    called every `callback_every` steps and at the end, with the model in eval mode (for learning
+    curves). `device` and `workers` change speed only, not the batches."""
+    _check_device(device)
+    if workers < 0:
+        raise TGEMError(f"workers must be >= 0, got {workers}")
     if threads:
         torch.set_num_threads(threads)
-    recipe = Recipe(**{**asdict(PRESETS[preset]), **{k: v for k, v in
-                                                      dict(steps=steps, batch_size=batch_size, lr=lr).items()
-                                                      if v is not None}})
+    recipe = make_recipe(preset, {**(overrides or {}), **{k: v for k, v in
+                                                          dict(steps=steps, batch_size=batch_size, lr=lr).items()
+                                                          if v is not None}})
     out = Path(out)
     batches = _Batches(data, recipe, seed)
     tokenizer = build_word_tokenizer(batches.words, recipe.context_length)
-    model = build_model(recipe, len(tokenizer), seed)
+    model = build_model(recipe, len(tokenizer), seed).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
@@ -197,7 +262,7 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
         state = json.loads((ckpt / "state.json").read_text())
         if state["recipe"] != asdict(recipe) or state["seed"] != seed or state["data"] != data:
             raise TGEMError(f"checkpoint in {ckpt} was made with another recipe/seed/data; use --no-resume")
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
         _load_optimizer(opt, ckpt / "optimizer.safetensors")
         start, log, elapsed = state["step"], state["log"], state["elapsed_s"]
 
@@ -206,17 +271,16 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="pretrain",
                disable=not progress, dynamic_ncols=True)
     running = None
-    for step in bar:
+    for step, (images, texts, labels) in zip(bar, _batch_stream(batches, start, workers)):
         for g in opt.param_groups:
             g["lr"] = _lr(step, recipe)
-        images, texts, labels = batches(step)
         tok = tokenizer(texts, padding=True, truncation=True, max_length=recipe.context_length,
-                        return_tensors="pt")
+                        return_tensors="pt").to(device)
         outp = model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
-                     pixel_values=pixels_from_uint8(images))
+                     pixel_values=pixels_from_uint8(images).to(device))
         img = F.normalize(outp.image_embeds, dim=-1)
         txt = F.normalize(outp.text_embeds, dim=-1)
-        loss = multi_positive_loss(img, txt, labels, model.logit_scale.exp().clamp(max=100))
+        loss = multi_positive_loss(img, txt, labels.to(device), model.logit_scale.exp().clamp(max=100))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -225,18 +289,28 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
         bar.set_postfix(loss=f"{running:.3f}")
         if step % 25 == 0 or step == recipe.steps - 1:
             log.append({"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 1)})
+        if callback and callback_every and (step + 1) % callback_every == 0 and step + 1 < recipe.steps:
+            model.eval()
+            with torch.no_grad():
+                callback(step + 1, model, tokenizer)
+            model.train()
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < recipe.steps:
             ckpt.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(ckpt / "model.safetensors"))
             _save_optimizer(opt, ckpt / "optimizer.safetensors")
             (ckpt / "state.json").write_text(json.dumps(
                 {"step": step + 1, "log": log, "elapsed_s": time.time() - t0, "recipe": asdict(recipe),
                  "seed": seed, "data": data}))
     model.eval()
+    if callback:
+        with torch.no_grad():
+            callback(recipe.steps, model, tokenizer)
+    model.cpu()
     info = {"preset": preset, "data": data, "seed": seed, "recipe": asdict(recipe),
-            "train_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(),
+            "train_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(), "device": str(device),
             "samples_seen": recipe.steps * recipe.batch_size, "log": log,
-            "command": f"tgems pretrain --preset {preset} --data {data} --seed {seed} --out {out}"}
+            "command": f"tgems pretrain --preset {preset} --data {data} --seed {seed} --workers {workers} --out {out}"}
     _write_model(model, tokenizer, recipe, out, info)
     if not keep_checkpoint:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
