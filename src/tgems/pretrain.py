@@ -238,7 +238,8 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
 
     `overrides` replaces recipe fields (see `make_recipe`); `callback(step, model, tokenizer)` is
     called every `callback_every` steps and at the end, with the model in eval mode (for learning
-    curves). `device` and `workers` change speed only, not the batches."""
+    curves). `device` and `workers` change speed only, not the batches; workers are started with
+    `spawn`, so a script that sets workers > 0 must call this under `if __name__ == "__main__":`."""
     _check_device(device)
     if workers < 0:
         raise TGEMError(f"workers must be >= 0, got {workers}")
