@@ -28,7 +28,8 @@ def rows(results, method, split):
     return [r for r in results if r["method"] == method and r["split"] == split]
 
 
-def static_at(results, split, depth, method="static"):
+def at_depth(results, split, depth, method="static"):
+    """Accuracy of a fixed-layer method interpolated to a mean depth (None if the report lacks it)."""
     st = sorted(rows(results, method, split), key=lambda r: r["mean_layers"])
     if not st:
         return None
@@ -51,10 +52,10 @@ def main():
         for m in ("tgem_cls", "tgem_rates"):
             for r in sorted(rows(res, m, split), key=lambda r: r["budget"]):
                 b = r["budget"]
-                st = static_at(res, split, r["mean_layers"])
+                st = at_depth(res, split, r["mean_layers"])
                 sa = next((x["accuracy"] for x in rows(res, "sample", split) if x["budget"] == b), None)
                 pr = next((x["accuracy"] for x in rows(res, "probe", split) if x["budget"] == b), None)
-                ll = static_at(res, split, r["mean_layers"], "lens")
+                ll = at_depth(res, split, r["mean_layers"], "lens")
                 rec = {"split": split, "budget": b, "method": m, "mean_layers": r["mean_layers"],
                        "accuracy": r["accuracy"], "static_same_depth": round(st, 5), "sample": sa, "probe": pr,
                        "lens_same_depth": None if ll is None else round(ll, 5),

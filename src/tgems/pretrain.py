@@ -162,6 +162,19 @@ def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tens
                   - (target * F.log_softmax(logits.t(), 1)).sum(1).mean())
 
 
+def train_step(model: CLIPModel, opt, input_ids, attention_mask, pixels, labels) -> torch.Tensor:
+    """One optimiser step of the contrastive loss; returns the loss."""
+    outp = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels)
+    img = F.normalize(outp.image_embeds, dim=-1)
+    txt = F.normalize(outp.text_embeds, dim=-1)
+    loss = multi_positive_loss(img, txt, labels, model.logit_scale.exp().clamp(max=100))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def _lr(step: int, r: Recipe) -> float:
     if step < r.warmup:
         return r.lr * (step + 1) / r.warmup
@@ -277,20 +290,13 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
             g["lr"] = _lr(step, recipe)
         tok = tokenizer(texts, padding=True, truncation=True, max_length=recipe.context_length,
                         return_tensors="pt").to(device)
-        outp = model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
-                     pixel_values=pixels_from_uint8(images).to(device))
-        img = F.normalize(outp.image_embeds, dim=-1)
-        txt = F.normalize(outp.text_embeds, dim=-1)
-        loss = multi_positive_loss(img, txt, labels.to(device), model.logit_scale.exp().clamp(max=100))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, tok["input_ids"], tok["attention_mask"],
+                          pixels_from_uint8(images).to(device), labels.to(device))
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}")
         if step % 25 == 0 or step == recipe.steps - 1:
             log.append({"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 1)})
-        if callback and callback_every and (step + 1) % callback_every == 0 and step + 1 < recipe.steps:
+        if callback and (step + 1 == recipe.steps or callback_every and (step + 1) % callback_every == 0):
             model.eval()
             with torch.no_grad():
                 callback(step + 1, model, tokenizer)
@@ -303,11 +309,7 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
             (ckpt / "state.json").write_text(json.dumps(
                 {"step": step + 1, "log": log, "elapsed_s": time.time() - t0, "recipe": asdict(recipe),
                  "seed": seed, "data": data}))
-    model.eval()
-    if callback:
-        with torch.no_grad():
-            callback(recipe.steps, model, tokenizer)
-    model.cpu()
+    model.eval().cpu()
     info = {"preset": preset, "data": data, "seed": seed, "recipe": asdict(recipe),
             "train_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(), "device": str(device),
             "samples_seen": recipe.steps * recipe.batch_size, "log": log,
