@@ -5,7 +5,9 @@ depth (linear interpolation between the two static layers around it), the 16-sho
 profiles and the linear probes at the same budget, and the gap to the full model; then the oracle
 exit depth against T-GEM's depth at (near) zero drop. Two static truncations: `static` scores each
 layer with the T-GEM profiles (so T-GEM vs static isolates the Jumper), `lens` is plain truncated CLIP
-(z_l against the raw class texts), both interpolated to T-GEM's mean depth.
+(z_l against the raw class texts), both interpolated to T-GEM's mean depth. "vs static" is T-GEM minus
+static with its paired standard error over the split's images (from the report, which has it since
+per-image correctness is needed): a difference within about two of them is a tie, not a win.
 
     tgems demo --out results/demo
     python benchmarks/targets.py results/demo/results.json
@@ -22,6 +24,13 @@ from tgems.cli import write_json
 
 def fmt(v) -> str:
     return "" if v is None else f"{100 * v:.2f}"
+
+
+def fmt_diff(r) -> str:
+    if r.get("vs_static") is None:
+        return ""
+    se = r.get("vs_static_se")
+    return f"{100 * r['vs_static']:+.2f}" + ("" if se is None else f"±{100 * se:.2f}")
 
 
 def rows(results, method, split):
@@ -45,8 +54,8 @@ def main():
     res, L = rep["results"], rep["num_layers"]
     splits = [s for s in ("seen", "heldout") if rows(res, "full", s)] or ["all"]
     out = []
-    print(f"{'split':<8}{'budget':>7}{'method':>11}{'layers':>7}{'acc %':>7}{'static %':>9}{'16-shot %':>10}"
-          f"{'probe %':>8}{'lens %':>8}{'vs full':>8}")
+    print(f"{'split':<8}{'budget':>7}{'method':>11}{'layers':>7}{'acc %':>7}{'static %':>9}{'vs static':>13}"
+          f"{'16-shot %':>10}{'probe %':>8}{'lens %':>8}{'vs full':>8}")
     for split in splits:
         full = rows(res, "full", split)[0]["accuracy"]
         for m in ("tgem_cls", "tgem_rates"):
@@ -60,11 +69,12 @@ def main():
                        "accuracy": r["accuracy"], "static_same_depth": round(st, 5), "sample": sa, "probe": pr,
                        "lens_same_depth": None if ll is None else round(ll, 5),
                        "gap_to_full": round(r["accuracy"] - full, 5),
+                       "vs_static": r.get("vs_static"), "vs_static_se": r.get("vs_static_se"),
                        "beats_static": r["accuracy"] > st, "beats_lens": ll is not None and r["accuracy"] > ll,
                        "beats_sample": sa is not None and r["accuracy"] > sa}
                 out.append(rec)
                 print(f"{split:<8}{b:>7.2f}{m:>11}{r['mean_layers']:>7.2f}{100 * r['accuracy']:>7.2f}{100 * st:>9.2f}"
-                      f"{fmt(sa):>10}{fmt(pr):>8}{fmt(ll):>8}{100 * rec['gap_to_full']:>+8.2f}")
+                      f"{fmt_diff(r):>13}{fmt(sa):>10}{fmt(pr):>8}{fmt(ll):>8}{100 * rec['gap_to_full']:>+8.2f}")
     print("oracle exit (zero drop) mean layers: " + ", ".join(
         f"{s} {rows(res, 'oracle', s)[0]['mean_layers']:.2f}" for s in splits + ["all"]) + f" of {L}")
     g = rep.get("guarantee")

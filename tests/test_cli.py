@@ -209,6 +209,18 @@ def test_eval_sweep_report(sweep_eval, work):
             assert got == SWEEP, (m, split, got)
     full = [r for r in results if r["method"] == "full" and r["split"] == "all"]
     assert len(full) == 1 and full[0]["agreement"] == 1.0 and full[0]["mean_layers"] == 4
+    # the paired difference to static truncation is the difference of the means (static interpolated
+    # to the same mean depth), with a standard error
+    for r in results:
+        if r["budget"] is None:
+            assert "vs_static" not in r
+            continue
+        st = sorted((x for x in results if x["method"] == "static" and x["split"] == r["split"]),
+                    key=lambda x: x["layer"])
+        expect = r["accuracy"] - np.interp(r["mean_layers"], [x["layer"] for x in st], [x["accuracy"] for x in st])
+        assert r["vs_static"] == pytest.approx(expect, abs=2e-4), r
+        assert r["vs_static_se"] >= 0
+    assert any(r.get("vs_static_se") for r in results)
     # budgets are met on calibration data; the test split should stay close to them
     for r in results:
         if r["method"] == "tgem_cls" and r["split"] == "all":

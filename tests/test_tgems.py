@@ -22,10 +22,10 @@ from tgems.classifier import EarlyExitClassifier
 from tgems.data import scenes
 from tgems.evaluate import analytic_flops, guarantee_study
 from tgems.features import extract_features
-from tgems.fit import (FitSettings, final_scale, fit_jumper, fit_tgem, layer_probs, load_tgem,
+from tgems.fit import (FitSettings, final_scale, fit_jumper, fit_tgem, jumper_signals, layer_probs, load_tgem,
                        read_tgem_config, save_tgem)
-from tgems.jumper import (binom_cdf, calibrate_budget, calibrate_max_drop, clopper_pearson_upper, first_exit,
-                          simulate, tau_grid)
+from tgems.jumper import (NUM_SIGNALS, Jumper, binom_cdf, calibrate_budget, calibrate_max_drop,
+                          clopper_pearson_upper, first_exit, simulate, tau_grid)
 from tgems.profiles import TGEM, check_labels, class_embeddings, sample_profiles
 
 torch.set_num_threads(1)
@@ -115,7 +115,9 @@ def test_profile_and_logit_shapes(bb, L, fitted, test_feats, space):
     probs = layer_probs(prof, test_feats)
     assert probs.shape == (len(test_feats), L, C)
     assert torch.allclose(probs.sum(-1), torch.ones(len(test_feats), L), atol=1e-5)
-    assert jumper.weight.shape == (L - 1, 6) and jumper.bias.shape == (L - 1,)
+    # the agreement model reads the confidence signals, the budget (no-loss) model the readout z_l too
+    assert jumper.weight.shape == (L - 1, NUM_SIGNALS) and jumper.bias.shape == (L - 1,)
+    assert jumper.budget.weight.shape == (L - 1, NUM_SIGNALS + bb.embed_dim)
 
 
 @pytest.mark.parametrize("space", ["cls", "rates"])
@@ -365,7 +367,7 @@ def test_max_drop_guarantee_holds_over_calibration_draws():
 
 def test_guarantee_study_on_synthetic_pool():
     scores, preds = _synthetic(1000, 7)
-    stub = SimpleNamespace(layer_predictions=lambda feats: (scores, preds),
+    stub = SimpleNamespace(layer_predictions=lambda feats, goal: (scores, preds) if goal == "max_drop" else None,
                            profiles=SimpleNamespace(layers=[1, 2, 3]), backbone=SimpleNamespace(num_layers=4))
     pool = list(range(1000))  # guarantee_study needs only len(pool) besides the stub's layer_predictions
     res = guarantee_study(stub, pool, eps=0.05, delta=0.1, n_splits=10, seed=0)
@@ -394,6 +396,8 @@ def test_checkpoint_round_trip(bb, fitted, test_feats, tmp_path, space):
     for k in sd:
         assert torch.equal(sd[k], sd2[k]), k
     assert torch.equal(jumper.weight, jumper2.weight) and torch.equal(jumper.bias, jumper2.bias)
+    assert torch.equal(jumper.budget.weight, jumper2.budget.weight)
+    assert torch.equal(jumper.budget.bias, jumper2.budget.bias)
     assert jumper2.tau == jumper.tau
     text = class_embeddings(bb, scenes.CLASSES)
     assert torch.equal(tgem.raw_profiles(text), tgem2.raw_profiles(text))
@@ -481,7 +485,9 @@ def test_engine_equals_simulation(bb, L, classifiers, test_data, test_feats, kin
 def test_predict_is_independent_of_batch_size_and_order(classifiers, test_data, test_feats, kind):
     clf = classifiers(kind)
     # the threshold that spreads exits over the most layers, so the test exercises real mixed exits
-    # whatever a budget calibration of this barely trained model would pick
+    # whatever a budget calibration of this barely trained model would pick. The agreement model: this
+    # model's last layer is mostly wrong, so its no-loss model scores every image alike
+    clf.goal = "max_drop"
     scores, layer_preds = clf.layer_predictions(test_feats)
     layers = clf.profiles.layers + [clf.backbone.num_layers]
     clf.tau = max(tau_grid(scores), key=lambda t: len(set(simulate(scores, layer_preds, layers, float(t))[1].tolist())))
@@ -499,20 +505,60 @@ def test_predict_is_independent_of_batch_size_and_order(classifiers, test_data, 
 
 
 def test_jumper_targets(bb, fitted, test_data, test_feats):
-    """`no_loss` learns P(layer l is right or the full model is wrong): where every label equals the full
-    model's prediction that is exactly `agree`; with the true labels it is another model; it needs labels."""
+    """`agree` learns P(layer l agrees with the full model) from the confidence signals; `no_loss` learns
+    P(layer l is right or the full model is wrong) from those and z_l: where every label equals the full
+    model's prediction its target is exactly agreement; with the true labels it is another model; it
+    needs labels. `goal` holds both."""
     clf = make_classifier(bb, fitted, "cls", test_data.classes)
-    full = clf.layer_predictions(test_feats)[1][:, -1]
+    probs = layer_probs(clf.profiles, test_feats)
+    preds = probs.argmax(-1)
+    signals = jumper_signals(probs, test_feats, clf.profiles.layers)
+    y_agree = (preds[:, :-1] == preds[:, -1:]).float()
+    full = preds[:, -1]
     as_full = dataclasses.replace(test_feats, labels=full)
-    agree, same = fit_jumper(clf.profiles, test_feats), fit_jumper(clf.profiles, as_full, "no_loss")
-    assert torch.allclose(agree.weight, same.weight) and torch.allclose(agree.bias, same.bias)
+    agree, same = fit_jumper(clf.profiles, test_feats, "agree"), fit_jumper(clf.profiles, as_full, "no_loss")
+    assert agree.budget is None and same.budget is None
+    expect = Jumper().fit(signals[..., :NUM_SIGNALS], y_agree)
+    assert torch.equal(agree.weight, expect.weight) and torch.equal(agree.bias, expect.bias)
+    expect = Jumper().fit(signals, y_agree)
+    assert torch.equal(same.weight, expect.weight) and torch.equal(same.bias, expect.bias)
     other = fit_jumper(clf.profiles, test_feats, "no_loss")
-    assert not torch.allclose(agree.weight, other.weight)
+    assert not torch.allclose(same.weight, other.weight)
+    # `goal` (the default): the agreement model serves max_drop, the no-loss model budgets
+    both = fit_jumper(clf.profiles, test_feats)
+    assert torch.equal(both.weight, agree.weight) and torch.equal(both.budget.weight, other.weight)
+    assert both.for_goal("max_drop") is both and both.for_goal("budget") is both.budget
     unlabelled = dataclasses.replace(test_feats, labels=torch.full_like(full, -1))
     with pytest.raises(TGEMError, match="needs labelled images"):
         fit_jumper(clf.profiles, unlabelled, "no_loss")
+    fallback = fit_jumper(clf.profiles, unlabelled)  # no labels: agreement for every goal
+    assert fallback.budget is None and torch.equal(fallback.weight, agree.weight)
     with pytest.raises(TGEMError, match="unknown Jumper target"):
         fit_jumper(clf.profiles, test_feats, "accuracy")
+
+
+def test_each_goal_calibrates_and_runs_its_own_jumper_model(bb, fitted, test_data, test_feats):
+    clf = make_classifier(bb, fitted, "cls", test_data.classes)
+    probs = layer_probs(clf.profiles, test_feats)
+    signals = jumper_signals(probs, test_feats, clf.profiles.layers)
+    clf.calibrate(test_feats, budget=0.6)
+    assert clf.policy().jumper is clf.jumper.budget
+    assert torch.equal(clf.layer_predictions(test_feats)[0], clf.jumper.budget.scores(signals))
+    clf.calibrate(test_feats, max_drop=0.3, delta=0.2)
+    assert clf.policy().jumper is clf.jumper
+    assert torch.equal(clf.layer_predictions(test_feats)[0], clf.jumper.scores(signals))
+    assert not torch.equal(clf.jumper.scores(signals), clf.jumper.budget.scores(signals))
+
+
+def test_a_jumper_of_confidence_signals_only_reads_those(bb, fitted, test_data, test_feats):
+    """Checkpoints from before z_l was a signal hold NUM_SIGNALS weights per layer and keep working."""
+    clf = make_classifier(bb, fitted, "cls", test_data.classes)
+    signals = jumper_signals(layer_probs(clf.profiles, test_feats), test_feats, clf.profiles.layers)
+    assert signals.shape[-1] == NUM_SIGNALS + bb.embed_dim
+    old = Jumper().fit(signals[..., :NUM_SIGNALS], (signals[..., 3] > 0).float())
+    assert old.weight.shape[-1] == NUM_SIGNALS
+    assert torch.equal(old.scores(signals), old.scores(signals[..., :NUM_SIGNALS]))
+    assert torch.equal(old.score(2, signals[:, 2]), old.scores(signals)[:, 2])
 
 
 def test_fit_refuses_an_unknown_jumper_target_before_training(bb, train, train_feats):

@@ -83,6 +83,7 @@ class EarlyExitClassifier:
         self.profiles = profiles
         self.jumper = jumper
         self.tau = jumper.tau if jumper is not None else 2.0
+        self.goal = "budget"  # the checkpoint's tau meets a budget; `calibrate` sets the goal
         self.calibration: dict = {}
 
     @classmethod
@@ -108,10 +109,12 @@ class EarlyExitClassifier:
         return extract_features(self.backbone, data_or_feats, rates=self.profiles.space == "rates",
                                 progress=False)
 
-    def layer_predictions(self, feats: LayerFeatures):
-        """(scores (N, n), predictions (N, n + 1)) on cached features."""
+    def layer_predictions(self, feats: LayerFeatures, goal: str | None = None):
+        """(scores (N, n), predictions (N, n + 1)) on cached features; scores of the Jumper model that
+        serves `goal` ("budget" or "max_drop"; default: the goal of the last calibration)."""
         probs = layer_probs(self.profiles, feats)
-        return self.jumper.scores(jumper_signals(probs, feats, self.profiles.layers)), probs.argmax(-1)
+        jumper = self.jumper.for_goal(goal or self.goal)
+        return jumper.scores(jumper_signals(probs, feats, self.profiles.layers)), probs.argmax(-1)
 
     def calibrate(self, data, budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
                   use_labels: bool = True) -> "EarlyExitClassifier":
@@ -124,6 +127,7 @@ class EarlyExitClassifier:
         if max_drop is not None and not (0 < max_drop < 1 and 0 < delta < 1):
             raise TGEMError("max_drop and delta must lie in (0, 1)")
         feats = self._cached(data)
+        self.goal = "budget" if budget is not None else "max_drop"
         scores, preds = self.layer_predictions(feats)
         L = self.backbone.num_layers
         if budget is not None:
@@ -147,7 +151,7 @@ class EarlyExitClassifier:
     # ----------------------------------------------------------- prediction on the engine
 
     def policy(self, tau: float | None = None) -> _JumperPolicy:
-        return _JumperPolicy(self.profiles, self.jumper, self.tau if tau is None else tau)
+        return _JumperPolicy(self.profiles, self.jumper.for_goal(self.goal), self.tau if tau is None else tau)
 
     def predict(self, images, batch_size: int = 256) -> Prediction:
         pixels = images if isinstance(images, torch.Tensor) else self.backbone.preprocess(images)

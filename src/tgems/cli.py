@@ -392,9 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=_positive_int, default=30)
     f.add_argument("--lam", type=float, default=0.0, help="rate-based regularizer strength (0 = off)")
     f.add_argument("--r-target", type=float, default=0.4, help="target expected fraction of layers run")
-    f.add_argument("--jumper-target", choices=("agree", "no_loss"), default="agree",
-                   help="what the exit score estimates: agreement with the full model (label-free, the "
-                        "default) or that exiting costs no accuracy (needs labels)")
+    f.add_argument("--jumper-target", choices=("goal", "agree", "no_loss"), default="goal",
+                   help="what the exit score estimates: agreement with the full model (label-free), that "
+                        "exiting costs no accuracy (needs labels), or per goal: the first for max_drop, the "
+                        "second for budgets (the default)")
     common(f)
     f.set_defaults(func=cmd_fit)
 

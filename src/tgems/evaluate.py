@@ -48,6 +48,7 @@ class Recorder:
 
     def __init__(self, backbone, labels: torch.Tensor, full_preds: torch.Tensor, splits: np.ndarray):
         self.backbone, self.labels, self.full, self.results = backbone, labels, full_preds, []
+        self.static_correct = None  # (fixed layers, (N, n) correctness at each), for paired comparisons
         self.masks = {"all": np.ones(len(labels), dtype=bool)}
         for name in ("seen", "heldout"):
             m = splits == name
@@ -65,7 +66,21 @@ class Recorder:
                 "mean_layers": round(float(depth[mt].float().mean()), 4),
                 "flops_ratio": round(float(flops[mt].mean() / full_flops), 5),
                 "images_per_second": None if ips is None else round(ips, 1),
-                "n": int(m.sum()), **extra})
+                "n": int(m.sum()), **self._vs_static(preds, depth, mt, budget), **extra})
+
+    def _vs_static(self, preds, depth, m, budget) -> dict:
+        """Accuracy minus static truncation at the same mean depth (interpolated between the two fixed
+        layers around it, as a per-image mix), with its paired standard error over these images."""
+        if budget is None or self.static_correct is None:
+            return {}
+        ks, correct = self.static_correct
+        d = float(depth[m].float().mean())
+        lo = max([j for j, k in enumerate(ks) if k <= d], default=0)
+        hi = min([j for j, k in enumerate(ks) if k >= d], default=len(ks) - 1)
+        f = 0.0 if hi == lo else (d - ks[lo]) / (ks[hi] - ks[lo])
+        v = (preds[m] == self.labels[m]).float() - ((1 - f) * correct[m, lo] + f * correct[m, hi])
+        return {"vs_static": round(float(v.mean()), 5),
+                "vs_static_se": round(float(v.std() / np.sqrt(len(v))), 5) if len(v) > 1 else None}
 
 
 def _classifier_from_tgem(backbone, path, labels, templates):
@@ -106,17 +121,17 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
     rec.add("full", None, full_preds, full_depth, analytic_flops(backbone, full_depth, [], ref.profiles.head_flops()),
             ips(NeverExit()))
 
-    # static truncation with the T-GEM `cls` profiles of each layer (layer L: full CLIP)
-    all_layers = list(range(1, L + 1))
-    for k in all_layers:
+    # static truncation with the T-GEM `cls` profiles of each candidate layer (layer L: full CLIP)
+    static_layers = ref.profiles.layers + [L]
+    for j, k in enumerate(static_layers):
         depth = torch.full((len(y),), k)
-        preds = ref_preds[:, ref.profiles.layers.index(k)] if k < L else full_preds
-        rec.add("static", None, preds, depth, analytic_flops(backbone, depth, [k], ref.profiles.head_flops()),
+        rec.add("static", None, ref_preds[:, j], depth, analytic_flops(backbone, depth, [k], ref.profiles.head_flops()),
                 ips(ExitAtLayer(k)) if k in (L // 4, L // 2, 3 * L // 4) else None, layer=k)
+    rec.static_correct = (static_layers, ref_preds.eq(y[:, None]).float())
 
     # plain truncated CLIP ("logit lens"): z_l against the raw class texts, no T-GEM, no training
     lens_preds = lens_predictions(ft.z, ref.text)
-    for k in all_layers:
+    for k in range(1, L + 1):
         depth = torch.full((len(y),), k)
         rec.add("lens", None, lens_preds[:, k - 1], depth,
                 analytic_flops(backbone, depth, [k], 2.0 * ref.text.numel()), layer=k)
@@ -167,7 +182,7 @@ def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 
                     n_splits: int = 20, seed: int = 0, calib_fraction: float = 0.5) -> dict:
     """Re-split a pool into calibration / test halves n_splits times; calibrate max_drop on one half and
     measure the disagreement with the full model on the other."""
-    scores, preds = clf.layer_predictions(pool)
+    scores, preds = clf.layer_predictions(pool, goal="max_drop")
     layers = clf.profiles.layers + [clf.backbone.num_layers]
     rng = np.random.default_rng(seed)
     rows = []

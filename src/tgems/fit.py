@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
-from tgems.jumper import Jumper, calibrate_budget, exit_signals
+from tgems.jumper import NUM_SIGNALS, Jumper, calibrate_budget, exit_signals
 from tgems.profiles import TGEM, ClassProfiles, class_embeddings
 
 FORMAT_VERSION = 1
@@ -43,7 +43,7 @@ class FitSettings:
     soft_k: float = 20.0  # sharpness of the soft exits
     jumper_fraction: float = 0.2  # part of the data held out of G_l training to fit the Jumper
     default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
-    jumper_target: str = "agree"  # what the Jumper's score estimates: see fit_jumper
+    jumper_target: str = "goal"  # what the Jumper's score estimates: see fit_jumper
     seed: int = 0
 
 
@@ -75,7 +75,7 @@ def jumper_signals(probs: torch.Tensor, feats: LayerFeatures, layers: list[int])
     return torch.stack(out, 1)
 
 
-JUMPER_TARGETS = ("agree", "no_loss")
+JUMPER_TARGETS = ("goal", "agree", "no_loss")
 
 
 def _check_jumper_target(target: str) -> None:
@@ -83,22 +83,32 @@ def _check_jumper_target(target: str) -> None:
         raise TGEMError(f"unknown Jumper target '{target}' (choose from {', '.join(JUMPER_TARGETS)})")
 
 
-def fit_jumper(profiles: ClassProfiles, feats: LayerFeatures, target: str = "agree") -> Jumper:
+def fit_jumper(profiles: ClassProfiles, feats: LayerFeatures, target: str = "goal") -> Jumper:
     """Fit the Jumper's per-layer logistic models. `agree` (DESIGN.md): s_l estimates P(the layer-l
     prediction equals the full model's), needs no labels. `no_loss`: s_l estimates P(exiting at l costs
     no accuracy against the full model), i.e. layer l is right or the full model is wrong too; it needs
-    labels and spends the depth on images that more depth can still fix."""
+    labels and spends the depth on images that more depth can still fix. `goal` (the default when labels
+    are there): both, `agree` for max_drop goals (a bound on disagreement) and `no_loss` for budgets
+    (best accuracy per layer); without labels it falls back to `agree`. The `agree` model reads the
+    confidence signals only (the readout z_l did not help it); the `no_loss` model reads z_l too."""
     _check_jumper_target(target)
     probs = layer_probs(profiles, feats)
     preds = probs.argmax(-1)
-    if target == "agree":
-        y = preds[:, :-1] == preds[:, -1:]
-    else:
-        if (feats.labels < 0).any():
-            raise TGEMError("the no_loss Jumper target needs labelled images")
-        labels = feats.labels[:, None]
-        y = (preds[:, :-1] == labels) | (preds[:, -1:] != labels)
-    return Jumper().fit(jumper_signals(probs, feats, profiles.layers), y.float())
+    signals = jumper_signals(probs, feats, profiles.layers)
+    labelled = bool((feats.labels >= 0).all())
+    if target == "no_loss" and not labelled:
+        raise TGEMError("the no_loss Jumper target needs labelled images")
+    agree = None
+    if target != "no_loss":
+        agree = Jumper().fit(signals[..., :NUM_SIGNALS], (preds[:, :-1] == preds[:, -1:]).float())
+    if target == "agree" or not labelled:
+        return agree
+    labels = feats.labels[:, None]
+    no_loss = Jumper().fit(signals, ((preds[:, :-1] == labels) | (preds[:, -1:] != labels)).float())
+    if target == "no_loss":
+        return no_loss
+    agree.budget = no_loss
+    return agree
 
 
 def _soft_exit_terms(logits, ce, final_ce, layers, num_layers, s: FitSettings):
@@ -209,7 +219,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     jumper = fit_jumper(profiles, jfeats, s.jumper_target)
     probs = layer_probs(profiles, jfeats)
     preds = probs.argmax(-1)
-    scores = jumper.scores(jumper_signals(probs, jfeats, layers))
+    scores = jumper.for_goal("budget").scores(jumper_signals(probs, jfeats, layers))
     jumper.tau = calibrate_budget(scores, preds, layers + [L], L, s.default_budget)
     per_layer = [{"layer": l, "accuracy": round((preds[:, j] == jfeats.labels).float().mean().item(), 4),
                   "agreement": round((preds[:, j] == preds[:, -1]).float().mean().item(), 4)}
@@ -264,7 +274,7 @@ def load_tgem(path, backbone) -> tuple[TGEM, Jumper, dict]:
                         f"not for '{backbone.name}' (fingerprint {backbone.fingerprint()[:12]})")
     tgem = TGEM(cfg["layers"], cfg["num_layers"], cfg["embed_dim"], cfg["out_dim"], cfg["space"], cfg["hidden"])
     tensors = load_file(str(Path(path) / "tgem.safetensors"))
-    jumper = Jumper(tensors.pop("jumper.weight"), tensors.pop("jumper.bias"), cfg.get("tau", 2.0))
+    jumper = Jumper.from_state(tensors, cfg.get("tau", 2.0))
     tgem.load_state_dict(tensors)
     tgem.eval()
     return tgem, jumper, cfg

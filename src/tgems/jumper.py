@@ -1,8 +1,9 @@
 """The Jumper: per-layer exit scores from cheap signals of P_l, and the calibration of its threshold.
 
-s_l(x) estimates P(prediction at layer l == full model's prediction). An image exits at the first
-candidate layer with s_l(x) >= tau; tau is calibrated for a compute budget or, with a
-Learn-then-Test fixed-sequence procedure and Clopper-Pearson bounds, for a maximum
+s_l(x) estimates P(prediction at layer l == full model's prediction) (the model used for max_drop
+goals) or P(exiting at l costs no accuracy) (the model used for budget goals, see `fit.fit_jumper`).
+An image exits at the first candidate layer with s_l(x) >= tau; tau is calibrated for a compute
+budget or, with a Learn-then-Test fixed-sequence procedure and Clopper-Pearson bounds, for a maximum
 disagreement with the full model at a stated confidence.
 """
 from __future__ import annotations
@@ -13,13 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-NUM_SIGNALS = 6
+NUM_SIGNALS = 6  # the confidence signals; the unit readout z_l follows them
 
 
 def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.Tensor,
                  prev_z: torch.Tensor | None) -> torch.Tensor:
-    """(n, NUM_SIGNALS): top-1, margin, normalised entropy, agreement and prob change vs the previous
-    candidate layer, cosine of z with the previous candidate's z."""
+    """(n, NUM_SIGNALS + D): top-1, margin, normalised entropy, agreement and prob change vs the previous
+    candidate layer, cosine of z with the previous candidate's z; then z_l / |z_l| itself, which lets
+    the Jumper learn which kinds of image are settled early. A Jumper fit on the first NUM_SIGNALS
+    columns only (checkpoints before z was a signal) reads just those."""
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     top1 = top2[:, 0]
     margin = top1 - (top2[:, 1] if top2.shape[1] > 1 else 0)
@@ -33,14 +36,22 @@ def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.
         agree = (pred == prev_probs.argmax(1)).float()
         prev_top = prev_probs.gather(1, pred[:, None])[:, 0]
         cos = F.cosine_similarity(z, prev_z, dim=1)
-    return torch.stack([top1, margin, ent, agree, prev_top, cos], dim=1)
+    conf = torch.stack([top1, margin, ent, agree, prev_top, cos], dim=1)
+    return torch.cat([conf, F.normalize(z.float(), dim=-1)], dim=1)
 
 
 class Jumper:
-    """One logistic model per candidate layer (signals -> P(agree with full model))."""
+    """One logistic model per candidate layer (signals -> P(agree with full model)).
 
-    def __init__(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, tau: float = 2.0):
-        self.weight, self.bias, self.tau = weight, bias, tau
+    `budget`, when set, is a second Jumper whose score serves budget goals (see `fit.fit_jumper`);
+    `for_goal` picks the model a calibration goal uses."""
+
+    def __init__(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, tau: float = 2.0,
+                 budget: "Jumper | None" = None):
+        self.weight, self.bias, self.tau, self.budget = weight, bias, tau, budget
+
+    def for_goal(self, goal: str) -> "Jumper":
+        return self.budget if goal == "budget" and self.budget is not None else self
 
     @property
     def num_layers(self) -> int:
@@ -68,14 +79,27 @@ class Jumper:
 
     def score(self, j: int, signals: torch.Tensor) -> torch.Tensor:
         # the same reduction as `scores`, so the engine's scores equal the cached ones bit for bit
-        return torch.sigmoid((signals.float() * self.weight[j]).sum(-1) + self.bias[j])
+        x = signals[..., :self.weight.shape[-1]].float()
+        return torch.sigmoid((x * self.weight[j]).sum(-1) + self.bias[j])
 
     def scores(self, signals: torch.Tensor) -> torch.Tensor:
         """(N, n, S) -> (N, n)."""
-        return torch.sigmoid((signals.float() * self.weight[None]).sum(-1) + self.bias[None])
+        x = signals[..., :self.weight.shape[-1]].float()
+        return torch.sigmoid((x * self.weight[None]).sum(-1) + self.bias[None])
 
     def state(self) -> dict:
-        return {"jumper.weight": self.weight.contiguous(), "jumper.bias": self.bias.contiguous()}
+        out = {"jumper.weight": self.weight.contiguous(), "jumper.bias": self.bias.contiguous()}
+        if self.budget is not None:
+            out.update({"jumper.budget.weight": self.budget.weight.contiguous(),
+                        "jumper.budget.bias": self.budget.bias.contiguous()})
+        return out
+
+    @classmethod
+    def from_state(cls, tensors: dict, tau: float = 2.0) -> "Jumper":
+        budget = None
+        if "jumper.budget.weight" in tensors:
+            budget = cls(tensors.pop("jumper.budget.weight"), tensors.pop("jumper.budget.bias"))
+        return cls(tensors.pop("jumper.weight"), tensors.pop("jumper.bias"), tau, budget)
 
 
 def first_exit(scores: torch.Tensor, tau: float) -> torch.Tensor:
