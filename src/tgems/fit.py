@@ -39,7 +39,7 @@ class FitSettings:
     caption_weight: float = 0.5
     lam: float = 0.0  # rate-based regularizer strength (0 = off)
     r_target: float = 0.4  # target expected fraction of layers run
-    soft_tau: float = 0.9  # confidence threshold of the soft exits during training
+    soft_tau: float | None = None  # confidence threshold of the soft exits; None: from the data (see fit_tgem)
     soft_k: float = 20.0  # sharpness of the soft exits
     jumper_fraction: float = 0.2  # part of the data held out of G_l training to fit the Jumper
     default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
@@ -179,6 +179,8 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
         raise TGEMError(f"candidate layers must lie in 1..{L - 1} (the last layer is always an exit)")
     s.layers = layers
     _check_jumper_target(s.jumper_target)
+    if s.soft_tau is not None and not 0 < s.soft_tau < 1:
+        raise TGEMError(f"soft_tau must lie in (0, 1), got {s.soft_tau}")
     templates = list(templates or default_templates(data.name))
     torch.manual_seed(s.seed)
     if feats is None:
@@ -203,6 +205,12 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
         tgem.center.copy_(x_all[train_idx].float().mean(0))
     final_logits = fscale * F.normalize(feats.z[:, -1], dim=-1) @ class_text.t()
     final_ce = F.cross_entropy(final_logits, y_all, reduction="none")
+    if s.soft_tau is None:
+        # where "confident" lies depends on the number of classes and the logit scale: take the full
+        # model's median top-1 probability on the training images, so the soft exits (and with them
+        # the regularizer) neither vanish nor fire everywhere
+        ti = torch.as_tensor(train_idx)
+        s.soft_tau = round(float(final_logits[ti].softmax(-1).max(-1).values.median()), 4)
 
     cap_idx = cap_text = None
     if data.captions is not None:
