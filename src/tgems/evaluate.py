@@ -188,7 +188,7 @@ def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 
     rows = []
     for i in range(n_splits):
         perm = torch.as_tensor(rng.permutation(len(pool)))
-        nc = int(len(pool) * calib_fraction)
+        nc = int(round(len(pool) * calib_fraction))
         c, t = perm[:nc], perm[nc:]
         tau, info = calibrate_max_drop(scores[c], preds[c], layers, eps, delta)
         p, d = simulate(scores[t], preds[t], layers, tau)

@@ -21,8 +21,8 @@ def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.
                  prev_z: torch.Tensor | None) -> torch.Tensor:
     """(n, NUM_SIGNALS + D): top-1, margin, normalised entropy, agreement and prob change vs the previous
     candidate layer, cosine of z with the previous candidate's z; then z_l / |z_l| itself, which lets
-    the Jumper learn which kinds of image are settled early. A Jumper fit on the first NUM_SIGNALS
-    columns only (checkpoints before z was a signal) reads just those."""
+    the Jumper learn which kinds of image are settled early. A Jumper with NUM_SIGNALS weights per layer
+    (the agreement model, and every checkpoint from before z was a signal) reads just those."""
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     top1 = top2[:, 0]
     margin = top1 - (top2[:, 1] if top2.shape[1] > 1 else 0)

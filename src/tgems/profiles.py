@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tgems.errors import TGEMError
+from tgems.jumper import NUM_SIGNALS
 
 SPACES = ("cls", "rates")
 
@@ -82,9 +83,10 @@ class ClassProfiles:
         return torch.stack(out, 1)
 
     def head_flops(self) -> float:
-        """Per row and candidate layer: scoring against C prototypes plus the Jumper's signals."""
+        """Per row and candidate layer: scoring against C prototypes plus the Jumper's signals (about 10
+        per class) and its logistic model over them and the readout z_l (2 per input)."""
         f = self.protos.shape[-1] if len(self.layers) else self.text.shape[-1]
-        return float(2 * self.num_classes * f + 10 * self.num_classes)
+        return float(2 * self.num_classes * f + 10 * self.num_classes + 2 * (NUM_SIGNALS + self.text.shape[-1]))
 
 
 # ------------------------------------------------------------------ text-guided exit modules
