@@ -18,9 +18,8 @@ import torch
 import tgems
 from tgems.cli import EMBEDDED_TGEM, write_json
 from tgems.classifier import EarlyExitClassifier
-from tgems.data import load_dataset, scenes
-from tgems.evaluate import guarantee_study
-from tgems.features import extract_features
+from tgems.data import scenes
+from tgems.evaluate import guarantee_pool, guarantee_study
 
 TGEM = str(EMBEDDED_TGEM / "cls")
 
@@ -39,20 +38,18 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     bb = tgems.load_backbone(args.model)
-    data = load_dataset(f"scenes:testall:{args.n_calib + args.n_test}", seed=args.seed)  # testall's seen/held-out mix
-    pool = extract_features(bb, data, desc=data.name)
+    pool = guarantee_pool(bb, args.n_calib, args.n_test, args.seed)
     clf = EarlyExitClassifier(bb, args.tgem, scenes.CLASSES)
     g = guarantee_study(clf, pool, eps=args.eps, delta=args.delta, n_splits=args.splits, seed=args.seed,
                         calib_fraction=args.n_calib / len(pool))
     dis = [r["test_disagreement"] for r in g["rows"]]
-    print(f"max_drop eps {args.eps}, delta {args.delta}: {args.splits} draws of {args.n_calib} calibration images, "
-          f"{len(pool) - args.n_calib} test images each")
+    print(f"max_drop eps {args.eps}, delta {args.delta}: {args.splits} draws of {g['n_calib']} calibration images, "
+          f"{g['n_test']} test images each")
     print(f"disagreement <= eps on {g['held']}/{g['n_splits']} draws (promise: >= {1 - args.delta:.0%} of draws "
           f"on average); test disagreement min {min(dis):.4f}, median {sorted(dis)[len(dis) // 2]:.4f}, "
           f"max {max(dis):.4f}; mean executed layers {g['mean_test_layers']:.2f} of {bb.num_layers}")
     if args.json:
-        write_json(args.json, {"model": args.model, "tgem": args.tgem, "seed": args.seed, "n_calib": args.n_calib,
-                               "n_test": len(pool) - args.n_calib, **g})
+        write_json(args.json, {"model": args.model, "tgem": args.tgem, "seed": args.seed, **g})
 
 
 if __name__ == "__main__":

@@ -295,7 +295,7 @@ def cmd_classify(args):
 def cmd_demo(args):
     from tgems.backbones import load_backbone
     from tgems.data import load_dataset
-    from tgems.evaluate import guarantee_study
+    from tgems.evaluate import guarantee_pool, guarantee_study
     from tgems.fit import FitSettings, fit_tgem, save_tgem
     from tgems.plots import tradeoff_plot
 
@@ -324,14 +324,9 @@ def cmd_demo(args):
     report, raw = _eval_report(bb, "embedded", dirs, test, calib, train, shots, budgets, seed,
                                not args.quiet, not args.no_speed, log)
     ref = raw["classifiers"]["tgem_cls"]
-    if n is None:
-        # as benchmarks/guarantee.py: 2,900 calibration images and 20,000 test images a draw, so a
-        # draw's measured disagreement is precise enough to check a 1 % promise against
-        from tgems.features import extract_features
-
+    if n is None:  # as benchmarks/guarantee.py
         log("max-drop guarantee: 20 draws of 2,900 calibration / 20,000 test images, eps 0.01, delta 0.1")
-        pool = extract_features(bb, load_dataset("scenes:testall:22900", seed=seed), progress=not args.quiet,
-                                desc="guarantee pool")
+        pool = guarantee_pool(bb, 2900, 20000, seed, progress=not args.quiet)
         frac = 2900 / len(pool)
     else:
         from tgems.features import LayerFeatures
@@ -342,15 +337,14 @@ def cmd_demo(args):
         pool = LayerFeatures(torch.cat([fc.z, ft.z]), None, torch.cat([fc.labels, ft.labels]))
         frac = 0.5
     g = guarantee_study(ref, pool, eps=0.01, delta=0.1, n_splits=20, seed=seed, calib_fraction=frac)
-    g["pool"] = len(pool)
     report["guarantee"] = g
     report["data"] = "scenes:testall"
     report["tgem"] = [str(d) for d in dirs]
     report["seconds"] = round(time.time() - t0, 1)
     print(format_table(report["results"], bb.num_layers))
     print(f"max_drop guarantee (eps {g['eps']}, delta {g['delta']}): disagreement <= eps on "
-          f"{g['held']}/{g['n_splits']} draws of {round(frac * len(pool))} calibration images "
-          f"(test parts of {len(pool) - round(frac * len(pool))}), mean {g['mean_test_layers']:.2f} layers")
+          f"{g['held']}/{g['n_splits']} draws of {g['n_calib']} calibration images "
+          f"(test parts of {g['n_test']}), mean {g['mean_test_layers']:.2f} layers")
     write_json(out / "results.json", report)
     tradeoff_plot(report, out / "tradeoff.png", title="T-GEMs on the embedded default (scenes:testall)")
     log(f"wrote {out / 'results.json'} and {out / 'tradeoff.png'} in {report['seconds']:.0f} s")

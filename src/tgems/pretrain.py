@@ -126,12 +126,10 @@ def _batch_stream(batches: _Batches, start: int, workers: int):
     ahead = 2 * workers  # bounded: workers that run far ahead only take cores from the training step
     with mp.get_context("spawn").Pool(workers, _init_worker, init) as pool:
         pending = deque(pool.apply_async(_worker_batch, (s,)) for s in steps[:ahead])
-        for s in steps[ahead:]:
+        for s in steps:  # pending holds the batches of steps s .. s + ahead - 1
             images, texts, labels = pending.popleft().get()
-            pending.append(pool.apply_async(_worker_batch, (s,)))
-            yield images, texts, torch.as_tensor(labels)
-        while pending:
-            images, texts, labels = pending.popleft().get()
+            if s + ahead < steps.stop:
+                pending.append(pool.apply_async(_worker_batch, (s + ahead,)))
             yield images, texts, torch.as_tensor(labels)
 
 
