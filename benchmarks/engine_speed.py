@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from tgems.backbones import CLIPBackbone, load_backbone
+from tgems.backbones import load_backbone
+from tgems.backbones.hf_clip import CLIPBackbone
 from tgems.engine import ExitAtLayer, ExitPerRow, NeverExit, run_early_exit
 
 CASES = ("plain", "never_exit", "half_exit", "mixed")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tgems.backbones.clip import CLIPBackbone
+from tgems.backbones.hf_clip import CLIPBackbone
 from tgems.cli import write_json
 from tgems.pretrain import PRESETS, make_recipe, pretrain, train_step
 from tgems.profiles import class_embeddings

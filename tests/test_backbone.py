@@ -7,7 +7,7 @@ import torch
 
 import tgems
 from tgems import TGEMError
-from tgems.backbones import clip as clip_module
+from tgems import pretrained
 
 CONFIGS = [
     dict(layers=2, width=32, heads=2, patch=8, image_size=32),
@@ -154,8 +154,8 @@ def test_not_a_clip_checkpoint(tmp_path, tiny_clip_dir):
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((tiny_clip_dir / "config.json").read_text())
-    for path in (empty, other, no_weights):
-        with pytest.raises(TGEMError, match="is not a CLIP checkpoint"):
+    for path, why in ((empty, "no config.json"), (other, "model_type is 'bert'"), (no_weights, "no weights")):
+        with pytest.raises(TGEMError, match=f"is not a .*checkpoint.*{why}"):
             tgems.load_backbone(str(path))
 
 
@@ -166,7 +166,7 @@ def test_unknown_hub_id_offline(monkeypatch):
 
 
 def test_embedded_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(clip_module, "_embedded_dir", lambda: tmp_path / "nothing")
+    monkeypatch.setattr(pretrained, "EMBEDDED_MODEL", tmp_path / "nothing")
     with pytest.raises(TGEMError, match="embedded default model is not shipped"):
         tgems.load_backbone("embedded")
 

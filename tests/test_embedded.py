@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tgems
-from tgems.backbones.clip import _embedded_dir
+from tgems.pretrained import EMBEDDED_MODEL
 from tgems.classifier import EarlyExitClassifier
 from tgems.cli import EMBEDDED_TGEM as TGEM_DIR
 from tgems.data import load_dataset, scenes
@@ -38,7 +38,7 @@ def feats(bb, sample):
 def test_is_a_small_standard_hf_clip():
     from transformers import AutoTokenizer, CLIPModel
 
-    d = _embedded_dir()
+    d = EMBEDDED_MODEL
     size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
     assert size <= 25 * 2 ** 20, size
     model = CLIPModel.from_pretrained(d)

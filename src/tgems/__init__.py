@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # Lazy imports keep `import tgems` and `tgems --help` fast (torch/transformers load on first use).
-    if name in ("load_backbone", "CLIPBackbone"):
+    if name in ("load_backbone", "Backbone"):
         from tgems import backbones
         return getattr(backbones, name)
     if name in ("load_dataset", "Dataset"):
@@ -21,5 +21,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["TGEMError", "load_backbone", "CLIPBackbone", "load_dataset", "Dataset",
+__all__ = ["TGEMError", "load_backbone", "Backbone", "load_dataset", "Dataset",
            "EarlyExitClassifier", "__version__"]

@@ -1,4 +1,66 @@
-"""Layer-wise access to image encoders (Hugging Face CLIP for now)."""
-from tgems.backbones.clip import CLIPBackbone, load_backbone
+"""Layer-wise access to image-text models. `load_backbone` reads a checkpoint's `model_type` and builds the
+family registered for it; a new family is one file and one line in BACKBONES."""
+from __future__ import annotations
 
-__all__ = ["CLIPBackbone", "load_backbone"]
+import importlib
+
+import torch
+
+from tgems.backbones.base import Backbone
+from tgems.errors import TGEMError
+
+BACKBONES = {
+    "clip": "tgems.backbones.hf_clip:CLIPBackbone",
+    "siglip": "tgems.backbones.hf_siglip:SiglipBackbone",
+}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def backbone_class(model_type: str):
+    if model_type not in BACKBONES:
+        raise TGEMError(f"unsupported model_type {model_type!r} (supported: {', '.join(BACKBONES)})")
+    module, _, cls = BACKBONES[model_type].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TGEMError(f"dtype must be a floating torch dtype ({', '.join(DTYPES)}), got {dtype!r}")
+    return dtype
+
+
+def as_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise TGEMError(f"bad device {device!r}: {str(exc).splitlines()[0]}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TGEMError(f"device {device} asked for, but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TGEMError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def load_backbone(name_or_path, device="cpu", dtype=torch.float32) -> Backbone:
+    """Load a model: "embedded", a local HF directory, or a hub id (HF cache first)."""
+    from tgems.backbones.hub import check_weights, load_parts, resolve
+
+    name = str(name_or_path)
+    dtype, device = as_dtype(dtype), as_device(device)
+    source, path, config = resolve(name)
+    where = path if path is not None else name
+    model_type = config.get("model_type")
+    if model_type not in BACKBONES:
+        raise TGEMError(f"{where} is not a supported checkpoint: model_type is {model_type!r} "
+                        f"(supported: {', '.join(BACKBONES)})")
+    if path is not None:
+        check_weights(path)
+    cls = backbone_class(model_type)
+    model, tokenizer, pre, path = load_parts(source, path, cls.model_class(), dtype)
+    model.to(device).eval().requires_grad_(False)
+    return cls(name, path, model, tokenizer, pre, device, dtype)
+
+
+__all__ = ["Backbone", "BACKBONES", "load_backbone", "backbone_class", "as_dtype", "as_device"]

@@ -5,13 +5,14 @@ the patch convolution are counted: layernorms, softmax, GELU and residual adds a
 a few percent of a block and the same for every method compared, so they are left
 out to keep the figures reproducible from the config alone.
 
-T: tokens (patches + 1), W: width, M: MLP size, D: projection size, L: blocks.
+T: tokens (patches, + 1 for a class token), W: width, M: MLP size, D: projection size, L: blocks.
 """
 
 
-def flops_embed(T, W, patch, channels=3):
-    """Patch convolution on T - 1 patches plus the position-embedding add."""
-    return 2 * (T - 1) * channels * patch * patch * W + T * W
+def flops_embed(T, W, patch, channels=3, patches=None):
+    """Patch convolution on the patches (T - 1 with a class token) plus the position-embedding add."""
+    patches = T - 1 if patches is None else patches
+    return 2 * patches * channels * patch * patch * W + T * W
 
 
 def flops_block(T, W, M):

@@ -1,0 +1,64 @@
+"""Atomic writes: every output is written under a temporary name and renamed, so a failed or killed
+run never leaves a partial file. Files get the usual permissions (umask), not mkstemp's 0600."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask_mode(base: int = 0o666) -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling path; rename it onto `path` when the block succeeds, remove it otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path, obj) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=float))
+    return Path(path)
+
+
+@contextmanager
+def atomic_dir(path, marker: str):
+    """Yield a fresh temporary directory that replaces `path` when the block succeeds. An existing `path` is
+    replaced only when it holds `marker` (an earlier output of the same kind) or is empty."""
+    from tgems.errors import TGEMError
+
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and ((path / marker).is_file() or not any(path.iterdir()))):
+        raise TGEMError(f"{path} exists and is not a previous output (no {marker}); refusing to replace it")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, _umask_mode())
+        os.chmod(tmp, _umask_mode(0o777))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
