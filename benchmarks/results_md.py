@@ -1,0 +1,426 @@
+"""Render docs/results.md from the records in docs/results/*.json (written by record.py).
+
+    python benchmarks/results_md.py                    # rewrite docs/results.md
+    python benchmarks/results_md.py --check            # exit 1 if docs/results.md is out of date
+    python benchmarks/results_md.py --headline demo    # print the README's headline table of a record
+
+One section per record: title, command, date, machine, commit, then the tables a small formatter
+makes of its "data", chosen by the record's "kind" (demo / eval reports, engine_speed, guarantee,
+regularizer, seeds, zero_shot_layers); any other kind gets a generic table. Nothing is typed by
+hand: to change a figure, re-record it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+OUT = ROOT / "docs" / "results.md"
+
+TITLES = {
+    "demo": "Demo: every method on the embedded default (`tgems demo`)",
+    "eval": "Evaluation report (`tgems eval`)",
+    "zero_shot_layers": "Zero-shot top-1 of every layer's readout (logit lens)",
+    "engine_speed": "Engine speed against the plain transformers forward",
+    "guarantee": "max_drop guarantee over re-drawn calibration sets",
+    "regularizer": "Rate-based regularizer on and off",
+    "seeds": "T-GEM minus static truncation over fit seeds",
+}
+ORDER = list(TITLES)
+SPLITS = ("all", "seen", "heldout")
+SPLIT_NAMES = {"all": "all", "seen": "seen", "heldout": "held-out"}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def pct(v, digits=2) -> str:
+    return "" if v is None else f"{100 * v:.{digits}f}"
+
+
+def num(v, digits=2) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 1000 else str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    """Markdown table; `align` is one letter per column, l or r (default: first l, rest r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    out += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ demo / eval reports
+
+
+def _index(results):
+    """{(method, budget, layer, split): record}"""
+    return {(r.get("method"), r.get("budget"), r.get("layer"), r.get("split", "all")): r for r in results}
+
+
+def _row_keys(results):
+    seen, keys = set(), []
+    for r in results:
+        k = (r.get("method"), r.get("budget"), r.get("layer"))
+        if k not in seen:
+            seen.add(k)
+            keys.append(k)
+    return keys
+
+
+def _label(method, budget, layer):
+    return method + (f" @ layer {layer}" if layer is not None else "")
+
+
+def _ips(v):
+    return "" if v is None else f"{v:.0f}"
+
+
+def report_table(data: dict, keep=None) -> str:
+    """One row per (method, budget[, layer]): accuracy per split, then agreement, layers, FLOPs, img/s
+    of the whole test set. `keep(method, budget, layer)` filters the rows."""
+    results = data.get("results") or []
+    idx = _index(results)
+    splits = [s for s in SPLITS if any(r.get("split", "all") == s for r in results)]
+    header = ["method", "budget"] + [f"acc % {SPLIT_NAMES[s]}" for s in splits] + [
+        "agreement %", "mean layers", "FLOPs ratio", "img/s"]
+    rows = []
+    for m, b, l in _row_keys(results):
+        if keep is not None and not keep(m, b, l):
+            continue
+        base = idx.get((m, b, l, "all")) or next(r for k, r in idx.items() if k[:3] == (m, b, l))
+        rows.append([_label(m, b, l), "" if b is None else f"{b:g}"]
+                    + [pct(idx[(m, b, l, s)]["accuracy"]) if (m, b, l, s) in idx else "" for s in splits]
+                    + [pct(base.get("agreement")), num(base.get("mean_layers")), num(base.get("flops_ratio"), 3),
+                       _ips(base.get("images_per_second"))])
+    return table(header, rows, "lr" + "r" * (len(header) - 2))
+
+
+def headline_keep(data: dict):
+    """The README's short table: full, static at L/4, L/2, 3L/4, lens at L/2, every budgeted method at
+    the lowest, middle and highest budget, oracle."""
+    L = int(data.get("num_layers") or 12)
+    budgets = sorted({r["budget"] for r in data.get("results", []) if r.get("budget") is not None})
+    show = {budgets[0], budgets[len(budgets) // 2], budgets[-1]} if budgets else set()
+    static = {L // 4, L // 2, 3 * L // 4}
+
+    def keep(m, b, l):
+        if m == "static":
+            return l in static
+        if m == "lens":
+            return l == L // 2
+        return b is None or b in show
+    return keep
+
+
+def summary_line(data: dict, budget=0.5) -> str:
+    idx = _index(data.get("results") or [])
+    t = next((r for k, r in idx.items() if k[0] == "tgem_cls" and k[1] == budget and k[3] == "all"), None)
+    f = next((r for k, r in idx.items() if k[0] == "full" and k[3] == "all"), None)
+    if t is None or f is None:
+        return ""
+    s = (f"T-GEM (cls) at budget {budget:g}: accuracy {pct(t['accuracy'])} % (full model {pct(f['accuracy'])} %), "
+         f"{1 / t['flops_ratio']:.2f}x fewer encoder FLOPs")
+    if t.get("images_per_second") and f.get("images_per_second"):
+        s += f", {t['images_per_second'] / f['images_per_second']:.2f}x measured throughput"
+    return s + "."
+
+
+def vs_static_table(data: dict) -> str:
+    """T-GEM against static truncation at the same mean depth, per split and budget (paired, with s.e.)."""
+    rows = []
+    for r in data.get("results") or []:
+        if r.get("vs_static") is None or not str(r.get("method", "")).startswith("tgem"):
+            continue
+        se = r.get("vs_static_se")
+        rows.append([r["method"], SPLIT_NAMES.get(r.get("split"), r.get("split")), f"{r['budget']:g}",
+                     num(r.get("mean_layers")), pct(r.get("accuracy")),
+                     f"{100 * r['vs_static']:+.2f}" + ("" if se is None else f" ± {100 * se:.2f}")])
+    if not rows:
+        return ""
+    return table(["method", "split", "budget", "mean layers", "acc %", "minus static (± s.e.), points"], rows,
+                 "llrrrr")
+
+
+def guarantee_block(g: dict) -> str:
+    dis = [r["test_disagreement"] for r in g.get("rows", [])]
+    line = (f"max_drop eps {g.get('eps')}, delta {g.get('delta')}: disagreement with the full model <= eps on "
+            f"**{g.get('held')}/{g.get('n_splits')}** draws of {num(g.get('n_calib'))} calibration images "
+            f"(test parts of {num(g.get('n_test'))} images)")
+    if dis:
+        line += (f"; test disagreement min {pct(min(dis))} %, median {pct(statistics.median(dis))} %, "
+                 f"max {pct(max(dis))} %")
+    if g.get("mean_test_layers") is not None:
+        line += f"; mean executed layers {num(g['mean_test_layers'])}"
+    return line + "."
+
+
+def fmt_report(rec: dict) -> str:
+    d = rec["data"]
+    parts = []
+    head = [f"Model `{d.get('model')}`, test data `{d.get('data')}`, {d.get('num_layers')} layers, seed {d.get('seed')}."]
+    line = summary_line(d)
+    if line:
+        head.append(line)
+    parts.append(" ".join(head))
+    parts.append("Accuracy per class split; agreement with the full model, mean executed layers, FLOPs ratio "
+                 "(per image against the full encoder, exit heads included) and measured throughput on the "
+                 "engine are over all test images.\n\n" + report_table(d))
+    vs = vs_static_table(d)
+    if vs:
+        parts.append("T-GEM minus static truncation at the same mean depth (static interpolated between the two "
+                     "fixed layers around it, paired over the same images):\n\n" + vs)
+    ex = (d.get("extras") or {}).get("exit_layers") or {}
+    if ex.get("histogram"):
+        h = ex["histogram"]
+        parts.append(f"Where T-GEM (cls) images exit at budget {ex.get('budget')}: "
+                     + ", ".join(f"layer {k}: {v}" for k, v in h.items()) + "."
+                     + ("" if not ex.get("mean_by_difficulty_quintile") else
+                        " Mean exit layer by difficulty quintile, easiest first: "
+                        + ", ".join(num(v) for v in ex["mean_by_difficulty_quintile"]) + "."))
+    if isinstance(d.get("guarantee"), dict):
+        parts.append(guarantee_block(d["guarantee"]))
+    return "\n\n".join(parts)
+
+
+# ------------------------------------------------------------------ benchmarks
+
+
+def fmt_engine_speed(rec: dict) -> str:
+    d = rec["data"]
+    cases = [c for c in ("plain", "never_exit", "half_exit", "mixed") if c in d]
+    ratios = {"plain": 1.0, "never_exit": 1.0, "half_exit": d.get("half_flops_ratio"),
+              "mixed": d.get("mixed_flops_ratio")}
+    rows = []
+    for c in cases:
+        r = ratios.get(c)
+        rows.append([c, num(d[c], 1), f"{d[c] / d['plain']:.3f}x", num(r, 3), "" if not r else f"{1 / r:.3f}x"])
+    txt = (f"Model `{d.get('model')}`, batch {d.get('batch')}, {d.get('threads')} threads, median of "
+           f"{d.get('repeats')} repeats, {d.get('clock')} clock.\n\n"
+           + table(["case", "images/s", "vs plain", "FLOPs ratio", "speed-up the FLOPs predict"], rows))
+    if all(c in d for c in ("plain", "never_exit", "half_exit", "mixed")) and d.get("mixed_flops_ratio"):
+        never, half = d["never_exit"] / d["plain"], d["half_exit"] / d["plain"]
+        mixed = half and d["mixed"] / d["plain"] * d["mixed_flops_ratio"]
+        txt += (f"\n\nnever_exit overhead {100 * (1 - never):+.1f} % (target <= 5 %); half_exit {half:.2f}x "
+                f"(target >= 1.8x); mixed at {100 * mixed:.0f} % of the speed-up its FLOPs predict (target >= 85 %).")
+    return txt
+
+
+def fmt_zero_shot_layers(rec: dict) -> str:
+    d = rec["data"]
+    rows = d.get("layers") or []
+    cols = [c for c in SPLITS[1:] + ("all",) if rows and c in rows[0]]
+    return (f"Top-1 of the readout z_l of every layer against the class texts ({d.get('num_classes')}-way, "
+            f"prompt ensemble), model `{d.get('model')}` on `{d.get('data')}`. The last layer is the full model.\n\n"
+            + table(["layer"] + [f"{SPLIT_NAMES[c]} %" for c in cols],
+                    [[r["layer"]] + [pct(r[c]) for c in cols] for r in rows]))
+
+
+def fmt_guarantee(rec: dict) -> str:
+    g = rec["data"]
+    rows = [[r.get("split"), num(r.get("tau"), 4), pct(r.get("test_disagreement")), num(r.get("test_mean_layers")),
+             pct(r.get("calib_ucb"))] for r in g.get("rows", [])]
+    return (guarantee_block(g) + "\n\n"
+            + table(["draw", "tau", "test disagreement %", "test mean layers", "calibration upper bound %"], rows))
+
+
+def fmt_regularizer(rec: dict) -> str:
+    d = rec["data"]
+    curves = d.get("curves") or {}
+    lams = list(curves)
+    if not lams:
+        return fmt_generic(rec)
+    n = len(curves[lams[0]]["rows"])
+    rows = []
+    for i in range(n):
+        rs = [curves[l]["rows"][i] for l in lams]
+        rows.append([num(rs[0]["budget"])]
+                    + [" / ".join(num(r["mean_layers"]) for r in rs)]
+                    + [" / ".join(pct(r.get(k)) for r in rs) for k in ("acc_seen", "acc_heldout", "agreement")])
+    lam_txt = " / ".join(lams)
+    depth = "; ".join(f"lambda {l}: {curves[l].get('expected_depth_last_epoch')}" for l in lams)
+    return (f"Model `{d.get('model')}`, seed {d.get('seed')}, r_target {d.get('r_target')}; each column is "
+            f"lambda {lam_txt}. Expected depth under the soft exits at the last epoch: {depth}.\n\n"
+            + table(["budget", "mean layers", "acc seen %", "acc held-out %", "agreement %"], rows))
+
+
+def fmt_seeds(rec: dict) -> str:
+    d = rec["data"]
+    summary = d.get("summary") or []
+    budgets = sorted({s["budget"] for s in summary})
+    groups = []
+    for s in summary:
+        if (s["jumper"], s["split"]) not in groups:
+            groups.append((s["jumper"], s["split"]))
+    by = {(s["jumper"], s["split"], s["budget"]): s for s in summary}
+
+    def cell(s, key):
+        if s is None:
+            return ""
+        sd = s.get(f"{key}_sd")
+        txt = f"{100 * s[f'{key}_mean']:+.2f}" if key == "vs_static" else pct(s[f"{key}_mean"])
+        return txt + ("" if sd is None else f" ± {100 * sd:.2f}") + (
+            f" ({s['ahead']}/{s['seeds']})" if key == "vs_static" else "")
+
+    head = ["Jumper for budgets", "split"] + [f"{b:g}" for b in budgets]
+    t1 = table(head, [[j, SPLIT_NAMES.get(sp, sp)] + [cell(by.get((j, sp, b)), "vs_static") for b in budgets]
+                      for j, sp in groups], "ll" + "r" * len(budgets))
+    t2 = table(head, [[j, SPLIT_NAMES.get(sp, sp)] + [cell(by.get((j, sp, b)), "accuracy") for b in budgets]
+                      for j, sp in groups], "ll" + "r" * len(budgets))
+    return (f"Model `{d.get('model')}`, fit seeds {d.get('seeds')}, test seed {d.get('test_seed')}. `goal` is the "
+            f"default Jumper (no-loss model with z_l for budgets), `agree` the agreement model alone.\n\n"
+            f"T-GEM minus static truncation at the same mean depth, points, mean ± sd over seeds (seeds ahead):\n\n"
+            f"{t1}\n\nAccuracy %, mean ± sd over seeds:\n\n{t2}")
+
+
+def fmt_generic(rec: dict) -> str:
+    """Scalars as a list, each list of flat records as a table; anything else as JSON."""
+    d = rec["data"]
+    if not isinstance(d, dict):
+        return "```json\n" + json.dumps(d, indent=1)[:4000] + "\n```"
+    parts, scalars = [], []
+    for k, v in d.items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            scalars.append(f"- {k}: {num(v, 4)}")
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            cols = []
+            for x in v:
+                cols += [c for c, y in x.items() if c not in cols and not isinstance(y, (dict, list))]
+            parts.append(f"`{k}`:\n\n" + table(cols, [[num(x.get(c), 4) for c in cols] for x in v[:100]],
+                                                 "r" * len(cols)))
+        else:
+            parts.append(f"`{k}`:\n\n```json\n" + json.dumps(v, indent=1)[:2000] + "\n```")
+    return "\n\n".join(["\n".join(scalars)] + parts if scalars else parts)
+
+
+FORMATTERS = {"demo": fmt_report, "eval": fmt_report, "engine_speed": fmt_engine_speed,
+              "zero_shot_layers": fmt_zero_shot_layers, "guarantee": fmt_guarantee,
+              "regularizer": fmt_regularizer, "seeds": fmt_seeds}
+
+
+def kind_of(rec: dict) -> str:
+    k = rec.get("kind")
+    if k in FORMATTERS:
+        return k
+    d = rec.get("data")
+    if isinstance(d, dict):  # records of unknown kind, by their shape
+        if isinstance(d.get("results"), list) and d["results"] and "method" in d["results"][0]:
+            return "eval"
+        if {"plain", "never_exit"} <= set(d):
+            return "engine_speed"
+        if "held" in d and "rows" in d:
+            return "guarantee"
+        if "curves" in d:
+            return "regularizer"
+        if "summary" in d and "seeds" in d:
+            return "seeds"
+        if isinstance(d.get("layers"), list) and d["layers"] and "layer" in d["layers"][0]:
+            return "zero_shot_layers"
+    return k or "generic"
+
+
+# ------------------------------------------------------------------ the page
+
+
+def machine_line(m: dict) -> str:
+    bits = [f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"]
+    if m.get("gpus"):
+        bits.append(", ".join(m["gpus"]))
+    for k in ("torch", "transformers", "python"):
+        if m.get(k):
+            bits.append(f"{k} {m[k]}")
+    if m.get("load_average"):
+        bits.append("load average at start " + " / ".join(str(x) for x in m["load_average"]))
+    return "; ".join(bits)
+
+
+def section(rec: dict) -> str:
+    kind = kind_of(rec)
+    title = rec.get("title") or TITLES.get(kind, rec["name"])
+    name = rec["name"]
+    lines = [f"## {title}", "", f"Record `docs/results/{name}.json`."]
+    if rec.get("note"):
+        lines += ["", rec["note"]]
+    lines += ["", f"- command: `{rec.get('command')}`"]
+    lines += [f"- date: {rec.get('date')}", f"- machine: {machine_line(rec.get('machine') or {})}",
+              f"- commit: `{rec.get('commit')}`"]
+    if rec.get("seconds") is not None:
+        lines.append(f"- took: {rec['seconds']:g} s")
+    try:
+        body = FORMATTERS.get(kind, fmt_generic)(rec)
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, StopIteration) as e:
+        body = f"(the {kind} formatter could not read this record: {type(e).__name__}: {e}; generic view)\n\n" \
+               + fmt_generic(rec)
+    return "\n".join(lines) + "\n\n" + body + "\n"
+
+
+def load_records() -> list[dict]:
+    recs = []
+    for p in sorted(RESULTS.glob("*.json")):
+        rec = json.loads(p.read_text())
+        rec.setdefault("name", p.stem)
+        recs.append(rec)
+    rank = {k: i for i, k in enumerate(ORDER)}
+    return sorted(recs, key=lambda r: (rank.get(kind_of(r), len(ORDER)), r["name"]))
+
+
+def render() -> str:
+    recs = load_records()
+    head = ["# Measured results", "",
+            "<!-- Generated by benchmarks/results_md.py from docs/results/*.json: do not edit by hand. -->",
+            "",
+            "This page is generated: every table below is read from a JSON record in `docs/results/`, "
+            "which `benchmarks/record.py` writes with the command, date, machine and commit of the run. "
+            "To add or refresh a record and regenerate this page:", "",
+            "```bash",
+            "python benchmarks/record.py NAME -- COMMAND...   # COMMAND takes --json PATH",
+            "python benchmarks/results_md.py", "```", "",
+            "Accuracies, layers and FLOPs are deterministic for a given seed; images per second depend on the "
+            "machine and its load at the time (shown with each record). Earlier results, from models and "
+            "defaults that have since changed, are in [CHANGELOG.md](CHANGELOG.md).", "",
+            "Records: " + ", ".join(f"[{r['name']}](#{_anchor(r)})" for r in recs) + ".", ""]
+    return "\n".join(head) + "\n" + "\n".join(section(r) for r in recs)
+
+
+def _anchor(rec: dict) -> str:
+    title = rec.get("title") or TITLES.get(kind_of(rec), rec["name"])
+    keep = "".join(ch for ch in title.lower() if ch.isalnum() or ch in " -_")
+    return keep.replace(" ", "-")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/results.md differs from the records")
+    ap.add_argument("--headline", metavar="NAME", help="print the README's short table of a demo/eval record")
+    args = ap.parse_args(argv)
+    if args.headline:
+        rec = json.loads((RESULTS / f"{args.headline}.json").read_text())
+        print(report_table(rec["data"], headline_keep(rec["data"])))
+        print()
+        print(summary_line(rec["data"]))
+        return 0
+    text = render()
+    if args.check:
+        same = OUT.is_file() and OUT.read_text() == text
+        print("docs/results.md is up to date" if same else "docs/results.md is out of date: run benchmarks/results_md.py")
+        return 0 if same else 1
+    OUT.write_text(text)
+    print(f"wrote {OUT.relative_to(ROOT)} ({len(load_records())} records)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
