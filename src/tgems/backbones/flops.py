@@ -28,3 +28,10 @@ def flops_readout(W, D):
 def flops_full(T, W, M, D, patch, L, channels=3):
     """The whole encoder: embed, L blocks, one readout (= get_image_features)."""
     return flops_embed(T, W, patch, channels) + L * flops_block(T, W, M) + flops_readout(W, D)
+
+
+def flops_attention_pool(T, W, M):
+    """SigLIP's attention-pooling head over all T tokens (post_layernorm not counted): the probe's query
+    projection, key and value projections of every token, one query's attention, the out projection and
+    the head MLP on the pooled token. Its output is already the embedding (D = W)."""
+    return 2 * W * W + 2 * 2 * T * W * W + 2 * 2 * T * W + 2 * W * W + 2 * 2 * W * M

@@ -1,0 +1,215 @@
+"""SiglipBackbone: exact parity with HF SiglipModel (every layer's readout through the attention-pooling
+head, full image and text features, sigmoid zero-shot logits), preprocessing, FLOPs, fingerprint."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tgems
+from siglip_helpers import make_tiny_siglip
+from tgems import TGEMError
+from tgems.backbones import flops
+
+CONFIGS = [
+    dict(layers=2, width=32, heads=2, patch=8, image_size=32),
+    dict(layers=5, width=24, heads=3, patch=4, image_size=16, mlp=40),
+    dict(layers=3, width=48, heads=4, patch=16, image_size=48, text_width=16),
+    dict(layers=4, width=16, heads=1, patch=8, image_size=24, max_length=12),
+]
+TEXTS = ["a red circle", "a photo of a dog on the grass", "blue", "zebra unknown words here",
+         "a small red circle on a big blue square with stripes and dots in the center of the photo"]
+TOL = 1e-5
+
+
+def features(out):
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@pytest.fixture
+def siglip_factory(tmp_path):
+    """Call with make_tiny_siglip keyword overrides; each call gets a fresh sub-directory."""
+    counter = iter(range(1000))
+    return lambda **kw: make_tiny_siglip(tmp_path / f"siglip{next(counter)}", **kw)
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    return make_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"))
+
+
+@pytest.fixture(scope="module")
+def siglip(siglip_dir):
+    return tgems.load_backbone(str(siglip_dir))
+
+
+def hf_reference(bb, x, texts):
+    """What transformers computes: readouts from hidden_states[k], full features, text features, logits."""
+    m = bb.model
+    with torch.no_grad():
+        hs = m.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
+        refs = [m.vision_model.head(m.vision_model.post_layernorm(h)) for h in hs]
+        full = features(m.get_image_features(pixel_values=x))
+        tok = bb.tokenizer(texts, padding="max_length", truncation=True,
+                           max_length=m.config.text_config.max_position_embeddings, return_tensors="pt")
+        text = features(m.get_text_features(**tok))
+        logits = m(pixel_values=x, **tok).logits_per_image
+    return hs, refs, full, text, logits
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"L{c['layers']}-W{c['width']}-P{c['patch']}-S{c['image_size']}")
+def test_parity_with_hf(siglip_factory, cfg):
+    from tgems.backbones.hf_siglip import SiglipBackbone
+
+    bb = tgems.load_backbone(str(siglip_factory(**cfg)))
+    L, W = cfg["layers"], cfg["width"]
+    assert isinstance(bb, SiglipBackbone) and bb.family == "siglip" and bb.score_activation == "sigmoid"
+    assert (bb.num_layers, bb.width, bb.embed_dim, bb.image_size, bb.patch_size) == \
+        (L, W, W, cfg["image_size"], cfg["patch"])
+    assert bb.num_tokens == (cfg["image_size"] // cfg["patch"]) ** 2
+    assert bb.text_max_length == cfg.get("max_length", 16)
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, cfg["image_size"], cfg["image_size"])
+    hs, refs, full, text_ref, logits_ref = hf_reference(bb, x, TEXTS)
+    assert len(hs) == L + 1 and hs[0].shape[1] == bb.num_tokens
+    assert (bb.embed(x) - hs[0]).abs().max() <= TOL
+    assert (bb.encode_image(x) - full).abs().max() <= TOL
+    assert (refs[L] - full).abs().max() <= TOL
+    for k in range(1, L + 1):
+        assert (bb.encode_image(x, exit_layer=k) - refs[k]).abs().max() <= TOL, k
+    out = bb.hidden_states(x, rates=True)
+    assert out["z"].shape == (3, L, W)
+    assert (out["z"] - torch.stack(refs[1:], dim=1)).abs().max() <= TOL
+    assert out["rates"].shape == (3, L, bb.mlp_dim)
+    text = bb.encode_text(TEXTS)
+    assert text.shape == (len(TEXTS), W)
+    assert (text - text_ref).abs().max() <= TOL
+    assert (bb.encode_text(TEXTS, batch_size=2) - text_ref).abs().max() <= TOL
+    logits = bb.zero_shot_logits(bb.encode_image(x), text)
+    assert logits.shape == logits_ref.shape == (3, len(TEXTS))
+    assert (logits - logits_ref).abs().max() <= TOL
+
+
+def test_scoring_uses_scale_and_bias(siglip):
+    assert siglip.logit_scale() == pytest.approx(10.0, rel=1e-6)
+    assert siglip.logit_bias() == pytest.approx(-2.0, rel=1e-6)
+    img, txt = torch.randn(2, siglip.embed_dim), torch.randn(3, siglip.embed_dim)
+    cos = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).t()
+    assert torch.allclose(siglip.zero_shot_logits(img, txt), 10 * cos - 2, atol=1e-5)
+
+
+def test_text_is_padded_to_max_length(siglip):
+    """SigLIP pools the last position: a text's embedding must not depend on its batch."""
+    alone = torch.cat([siglip.encode_text([t]) for t in TEXTS])
+    assert (alone - siglip.encode_text(TEXTS)).abs().max() <= TOL
+
+
+def test_load_backbone_picks_siglip_by_model_type(siglip_dir):
+    from tgems.backbones import backbone_class
+    from tgems.backbones.hf_siglip import SiglipBackbone
+
+    assert json.loads((siglip_dir / "config.json").read_text())["model_type"] == "siglip"
+    assert backbone_class("siglip") is SiglipBackbone
+    bb = tgems.load_backbone(siglip_dir, dtype="float32")
+    assert type(bb) is SiglipBackbone and "SiglipBackbone" in repr(bb)
+
+
+def test_fingerprint(siglip, siglip_dir, siglip_factory, tiny_backbone):
+    fp = siglip.fingerprint()
+    assert len(fp) == 16 and siglip.fingerprint() == fp
+    assert tgems.load_backbone(str(siglip_dir)).fingerprint() == fp
+    assert tgems.load_backbone(str(siglip_factory(seed=0))).fingerprint() == fp
+    assert tgems.load_backbone(str(siglip_factory(seed=1))).fingerprint() != fp
+    assert tiny_backbone.fingerprint() != fp
+
+
+def hf_pixels(path, images):
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    hf = SiglipImageProcessorPil.from_pretrained(str(path))
+    return torch.as_tensor(np.asarray(hf(images=images, return_tensors="np")["pixel_values"]))
+
+
+def test_preprocess_matches_siglip_image_processor(siglip, siglip_dir):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    resized = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+               for h, w in [(48, 40), (40, 64), (33, 33), (20, 90)]]
+    resized.append(Image.fromarray(rng.integers(0, 256, (50, 45), dtype=np.uint8)))
+    ours, ref = siglip.preprocess(resized), hf_pixels(siglip_dir, resized)
+    assert ours.shape == ref.shape == (5, 3, 32, 32) and ours.dtype == torch.float32
+    assert (ours - ref).abs().max() <= 1e-2
+    exact = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    ref = hf_pixels(siglip_dir, [Image.fromarray(a) for a in exact])
+    assert ref.min() < -0.9 and ref.max() > 0.9  # mean/std 0.5 map [0, 255] to [-1, 1]
+    for given in (exact, list(exact), [Image.fromarray(a) for a in exact]):
+        assert (siglip.preprocess(given) - ref).abs().max() <= 1e-5
+
+
+def test_preprocess_defaults_and_overrides(siglip_factory):
+    """No preprocessor config: SigLIP's own defaults (square resize, 0.5/0.5); the config's mean/std win."""
+    from PIL import Image
+
+    images = [Image.fromarray(a) for a in np.random.default_rng(3).integers(0, 256, (2, 24, 40, 3), dtype=np.uint8)]
+    with_config = siglip_factory(image_size=16, patch=4)
+    bare = tgems.load_backbone(str(siglip_factory(image_size=16, patch=4, preprocessor=False)))
+    assert not (bare.path / "preprocessor_config.json").exists()
+    assert bare.transform.mean == bare.transform.std == (0.5, 0.5, 0.5)
+    assert (bare.preprocess(images) - hf_pixels(with_config, images)).abs().max() <= 1e-2
+    custom = siglip_factory(image_size=16, patch=4, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4])
+    bb = tgems.load_backbone(str(custom))
+    assert bb.transform.mean == (0.4, 0.5, 0.6) and bb.transform.std == (0.2, 0.3, 0.4)
+    assert (bb.preprocess(images) - hf_pixels(custom, images)).abs().max() <= 1e-2
+
+
+def test_flops_count_the_pooling_head(siglip):
+    bb = siglip
+    T, W, M = bb.num_tokens, bb.width, bb.mlp_dim
+    head = 2 * W * W + 4 * T * W * W + 4 * T * W + 2 * W * W + 4 * W * M
+    assert bb.flops_readout() == flops.flops_attention_pool(T, W, M) == head
+    assert bb.flops_readout() > flops.flops_readout(W, bb.embed_dim)
+    assert bb.flops_block() == flops.flops_block(T, W, M)
+    assert bb.flops_embed() == 2 * T * 3 * bb.patch_size ** 2 * W + T * W
+    assert bb.flops_full() == bb.flops_embed() + bb.num_layers * bb.flops_block() + head
+
+
+def test_flops_of_the_head_match_a_counted_forward(siglip):
+    """torch's FLOP counter over the head on one image gives the analytic count exactly (in train mode, so
+    that nn.MultiheadAttention takes its counted path rather than the fused inference kernel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    head = siglip.model.vision_model.head
+    h = torch.randn(1, siglip.num_tokens, siglip.width)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            head.train()(h)
+    finally:
+        head.eval()
+    assert counter.get_total_flops() == siglip.flops_readout()
+
+
+def test_rejects_a_tower_without_head(tmp_path):
+    from transformers import SiglipConfig, SiglipModel
+
+    from helpers import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    cfg = SiglipConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16),
+                       vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, patch_size=8, image_size=16,
+                                          vision_use_head=False))
+    SiglipModel(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(TGEMError, match="vision_use_head=False"):
+        tgems.load_backbone(str(tmp_path))
+
+
+def test_bad_inputs(siglip):
+    with pytest.raises(TGEMError):
+        siglip.encode_image(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(TGEMError):
+        siglip.encode_image(torch.zeros(1, 3, 32, 32), exit_layer=siglip.num_layers + 1)
+    with pytest.raises(TGEMError):
+        siglip.encode_text(["ok", ""])
