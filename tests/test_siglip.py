@@ -213,3 +213,18 @@ def test_bad_inputs(siglip):
         siglip.encode_image(torch.zeros(1, 3, 32, 32), exit_layer=siglip.num_layers + 1)
     with pytest.raises(TGEMError):
         siglip.encode_text(["ok", ""])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_dtypes(siglip, siglip_dir, dtype):
+    """The pooling head (nn.MultiheadAttention) and the max-length text path run in half precision too."""
+    bb = tgems.load_backbone(str(siglip_dir), dtype=dtype)
+    x, texts = torch.randn(2, 3, 32, 32), TEXTS[:3]
+    for k in (1, bb.num_layers):
+        z = bb.encode_image(x, exit_layer=k)
+        assert z.dtype == getattr(torch, dtype)
+        cos = torch.nn.functional.cosine_similarity(z.float(), siglip.encode_image(x, exit_layer=k), dim=-1)
+        assert cos.min() > 0.99, (k, cos)
+    logits = bb.zero_shot_logits(bb.encode_image(x), bb.encode_text(texts))
+    ref = siglip.zero_shot_logits(siglip.encode_image(x), siglip.encode_text(texts))
+    assert logits.dtype == torch.float32 and (logits - ref).abs().max() < 0.2
