@@ -6,7 +6,7 @@
 
 One section per record: title, command, date, machine, commit, then the tables a small formatter
 makes of its "data", chosen by the record's "kind" (demo / eval reports, engine_speed, guarantee,
-regularizer, seeds, zero_shot_layers); any other kind gets a generic table. Nothing is typed by
+regularizer, seeds, targets, zero_shot_layers); any other kind gets a generic table. Nothing is typed by
 hand: to change a figure, re-record it.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ TITLES = {
     "guarantee": "max_drop guarantee over re-drawn calibration sets",
     "regularizer": "Rate-based regularizer on and off",
     "seeds": "T-GEM minus static truncation over fit seeds",
+    "targets": "T-GEM against the baselines at the same budget (read off a demo report)",
 }
 ORDER = list(TITLES)
 SPLITS = ("all", "seen", "heldout")
@@ -208,7 +209,7 @@ def fmt_engine_speed(rec: dict) -> str:
     for c in cases:
         r = ratios.get(c)
         rows.append([c, num(d[c], 1), f"{d[c] / d['plain']:.3f}x", num(r, 3), "" if not r else f"{1 / r:.3f}x"])
-    txt = (f"Model `{d.get('model')}`, batch {d.get('batch')}, {d.get('threads')} threads, median of "
+    txt = (f"Model `{d.get('model')}`, batch {d.get('batch')}, torch threads: {d.get('threads')}, median of "
            f"{d.get('repeats')} repeats, {d.get('clock')} clock.\n\n"
            + table(["case", "images/s", "vs plain", "FLOPs ratio", "speed-up the FLOPs predict"], rows))
     if all(c in d for c in ("plain", "never_exit", "half_exit", "mixed")) and d.get("mixed_flops_ratio"):
@@ -286,6 +287,21 @@ def fmt_seeds(rec: dict) -> str:
             f"{t1}\n\nAccuracy %, mean ± sd over seeds:\n\n{t2}")
 
 
+def fmt_targets(rec: dict) -> str:
+    rows = []
+    for r in rec["data"].get("rows") or []:
+        se = r.get("vs_static_se")
+        vs = "" if r.get("vs_static") is None else f"{100 * r['vs_static']:+.2f}" + ("" if se is None else f" ± {100 * se:.2f}")
+        rows.append([r["method"], SPLIT_NAMES.get(r["split"], r["split"]), f"{r['budget']:g}", num(r.get("mean_layers")),
+                     pct(r.get("accuracy")), pct(r.get("static_same_depth")), vs, pct(r.get("lens_same_depth")),
+                     pct(r.get("sample")), pct(r.get("probe")), f"{100 * r['gap_to_full']:+.2f}"])
+    return ("Static truncation and plain truncated CLIP (lens) are interpolated to T-GEM's mean depth; the 16-shot "
+            "profiles (sample) and the probes are calibrated for the same budget. \"minus static\" is paired over "
+            "the same images, with its standard error. Accuracy in %, differences in points.\n\n"
+            + table(["method", "split", "budget", "mean layers", "acc %", "static, same depth", "minus static (± s.e.)",
+                     "lens, same depth", "16-shot", "probe", "minus full"], rows, "llrrrrrrrrr"))
+
+
 def fmt_generic(rec: dict) -> str:
     """Scalars as a list, each list of flat records as a table; anything else as JSON."""
     d = rec["data"]
@@ -308,7 +324,7 @@ def fmt_generic(rec: dict) -> str:
 
 FORMATTERS = {"demo": fmt_report, "eval": fmt_report, "engine_speed": fmt_engine_speed,
               "zero_shot_layers": fmt_zero_shot_layers, "guarantee": fmt_guarantee,
-              "regularizer": fmt_regularizer, "seeds": fmt_seeds}
+              "regularizer": fmt_regularizer, "seeds": fmt_seeds, "targets": fmt_targets}
 
 
 def kind_of(rec: dict) -> str:
@@ -327,6 +343,8 @@ def kind_of(rec: dict) -> str:
             return "regularizer"
         if "summary" in d and "seeds" in d:
             return "seeds"
+        if "report" in d and "rows" in d:
+            return "targets"
         if isinstance(d.get("layers"), list) and d["layers"] and "layer" in d["layers"][0]:
             return "zero_shot_layers"
     return k or "generic"
