@@ -1,0 +1,203 @@
+"""The early-exit retrieval index (issue 14) on a tiny random-init CLIP: the label-free maps and scorer,
+calibration, the engine-built index against the simulation and full CLIP, persistence and bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tgems
+from tgems import TGEMError
+from tgems.features import extract_features
+from tgems.retrieval import (INDEX_FILES, NEVER, EarlyExitIndex, build_index, calibrate_index, load_index_model,
+                             rank_failures, search, write_index_model)
+from tgems.training.index_fit import IndexFitSettings, fit_index_model
+
+try:
+    from tgems.calibration import simulate, tau_grid
+except ImportError:  # the layout before the issue-11 split
+    from tgems.jumper import simulate, tau_grid
+
+QUERIES = ["a red circle", "a blue star", "a small green square", "a picture of a yellow triangle"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tgems.load_dataset("scenes:train:240")
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    return tgems.load_dataset("scenes:testall:60")
+
+
+@pytest.fixture(scope="module")
+def feats(tiny_backbone, data):
+    return extract_features(tiny_backbone, data, progress=False)
+
+
+@pytest.fixture(scope="module")
+def gallery_feats(tiny_backbone, gallery):
+    return extract_features(tiny_backbone, gallery, progress=False)
+
+
+def _fit(bb, feats, seed=0):
+    return fit_index_model(bb, None, IndexFitSettings(epochs=4, batch_size=64, seed=seed), feats=feats,
+                           progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_backbone, feats):
+    return _fit(tiny_backbone, feats)[0]
+
+
+def _spread_tau(model, z):
+    """The threshold that spreads exits over the most layers, so tests see real mixed exits."""
+    scores = model.layer_scores(z)
+    layers = model.layers + [model.maps.num_layers]
+    preds = torch.zeros(len(z), len(layers))
+    return max(tau_grid(scores), key=lambda t: len(set(simulate(scores, preds, layers, float(t))[1].tolist())))
+
+
+def test_fit_is_deterministic_and_maps_beat_the_plain_readout(tiny_backbone, feats, model):
+    again, info = _fit(tiny_backbone, feats)
+    for a, b in zip(model.state().values(), again.state().values()):
+        assert torch.equal(a, b)
+    other = _fit(tiny_backbone, feats, seed=1)[0]
+    assert not torch.equal(model.state()["maps.w1"], other.state()["maps.w1"])
+    # trained to estimate z_L: on held-out images closer to it than the plain readout at every layer
+    for row in info["per_layer_holdout"]:
+        assert row["cos_to_final"] > row["plain_readout_cos"], row
+
+
+def test_budget_one_is_full_clip_exactly(tiny_backbone, model, gallery, gallery_feats):
+    tau, info = calibrate_index(model, gallery_feats.z, budget=1.0)
+    assert tau == NEVER and info["calib_mean_layers"] == tiny_backbone.num_layers
+    index = EarlyExitIndex.build(tiny_backbone, gallery, model, tau=tau)
+    assert index.exit_layers.tolist() == [tiny_backbone.num_layers] * len(gallery)
+    assert index.flops_ratio >= 1.0
+    full = F.normalize(tiny_backbone.encode_image(tiny_backbone.preprocess(gallery.images)), dim=-1)
+    text = F.normalize(tiny_backbone.encode_text(QUERIES), dim=-1)
+    ref = torch.sort(text @ full.t(), dim=1, descending=True, stable=True)
+    hits = index.search_text(QUERIES, k=len(gallery))
+    for q, row in enumerate(hits):
+        assert [h.index for h in row] == ref.indices[q].tolist()
+        assert np.allclose([h.score for h in row], ref.values[q].numpy(), atol=1e-5)
+    assert [h.id for h in index.search_text(QUERIES[0], k=3)] == [gallery.name + f":{i}" for i in ref.indices[0, :3].tolist()]
+
+
+def test_engine_index_equals_simulation_and_saves_compute(tiny_backbone, model, gallery, gallery_feats):
+    tau = _spread_tau(model, gallery_feats.z)
+    emb, depth = model.simulate(gallery_feats.z, tau)
+    assert len(set(depth.tolist())) >= 2  # real mixed exits
+    index = EarlyExitIndex.build(tiny_backbone, gallery, model, tau=tau, batch_size=17)
+    assert torch.equal(index.exit_layers, depth)
+    assert torch.allclose(index.embeddings, emb, atol=1e-5)
+    assert index.mean_layers == pytest.approx(depth.double().mean().item())
+    bb = tiny_backbone
+    visits = torch.tensor([sum(1 for l in model.layers if l <= d) + (d == bb.num_layers) for d in depth.tolist()])
+    expect = bb.flops_embed() + depth.double() * bb.flops_block() + visits.double() * (bb.flops_readout()
+                                                                                      + model.head_flops())
+    assert torch.allclose(index.flops, expect)
+    early = depth < bb.num_layers  # leaving early costs less than the whole encoder, heads included
+    assert early.any() and (index.flops[early] < bb.flops_full()).all()
+
+
+def test_budget_calibration_meets_the_budget(tiny_backbone, model, gallery_feats):
+    L = tiny_backbone.num_layers
+    for b in (0.5, 0.75, 0.9):
+        tau, info = calibrate_index(model, gallery_feats.z, budget=b)
+        _, depth = model.simulate(gallery_feats.z, tau)
+        assert depth.double().mean().item() / L <= b + 1e-9
+        assert info["calib_mean_layers"] == pytest.approx(depth.double().mean().item())
+
+
+def test_max_drop_calibration_bounds_rank_failures(tiny_backbone, model, gallery_feats):
+    try:
+        from tgems.calibration import clopper_pearson_upper
+    except ImportError:
+        from tgems.jumper import clopper_pearson_upper
+    z = gallery_feats.z
+    text = F.normalize(tiny_backbone.encode_text(QUERIES + ["a purple ring", "an orange heart"]), dim=-1)
+    eps, delta = 0.5, 0.2
+    tau, info = calibrate_index(model, z, max_drop=eps, delta=delta, text=text)
+    est = model.layer_estimates(z)
+    fails = rank_failures(est, text)
+    assert fails[:, -1].sum() == 0
+    e, depth = model.simulate(z, tau)
+    k = int(sum(fails[i, (model.layers + [tiny_backbone.num_layers]).index(int(d))] for i, d in enumerate(depth)))
+    assert k == info["disagree"] and info["ucb"] == pytest.approx(clopper_pearson_upper(k, len(z), delta))
+    assert info["ucb"] <= eps
+    # too few images to certify a tight eps: never exit
+    assert calibrate_index(model, z, max_drop=0.001, delta=0.1, text=text)[0] == NEVER
+
+
+def test_save_load_round_trip_and_refusals(tiny_backbone, tiny_clip_factory, model, gallery, gallery_feats, tmp_path):
+    tau = _spread_tau(model, gallery_feats.z)
+    index = EarlyExitIndex.build(tiny_backbone, gallery, model, tau=tau, calibration={"goal": "test"})
+    out = index.save(tmp_path / "idx")
+    assert sorted(p.name for p in out.iterdir()) == sorted(INDEX_FILES)
+    back = EarlyExitIndex.load(out, tiny_backbone)
+    assert torch.equal(back.embeddings, index.embeddings) and torch.equal(back.exit_layers, index.exit_layers)
+    assert torch.equal(back.flops, index.flops) and back.ids == index.ids and back.tau == index.tau
+    assert [h.id for h in back.search_text("a red star", 5)] == [h.id for h in index.search_text("a red star", 5)]
+    img = gallery.images[3]
+    assert back.search_image(img, 1)[0].score == pytest.approx(index.search_image(img, 1)[0].score)
+    # another backbone's index and model
+    other = tgems.load_backbone(str(tiny_clip_factory(seed=1)))
+    with pytest.raises(TGEMError, match="another backbone"):
+        EarlyExitIndex.load(out, other)
+    write_index_model(tmp_path / "m", model, tiny_backbone)
+    with pytest.raises(TGEMError, match="another backbone"):
+        load_index_model(tmp_path / "m", other)
+    # corrupted tensors, corrupted header, missing file
+    raw = bytearray((out / INDEX_FILES[1]).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (out / INDEX_FILES[1]).write_bytes(bytes(raw))
+    with pytest.raises(TGEMError, match="corrupted") as e:
+        EarlyExitIndex.load(out, tiny_backbone)
+    assert "\n" not in str(e.value)
+    index.save(out)  # an earlier index may be replaced
+    (out / INDEX_FILES[0]).write_text("{not json")
+    with pytest.raises(TGEMError, match="corrupted"):
+        EarlyExitIndex.load(out, tiny_backbone)
+    with pytest.raises(TGEMError, match="not a tgems index"):
+        EarlyExitIndex.load(tmp_path, tiny_backbone)
+    # never replaces something that is not an index
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "x.txt").write_text("x")
+    with pytest.raises(TGEMError, match="refusing"):
+        index.save(tmp_path / "keep")
+    assert (tmp_path / "keep" / "x.txt").read_text() == "x"
+
+
+def test_bad_queries_are_one_line_errors(tiny_backbone, model, gallery):
+    index = EarlyExitIndex.build(tiny_backbone, gallery.subset(np.arange(10)), model, tau=NEVER)
+    for q in ("", "   ", [], [""]):
+        with pytest.raises(TGEMError, match="empty"):
+            index.search_text(q, 3)
+    for k in (0, -1, True, 2.5):
+        with pytest.raises(TGEMError, match="k must be"):
+            index.search_text("a red star", k)
+    assert len(index.search_text("a red star", 100)) == 10
+
+
+def test_build_and_search_calls(tiny_clip_dir, tiny_backbone, model, tmp_path):
+    mdir = write_index_model(tmp_path / "model", model, tiny_backbone)
+    out = tmp_path / "index"
+    with pytest.raises(TGEMError):
+        build_index(str(tiny_clip_dir), str(mdir), "scenes:test:30", out, budget=0.5, max_drop=0.1)
+    assert not out.exists()
+    info = build_index(str(tiny_clip_dir), str(mdir), "scenes:test:30", out, budget=0.75, n_calib=30)
+    assert info["images"] == 30 and info["mean_layers"] / tiny_backbone.num_layers <= 0.75 + 1e-9
+    header = json.loads((out / INDEX_FILES[0]).read_text())
+    assert header["calibration"]["goal"] == "budget" and len(header["ids"]) == 30
+    res = search(out, "a red circle", k=4, model=str(tiny_clip_dir))
+    assert [h["rank"] for h in res["hits"]] == [1, 2, 3, 4]
+    scores = [h["score"] for h in res["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    with pytest.raises(TGEMError, match="empty"):
+        search(out, " ", model=str(tiny_clip_dir))
+    with pytest.raises(TGEMError, match="k must be"):
+        search(out, "a red circle", k=0, model=str(tiny_clip_dir))
