@@ -365,14 +365,28 @@ def machine_line(m: dict) -> str:
     return "; ".join(bits)
 
 
-def section(rec: dict) -> str:
+def title_of(rec: dict, recs: list[dict] | None = None) -> str:
+    """The record's title, or its kind's; with the record's name added when another record has the same."""
+    title = rec.get("title") or TITLES.get(kind_of(rec), rec["name"])
+    if recs and sum((r.get("title") or TITLES.get(kind_of(r), r["name"])) == title for r in recs) > 1:
+        title += f" ({rec['name']})"
+    return title
+
+
+def code(text) -> str:
+    """Inline code that survives backticks in the text."""
+    text = str(text)
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def section(rec: dict, recs: list[dict] | None = None) -> str:
     kind = kind_of(rec)
-    title = rec.get("title") or TITLES.get(kind, rec["name"])
+    title = title_of(rec, recs)
     name = rec["name"]
     lines = [f"## {title}", "", f"Record `docs/results/{name}.json`."]
     if rec.get("note"):
         lines += ["", rec["note"]]
-    lines += ["", f"- command: `{rec.get('command')}`"]
+    lines += ["", f"- command: {code(rec.get('command'))}"]
     lines += [f"- date: {rec.get('date')}", f"- machine: {machine_line(rec.get('machine') or {})}",
               f"- commit: `{rec.get('commit')}`"]
     if rec.get("seconds") is not None:
@@ -409,12 +423,13 @@ def render() -> str:
             "Accuracies, layers and FLOPs are deterministic for a given seed; images per second depend on the "
             "machine and its load at the time (shown with each record). Earlier results, from models and "
             "defaults that have since changed, are in [CHANGELOG.md](CHANGELOG.md).", "",
-            "Records: " + ", ".join(f"[{r['name']}](#{_anchor(r)})" for r in recs) + ".", ""]
-    return "\n".join(head) + "\n" + "\n".join(section(r) for r in recs)
+            "Records: " + ", ".join(f"[{r['name']}](#{_anchor(r, recs)})" for r in recs) + ".", ""]
+    return "\n".join(head) + "\n" + "\n".join(section(r, recs) for r in recs)
 
 
-def _anchor(rec: dict) -> str:
-    title = rec.get("title") or TITLES.get(kind_of(rec), rec["name"])
+def _anchor(rec: dict, recs: list[dict]) -> str:
+    """GitHub's heading slug: lower case, punctuation dropped (but - and _), spaces to hyphens."""
+    title = title_of(rec, recs)
     keep = "".join(ch for ch in title.lower() if ch.isalnum() or ch in " -_")
     return keep.replace(" ", "-")
 
