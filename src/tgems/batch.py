@@ -1,0 +1,668 @@
+"""Batch jobs at volume: stream images through an early-exit classifier into sharded parquet, with resume.
+
+`run_job(predictor, "folder:photos", "out/")` writes ``out/part-NNNNN.parquet`` (one per input
+shard), ``out/errors.parquet`` (unreadable inputs and why) and ``out/_SUCCESS`` (settings and
+totals). Every part is written under a temporary name and renamed when complete, and
+``out/_job.json`` holds the job's settings fingerprint from the start: a rerun with the same
+settings skips finished parts, so a job killed at any moment (SIGKILL included) ends, once rerun,
+with exactly the rows of an uninterrupted run; a rerun with other settings is refused. Batches
+never span shards, so a part's rows do not depend on where an earlier run stopped.
+
+A *predictor* is anything with ``predict(list_of_pil_images) -> Prediction`` and ``labels``
+(an `EarlyExitClassifier`); `ClassifierSpec` builds one from a saved classifier directory or
+from model / T-GEM / labels / budget, the same way here, in the CLI and in every Ray actor.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tgems.errors import TGEMError
+
+TASKS = ("classify", "embed")
+TOP_K = 5
+JOB_FORMAT = 1
+ROW_GROUP = 8192
+
+
+# ------------------------------------------------------------------------------------- schemas
+
+
+def result_schema(task: str):
+    """Columns of a part file; shared by the local runner and the Ray predictor."""
+    import pyarrow as pa
+
+    head = [("id", pa.string()), ("source_label", pa.string())]
+    tail = [("exit_layer", pa.int16()), ("flops_ratio", pa.float32())]
+    if task == "classify":
+        mid = [("label", pa.string()), ("label_index", pa.int32()), ("probability", pa.float32()),
+               ("top5_labels", pa.list_(pa.string())), ("top5_probs", pa.list_(pa.float32()))]
+    elif task == "embed":
+        mid = [("embedding", pa.list_(pa.float32()))]
+    else:
+        raise TGEMError(f"unknown task '{task}' (use one of {', '.join(TASKS)})")
+    return pa.schema(head + mid + tail)
+
+
+def error_schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("part", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+
+
+def _embeddings(predictor, images, pred):
+    """The readout z at each image's exit layer: Prediction.embeddings when the classifier gives it,
+    else the same engine run with the classifier's own policy (older classifiers)."""
+    emb = getattr(pred, "embeddings", None)
+    if emb is not None:
+        return np.asarray(emb, dtype=np.float32)
+    from tgems.engine import run_early_exit
+
+    bb = predictor.backbone
+    res = run_early_exit(bb, bb.preprocess(images), predictor.policy())
+    if not np.array_equal(res.exit_layers.numpy(), np.asarray(pred.exit_layers)):
+        raise TGEMError("internal: embedding run took other exits than predict")
+    return res.features.float().cpu().numpy()
+
+
+def predict_table(predictor, images, ids, source_labels, task: str):
+    """Run the predictor on a list of PIL images and return the part columns as a pyarrow Table."""
+    import pyarrow as pa
+
+    pred = predictor.predict(images)
+    exit_layers = np.asarray(pred.exit_layers, dtype=np.int16)
+    flops_ratio = np.asarray(pred.flops_ratio, dtype=np.float32)
+    cols = {"id": pa.array([str(i) for i in ids], pa.string()),
+            "source_label": pa.array(list(source_labels), pa.string())}
+    if task == "classify":
+        probs = np.asarray(pred.probs, dtype=np.float32)
+        idx = np.asarray(pred.indices, dtype=np.int64)
+        k = min(TOP_K, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        labels = list(predictor.labels)
+        cols.update(label=pa.array(list(pred.labels), pa.string()), label_index=pa.array(idx.astype(np.int32)),
+                    probability=pa.array(probs[np.arange(len(idx)), idx]),
+                    top5_labels=pa.array([[labels[j] for j in row] for row in order], pa.list_(pa.string())),
+                    top5_probs=pa.array(list(np.take_along_axis(probs, order, 1)), pa.list_(pa.float32())))
+    else:
+        emb = _embeddings(predictor, images, pred)
+        cols["embedding"] = pa.array(list(emb), pa.list_(pa.float32()))
+    cols.update(exit_layer=pa.array(exit_layers), flops_ratio=pa.array(flops_ratio))
+    return pa.table(cols, schema=result_schema(task))
+
+
+def predict_items(predictor, items, task: str):
+    """Decoded items (good ones) -> (table, [(id, reason)]). A batch the predictor refuses is retried image
+    by image, so one odd image (say, smaller than the crop) is an error record, not a failed job."""
+    if not items:
+        return None, []
+    images = [it.image for it in items]
+    try:
+        return predict_table(predictor, images, [it.id for it in items], [it.source_label for it in items], task), []
+    except TGEMError as e:
+        if len(items) == 1:
+            return None, [(items[0].id, f"cannot encode image: {e}")]
+    import pyarrow as pa
+
+    tables, errors = [], []
+    for it in items:
+        try:
+            tables.append(predict_table(predictor, [it.image], [it.id], [it.source_label], task))
+        except TGEMError as e:
+            errors.append((it.id, f"cannot encode image: {e}"))
+    return (pa.concat_tables(tables) if tables else None), errors
+
+
+# ------------------------------------------------------------------------------------- predictors
+
+
+def _hash_dir(path: Path) -> str:
+    """Content hash of a checkpoint directory (so a changed checkpoint is a changed job)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _default_tgem() -> str:
+    import tgems
+
+    return str(Path(tgems.__file__).parent / "assets" / "embedded_tgem" / "cls")
+
+
+def _check_labels(labels) -> list[str]:
+    labels = [str(t).strip() for t in (labels or [])]
+    if not labels or any(not t for t in labels):
+        raise TGEMError("give the class texts (--labels \"a cat,a dog\" or --labels-file FILE)")
+    if len(set(labels)) != len(labels):
+        dup = next(t for t in labels if labels.count(t) > 1)
+        raise TGEMError(f"class text '{dup}' is given twice")
+    if len(labels) < 2:
+        raise TGEMError("give at least two class texts")
+    return labels
+
+
+@dataclass
+class ClassifierSpec:
+    """How to build the classifier: a saved directory, or model + T-GEM + labels (+ calibration).
+
+    Plain data, so it travels to Ray actors and into the job fingerprint; `build()` makes the classifier.
+    """
+
+    classifier: str | None = None
+    model: str = "embedded"
+    tgem: str | None = None
+    labels: list | None = None
+    budget: float | None = None
+    max_drop: float | None = None
+    delta: float = 0.1
+    calib: str | None = None
+    tau: float | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def check(self) -> "ClassifierSpec":
+        if self.classifier is not None:
+            if not Path(self.classifier).is_dir():
+                raise TGEMError(f"saved classifier {self.classifier} is not a directory")
+            return self
+        self.labels = _check_labels(self.labels)
+        if self.budget is not None and self.max_drop is not None:
+            raise TGEMError("give --budget or --max-drop, not both")
+        if (self.budget is not None or self.max_drop is not None) and not self.calib:
+            raise TGEMError("--budget/--max-drop need --calib SPEC (held-out images to calibrate on)")
+        if self.tau is not None and (self.budget is not None or self.max_drop is not None):
+            raise TGEMError("--tau sets the threshold directly; it cannot be combined with --budget/--max-drop")
+        tgem = Path(self.tgem or _default_tgem())
+        if not tgem.exists():
+            raise TGEMError(f"T-GEM checkpoint {tgem} does not exist")
+        return self
+
+    def settings(self) -> dict:
+        """What determines the rows: goes into the job fingerprint and _SUCCESS."""
+        d = asdict(self)
+        if self.classifier is not None:
+            keep = ("classifier", "device", "dtype")
+            d = {k: d[k] for k in keep}
+            d["classifier_hash"] = _hash_dir(Path(self.classifier))
+            return d
+        d["tgem"] = str(self.tgem or _default_tgem())
+        d["tgem_hash"] = _hash_dir(Path(d["tgem"]))
+        if Path(self.model).is_dir():
+            d["model_hash"] = _hash_dir(Path(self.model))
+        return d
+
+    def build(self):
+        import tgems
+
+        if self.classifier is not None:
+            load = getattr(tgems.EarlyExitClassifier, "load", None)
+            if load is None:
+                raise TGEMError("this tgems cannot load saved classifiers yet (no EarlyExitClassifier.load); "
+                                "use --model/--tgem/--labels")
+            return load(self.classifier, device=self.device, dtype=self.dtype)
+        bb = tgems.load_backbone(self.model, device=self.device, dtype=_torch_dtype(self.dtype))
+        clf = tgems.EarlyExitClassifier(bb, self.tgem or _default_tgem(), list(self.labels))
+        if self.budget is not None or self.max_drop is not None:
+            calib = tgems.load_dataset(self.calib, seed=self.seed)
+            if self.budget is not None:
+                clf = clf.calibrate(calib, budget=self.budget, use_labels=False)
+            else:
+                clf = clf.calibrate(calib, max_drop=self.max_drop, delta=self.delta)
+        elif self.tau is not None:
+            clf.tau = float(self.tau)
+        return clf
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise TGEMError(f"unknown dtype '{name}' (use one of {', '.join(table)})")
+    return table[name]
+
+
+def describe_predictor(predictor) -> dict:
+    """A fingerprint of a predictor object, for jobs started from Python without a ClassifierSpec."""
+    h = hashlib.sha256()
+
+    def feed(obj, depth=0):
+        if depth > 3:
+            return
+        if hasattr(obj, "state_dict") and callable(obj.state_dict):
+            for k, v in sorted(obj.state_dict().items()):
+                h.update(k.encode())
+                feed(v, depth + 1)
+        elif hasattr(obj, "detach") and hasattr(obj, "cpu"):
+            h.update(obj.detach().float().cpu().numpy().tobytes())
+        elif isinstance(obj, np.ndarray):
+            h.update(obj.tobytes())
+        elif isinstance(obj, (int, float, str, bool)) or obj is None:
+            h.update(repr(obj).encode())
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                feed(v, depth + 1)
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                h.update(str(k).encode())
+                feed(obj[k], depth + 1)
+        elif hasattr(obj, "__dict__"):
+            feed(vars(obj), depth + 1)
+
+    for name in ("labels", "tau", "goal", "profiles", "jumper"):
+        h.update(name.encode())
+        feed(getattr(predictor, name, None))
+    bb = getattr(predictor, "backbone", None)
+    fp = getattr(bb, "fingerprint", None)
+    desc = {"type": type(predictor).__name__, "labels": list(getattr(predictor, "labels", []))}
+    if callable(fp):
+        try:
+            desc["backbone"] = fp()
+        except Exception:  # a backbone without a fingerprint only weakens the resume check
+            desc["backbone"] = getattr(bb, "name", None)
+    desc["state"] = h.hexdigest()[:16]
+    return desc
+
+
+# ------------------------------------------------------------------------------------- files
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _is_tmp(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def _replace(tmp: Path, path: Path):
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
+    _replace(tmp, path)
+
+
+def write_table_atomic(path, table):
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tmp = _tmp_name(path)
+    pq.write_table(table, tmp)
+    _replace(tmp, path)
+
+
+@contextmanager
+def _locked(out: Path):
+    """One job per output directory at a time (the lock dies with the process, even on SIGKILL)."""
+    f = open(out / ".tgems.lock", "w")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TGEMError(f"another tgems job is writing to {out}") from None
+        yield
+    finally:
+        f.close()
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _fingerprint(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _diff(a: dict, b: dict, prefix="") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+def prepare_out_dir(out: Path, job: dict, engine: str) -> dict:
+    """Create or re-open OUT_DIR: the same job resumes, another job or a foreign directory is refused."""
+    if out.exists() and not out.is_dir():
+        raise TGEMError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    job = {**job, "fingerprint": _fingerprint(job)}
+    meta = out / "_job.json"
+    if meta.is_file():
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            raise TGEMError(f"{meta} is unreadable; use a new --out directory") from None
+        if old.get("fingerprint") != job["fingerprint"]:
+            what = ", ".join(_diff(old.get("settings", {}), job["settings"])[:4]) or "settings"
+            raise TGEMError(f"{out} holds another job (different {what}); use a new --out directory or delete it")
+    elif any(p for p in out.iterdir() if p.name != ".tgems.lock" and not _is_tmp(p)):
+        raise TGEMError(f"{out} is not empty and holds no tgems job (_job.json); use a new --out directory")
+    write_json_atomic(meta, job)
+    for d in (out, out / "_errors"):
+        if d.is_dir():
+            for p in d.iterdir():
+                if _is_tmp(p):  # left by a killed run
+                    p.unlink()
+    return job
+
+
+# ------------------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """tqdm bar with images/s and the running exit-layer mix."""
+
+    def __init__(self, total, done, enabled, num_layers=None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="img", disable=not enabled, dynamic_ncols=True,
+                        smoothing=0.1, desc="tgems")
+        self.counts: dict[int, int] = {}
+        self.errors = 0
+
+    def update(self, n, exit_layers=None, errors=0):
+        if exit_layers is not None:
+            for l, c in zip(*np.unique(exit_layers, return_counts=True)):
+                self.counts[int(l)] = self.counts.get(int(l), 0) + int(c)
+        self.errors += errors
+        total = sum(self.counts.values())
+        if total:
+            top = sorted(self.counts.items(), key=lambda kv: -kv[1])[:4]
+            mix = " ".join(f"L{l}:{100 * c / total:.0f}%" for l, c in sorted(top))
+            mean = sum(l * c for l, c in self.counts.items()) / total
+            self.bar.set_postfix_str(f"exits {mix} mean {mean:.2f} err {self.errors}", refresh=False)
+        self.bar.update(n)
+
+    def close(self):
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------- the local runner
+
+
+def _job_record(task, source, settings, batch_size, engine):
+    return {"format": JOB_FORMAT, "task": task, "engine": engine,
+            "settings": {"data": source.spec, "input": source.manifest(), "predictor": settings,
+                         "batch_size": batch_size, "top_k": TOP_K, "task": task}}
+
+
+def _write_shard_errors(out: Path, shard, errors: list):
+    import pyarrow as pa
+
+    d = out / "_errors"
+    d.mkdir(exist_ok=True)
+    path = d / part_name(shard.index)
+    if not errors:
+        if path.exists():
+            path.unlink()
+        return
+    name = part_name(shard.index)
+    table = pa.table({"id": [e[0] for e in errors], "part": [name] * len(errors),
+                      "source": [shard.name] * len(errors), "reason": [e[1] for e in errors]}, schema=error_schema())
+    write_table_atomic(path, table)
+
+
+def finish_job(out: Path, job: dict, task: str, started: float, counts: dict) -> dict:
+    """Totals read back from the parts (so a resumed job reports the whole job), errors.parquet, _SUCCESS."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(out.glob("part-*.parquet"))
+    n, layer_counts, flops_sum = 0, {}, 0.0
+    for p in parts:
+        t = pq.read_table(p, columns=["exit_layer", "flops_ratio"])
+        n += t.num_rows
+        if t.num_rows:
+            layers = t.column("exit_layer").to_numpy()
+            for l, c in zip(*np.unique(layers, return_counts=True)):
+                layer_counts[int(l)] = layer_counts.get(int(l), 0) + int(c)
+            flops_sum += float(t.column("flops_ratio").to_numpy().astype(np.float64).sum())
+    err_files = sorted((out / "_errors").glob("part-*.parquet")) if (out / "_errors").is_dir() else []
+    err_tables = [pq.read_table(p) for p in err_files]
+    errors = pa.concat_tables(err_tables) if err_tables else error_schema().empty_table()
+    write_table_atomic(out / "errors.parquet", errors)
+    seconds = time.perf_counter() - started
+    summary = {
+        "task": task, "out": str(out), "engine": job["engine"], "fingerprint": job["fingerprint"],
+        "settings": job["settings"], "parts": len(parts), "parts_written": counts.get("written", 0),
+        "parts_skipped": counts.get("skipped", 0), "images": n, "errors": errors.num_rows,
+        "mean_exit_layer": (sum(l * c for l, c in layer_counts.items()) / n) if n else None,
+        "flops_ratio": flops_sum / n if n else None,
+        "exit_layers": {str(l): c for l, c in sorted(layer_counts.items())},
+        "seconds": round(seconds, 3), "images_this_run": counts.get("images", 0),
+        "images_per_s": round(counts.get("images", 0) / seconds, 2) if seconds > 0 else None,
+    }
+    write_json_atomic(out / "_SUCCESS", summary)
+    return summary
+
+
+def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int = 64, workers: int = 2,
+            prefetch: int | None = None, settings: dict | None = None, progress: bool = True,
+            source_options: dict | None = None) -> dict:
+    """Stream `data` (a spec or a StreamSource) through `predictor` into `out_dir`; resume what is there.
+
+    Returns the summary also written to ``out_dir/_SUCCESS``. `settings` describe the predictor for the
+    resume check (default: a fingerprint of the object's labels, threshold and weights).
+    """
+    from tgems.data.streaming import StreamSource, open_source, stream_chunks
+
+    if task not in TASKS:
+        raise TGEMError(f"unknown task '{task}' (use one of {', '.join(TASKS)})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TGEMError(f"batch size must be a positive integer, got {batch_size!r}")
+    source = data if isinstance(data, StreamSource) else open_source(data, **(source_options or {}))
+    out = Path(out_dir).expanduser()
+    started = time.perf_counter()
+    if out.exists() and not out.is_dir():
+        raise TGEMError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        job = prepare_out_dir(out, _job_record(task, source, settings or describe_predictor(predictor),
+                                               batch_size, "local"), "local")
+        todo = [s for s in source.shards if not (out / part_name(s.index)).is_file()]
+        skipped = len(source.shards) - len(todo)
+        todo_index = {s.index for s in todo}
+        done_items = sum(s.size or 0 for s in source.shards if s.index not in todo_index)
+        bar = _Progress(source.num_items, done_items, progress)
+        counts = {"written": 0, "skipped": skipped, "images": 0}
+        writer = tmp = None
+        pending, pending_rows, errors = [], 0, []
+        schema = result_schema(task)
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            for chunk in stream_chunks(source, todo, chunk_size=batch_size, workers=workers, prefetch=prefetch):
+                good = [it for it in chunk.items if it.error is None]
+                errors += [(it.id, it.error) for it in chunk.items if it.error is not None]
+                table, bad = predict_items(predictor, good, task)
+                errors += bad
+                if table is not None:
+                    pending.append(table)
+                    pending_rows += table.num_rows
+                if pending_rows >= ROW_GROUP or (chunk.last and pending):
+                    if writer is None:
+                        tmp = _tmp_name(out / part_name(chunk.shard.index))
+                        writer = pq.ParquetWriter(tmp, schema)
+                    writer.write_table(pa.concat_tables(pending))
+                    pending, pending_rows = [], 0
+                counts["images"] += len(chunk.items)
+                bar.update(len(chunk.items), None if table is None else table.column("exit_layer").to_numpy(),
+                           len(chunk.items) - len(good) + len(bad))
+                if chunk.last:
+                    path = out / part_name(chunk.shard.index)
+                    if writer is None:
+                        tmp = _tmp_name(path)
+                        writer = pq.ParquetWriter(tmp, schema)
+                    writer.close()
+                    writer = None
+                    _write_shard_errors(out, chunk.shard, errors)  # before the part: the part commits the shard
+                    _replace(tmp, path)
+                    errors = []
+                    counts["written"] += 1
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
+        return finish_job(out, job, task, started, counts)
+
+
+# ------------------------------------------------------------------------------------- the CLI job
+
+
+def _read_labels(labels, labels_file):
+    if labels_file:
+        try:
+            return [ln.strip() for ln in Path(labels_file).read_text().splitlines() if ln.strip()]
+        except OSError as e:
+            raise TGEMError(f"cannot read labels file {labels_file}: {e.strerror}") from None
+    if isinstance(labels, str):
+        return [t.strip() for t in labels.split(",") if t.strip()]
+    return list(labels or [])
+
+
+def run_command(*, data: str, out: str, task: str = "classify", classifier: str | None = None,
+                model: str = "embedded", tgem: str | None = None, labels=None, labels_file: str | None = None,
+                budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
+                calib: str | None = None, tau: float | None = None, workers: int = 2, batch_size: int = 64,
+                device: str = "cpu", dtype: str = "float32", engine: str = "local", address: str | None = None,
+                concurrency: int = 2, num_gpus: float = 0, json_path: str | None = None, quiet: bool = False,
+                seed: int = 0, image_column: str | None = None, id_column: str | None = None,
+                block: int | None = None) -> tuple[dict, int]:
+    """The whole `tgems classify|embed --data SPEC --out DIR` job: returns (summary, exit code).
+
+    Exit code 0 when every input was read, 1 when some were listed in errors.parquet (the rest are done).
+    Bad arguments or inputs raise TGEMError before any work.
+    """
+    from tgems.data.streaming import open_source
+
+    if engine not in ("local", "ray"):
+        raise TGEMError(f"unknown engine '{engine}' (use local or ray)")
+    if classifier is None:
+        labels = _read_labels(labels, labels_file)
+    spec = ClassifierSpec(classifier=classifier, model=model, tgem=tgem, labels=labels if classifier is None else None,
+                          budget=budget, max_drop=max_drop, delta=delta, calib=calib, tau=tau, device=device,
+                          dtype=dtype, seed=seed).check()
+    _torch_dtype(dtype)
+    source = open_source(data, block=block, image_column=image_column, id_column=id_column)  # fails before work
+    if engine == "ray":
+        from tgems.integrations.ray import run_ray_job
+
+        summary = run_ray_job(spec, source, out, task=task, batch_size=batch_size, concurrency=concurrency,
+                              num_gpus=num_gpus, address=address, progress=not quiet)
+    else:
+        predictor = spec.build()
+        summary = run_job(predictor, source, out, task=task, batch_size=batch_size, workers=workers,
+                          settings=spec.settings(), progress=not quiet)
+    if json_path:
+        write_json_atomic(json_path, summary)
+    return summary, (1 if summary["errors"] else 0)
+
+
+def summary_line(summary: dict) -> str:
+    fr = summary["flops_ratio"]
+    return (f"{summary['images']} images -> {summary['parts']} parts in {summary['out']} "
+            f"(mean exit layer {summary['mean_exit_layer'] or 0:.2f}, FLOPs ratio {fr or 0:.3f}, "
+            f"{summary['parts_skipped']} parts resumed, {summary['images_per_s'] or 0:.0f} img/s)")
+
+
+def add_batch_arguments(p: argparse.ArgumentParser, task: str):
+    """The options of `tgems classify|embed --data SPEC --out DIR` (cli.py wires them in)."""
+    p.add_argument("--data", required=True, help="folder:DIR | webdataset:PATTERN | parquet:PATH")
+    p.add_argument("--out", required=True, help="output directory (part-NNNNN.parquet, errors.parquet, _SUCCESS)")
+    p.add_argument("--classifier", help="a saved classifier directory (instead of --model/--tgem/--labels)")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--tgem", default=None, help="T-GEM checkpoint (default: the embedded cls checkpoint)")
+    p.add_argument("--labels", help='comma-separated class texts, e.g. "a red circle,a blue star"')
+    p.add_argument("--labels-file", help="one class text per line")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=float, help="calibrate for this compute budget on --calib")
+    g.add_argument("--max-drop", type=float, help="calibrate for this maximum drop on --calib")
+    p.add_argument("--delta", type=float, default=0.1)
+    p.add_argument("--calib", help="calibration data spec (e.g. scenes:calib)")
+    p.add_argument("--tau", type=float, help="exit threshold (default: the checkpoint's)")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in a thread)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--engine", default="local", choices=("local", "ray"))
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--concurrency", type=int, default=2, help="Ray actors")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per Ray actor")
+    p.add_argument("--image-column", help="parquet: the image-bytes column")
+    p.add_argument("--id-column", help="parquet: the id column")
+    p.add_argument("--block", type=int, help="folder: files per output part (default 1000)")
+    p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(task=task)
+
+
+def cmd_batch(args) -> int:
+    """argparse namespace -> job; prints one summary line (and one error line when inputs failed)."""
+    summary, code = run_command(
+        data=args.data, out=args.out, task=args.task, classifier=args.classifier, model=args.model, tgem=args.tgem,
+        labels=args.labels, labels_file=args.labels_file, budget=args.budget, max_drop=args.max_drop,
+        delta=args.delta, calib=args.calib, tau=args.tau, workers=args.workers, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, engine=args.engine, address=args.address,
+        concurrency=args.concurrency, num_gpus=args.num_gpus, json_path=args.json, quiet=args.quiet,
+        seed=args.seed, image_column=args.image_column, id_column=args.id_column, block=args.block)
+    if not args.quiet:
+        print(f"tgems: {summary_line(summary)}", file=sys.stderr)
+    if code:
+        print(f"tgems: error: {summary['errors']} inputs could not be read (listed with their reason in "
+              f"{Path(summary['out']) / 'errors.parquet'})", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    """`python -m tgems.batch classify|embed ...` until the main CLI carries these commands."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    p = argparse.ArgumentParser(prog="python -m tgems.batch")
+    sub = p.add_subparsers(dest="command", required=True)
+    for task in TASKS:
+        add_batch_arguments(sub.add_parser(task), task)
+    args = p.parse_args(argv)
+    try:
+        return cmd_batch(args)
+    except TGEMError as e:
+        print(f"tgems: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tgems: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    from tgems.batch import main as _main  # the imported module, not __main__: its classes travel to Ray workers
+
+    sys.exit(_main())
