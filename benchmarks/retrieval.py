@@ -55,13 +55,20 @@ def cached(bb, spec, cache_dir: Path, seed: int):
 
 
 def recalls(scores, relevant, query_split):
-    """scores (Q, G), relevant (Q, G) bool -> {split: {k: recall}} for seen / heldout / all queries."""
+    """scores (Q, G), relevant (Q, G) bool -> {split: {k: recall, "mAP": mean average precision}} for seen /
+    heldout / all queries. mAP reads the whole ranking: with dozens of relevant items per query, recall@k
+    is decided by the few top-ranked items and saturates."""
     top = scores.topk(max(KS), dim=1).indices
     hit = relevant.gather(1, top)
+    order = scores.argsort(dim=1, descending=True)
+    rel = relevant.gather(1, order).double()
+    prec = rel.cumsum(1) / torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
+    ap = (prec * rel).sum(1) / rel.sum(1).clamp_min(1)
     out = {}
     for split, mask in (("seen", ~query_split), ("heldout", query_split), ("all", torch.ones_like(query_split))):
         if mask.any():
-            out[split] = {k: float(hit[mask, :k].any(1).float().mean()) for k in KS}
+            out[split] = {**{k: float(hit[mask, :k].any(1).float().mean()) for k in KS},
+                          "mAP": float(ap[mask].mean())}
     return out
 
 
@@ -70,7 +77,7 @@ def records(method, budget, layer, emb_scores, rel, cap_held, img_held, mean_lay
     for direction, s, r, qs in (("t2i", emb_scores, rel, cap_held), ("i2t", emb_scores.t(), rel.t(), img_held)):
         for split, rk in recalls(s, r, qs).items():
             rows.append({"method": method, "budget": budget, "layer": layer, "split": split, "direction": direction,
-                         **{f"recall@{k}": round(100 * v, 2) for k, v in rk.items()},
+                         **{f"recall@{k}": round(100 * rk[k], 2) for k in KS}, "mAP": round(100 * rk["mAP"], 2),
                          "mean_layers": round(mean_layers, 4), "flops_ratio": round(flops_ratio, 4)})
     return rows
 
@@ -158,11 +165,11 @@ def main():
 
     est = model.layer_estimates(z)  # (N, n + 1, D)
     ones = torch.ones(len(z), dtype=torch.long)
-    add("full", None, L, est[:, -1], ones * L, torch.full((len(z),), float(full_f)))
+    add("full", None, L, est[:, -1], ones * L, torch.full((len(z),), float(full_f), dtype=torch.float64))
     for j, l in enumerate(model.layers):
         base = bb.flops_embed() + l * bb.flops_block() + bb.flops_readout()
-        add("static", None, l, est[:, j], ones * l, torch.full((len(z),), base + head))
-        add("lens", None, l, F.normalize(z[:, l - 1], dim=-1), ones * l, torch.full((len(z),), base))
+        add("static", None, l, est[:, j], ones * l, torch.full((len(z),), float(base + head), dtype=torch.float64))
+        add("lens", None, l, F.normalize(z[:, l - 1], dim=-1), ones * l, torch.full((len(z),), float(base), dtype=torch.float64))
     budgets = [float(b) for b in args.budgets.split(",")]
     tgem = calib_text = None
     if args.text_guided:
@@ -229,25 +236,26 @@ def at_depth(results, method, direction, split, depth, key="recall@10"):
 
 
 def print_table(results, budgets, L):
-    print("| method | budget | layer | dir | split | R@1 | R@5 | R@10 | mean layers | FLOPs ratio |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|")
+    print("| method | budget | layer | dir | split | R@1 | R@5 | R@10 | mAP | mean layers | FLOPs ratio |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if r["method"] in ("static", "lens") and r["layer"] not in (3, 6, 9):
             continue
         print(f"| {r['method']} | {r['budget'] or ''} | {r['layer'] or ''} | {r['direction']} | {r['split']} | "
-              f"{r['recall@1']:.2f} | {r['recall@5']:.2f} | {r['recall@10']:.2f} | {r['mean_layers']:.2f} | "
+              f"{r['recall@1']:.2f} | {r['recall@5']:.2f} | {r['recall@10']:.2f} | {r['mAP']:.2f} | {r['mean_layers']:.2f} | "
               f"{r['flops_ratio']:.3f} |")
-    print("\ntargets (recall@10, points): index minus full; index minus static (with the maps) at the same mean depth")
-    for b in budgets:
-        for d in ("t2i", "i2t"):
-            parts = []
-            for split in ("seen", "heldout", "all"):
-                r, f = _get(results, "index", d, split, b), _get(results, "full", d, split, None, L)
-                if r is None:
-                    continue
-                st = at_depth(results, "static", d, split, r["mean_layers"])
-                parts.append(f"{split} {r['recall@10'] - f['recall@10']:+.2f} / {r['recall@10'] - st:+.2f}")
-            print(f"  budget {b} {d}: " + "; ".join(parts))
+    for key in ("recall@10", "mAP"):
+        print(f"\ntargets ({key}, points): index minus full; index minus static (with the maps) at the same mean depth")
+        for b in budgets:
+            for d in ("t2i", "i2t"):
+                parts = []
+                for split in ("seen", "heldout", "all"):
+                    r, f = _get(results, "index", d, split, b), _get(results, "full", d, split, None, L)
+                    if r is None:
+                        continue
+                    st = at_depth(results, "static", d, split, r["mean_layers"], key)
+                    parts.append(f"{split} {r[key] - f[key]:+.2f} / {r[key] - st:+.2f}")
+                print(f"  budget {b} {d}: " + "; ".join(parts))
 
 
 def plot(results, path):

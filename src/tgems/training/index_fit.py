@@ -32,7 +32,7 @@ class IndexFitSettings:
     weight_decay: float = 1e-4
     caption_weight: float = 0.0  # InfoNCE of the estimate against the image's caption text (0 = off)
     scorer_fraction: float = 0.25  # images held out of the maps' training to fit the scorer
-    scorer_l2: float = 1e-3
+    scorer_ridge: float = 1e-4  # ridge strength of the scorer (per image, on standardised-free signals)
     default_budget: float = 0.6  # the model file's tau meets this budget on the scorer's images
     seed: int = 0
 
@@ -81,6 +81,26 @@ def scorer_inputs(maps: IndexMaps, z: torch.Tensor):
         return torch.stack(sig, 1), (est * final[:, None]).sum(-1).clamp(0, 1)
 
 
+def fit_scorer(signals: torch.Tensor, cos: torch.Tensor, ridge: float = 1e-4) -> Jumper:
+    """Per layer, ridge regression of logit(cos(M_l(z_l), z_L)) on the signals (closed form, float64), stored
+    as a `Jumper` so that its score sigmoid(w.x + b) is the estimated cosine itself, comparable across layers.
+
+    Why not the Jumper's own logistic fit on soft targets: with targets packed near 1 its loss is nearly flat
+    and the L2 term wins; its scores barely varied within a layer (std 0.003 against a true std of 0.06 at
+    layer 6 of the embedded model), so one tau sent almost every image out at the same layer, i.e. static
+    truncation. In logit space the spread is kept."""
+    y = torch.logit(cos.double().clamp(1e-3, 1 - 1e-3))
+    n, k, S = signals.shape
+    weight, bias = torch.zeros(k, S), torch.zeros(k)
+    for j in range(k):
+        x = signals[:, j].double()
+        mu = x.mean(0)
+        xc = x - mu
+        w = torch.linalg.solve(xc.T @ xc + ridge * n * torch.eye(S, dtype=torch.float64), xc.T @ (y[:, j] - y[:, j].mean()))
+        weight[j], bias[j] = w.float(), float(y[:, j].mean() - mu @ w)
+    return Jumper(weight, bias)
+
+
 def fit_index_model(backbone, data=None, settings: IndexFitSettings | None = None,
                     feats: LayerFeatures | None = None, progress: bool = True) -> tuple[IndexModel, dict]:
     """Train the maps and the scorer on a dataset (captions only for the optional caption term).
@@ -118,7 +138,7 @@ def fit_index_model(backbone, data=None, settings: IndexFitSettings | None = Non
     history = _train_maps(maps, x, target, cap_idx, cap_text, scale, s, progress)
     maps.eval()
     sig, tgt = scorer_inputs(maps, z[score_idx])
-    scorer = Jumper().fit(sig, tgt, l2=s.scorer_l2)
+    scorer = fit_scorer(sig, tgt, s.scorer_ridge)
     model = IndexModel(maps, scorer, backbone.fingerprint(), {})
     tau, cal = calibrate_index(model, z[score_idx], budget=s.default_budget)
     model.config["tau"] = tau
