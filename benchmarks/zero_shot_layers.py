@@ -12,7 +12,7 @@ import argparse
 import tgems
 from tgems.cli import write_json
 from tgems.data import load_dataset, scenes
-from tgems.evaluate import zero_shot_layers
+from tgems.evaluation.harness import zero_shot_layers
 from tgems.features import extract_features
 from tgems.profiles import class_embeddings
 

@@ -47,7 +47,7 @@ def assert_one_line_error(rc, err):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Tiny CLIP A (+ its cls / rates T-GEMs, fitted through the CLI) and tiny CLIP B (another seed)."""
-    from tgems.pretrain import pretrain
+    from tgems.training.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("cli")
     model_a, model_b = root / "clip_a", root / "clip_b"
@@ -300,7 +300,8 @@ def test_classify_good_and_bad_images(work, images, tmp_path, capsys):
     assert err_lines[-1].startswith("tgems: error:") and "1 of 4" in err_lines[-1]
     assert all(ln.startswith("tgems:") for ln in err_lines)
     report = json.loads((tmp_path / "c.json").read_text())
-    assert report["failed"] == 1 and len(report["results"]) == len(good)
+    assert len(report["results"]) == len(good)
+    assert [f["path"] for f in report["failed"]] == [str(bad)] and "cannot read image" in report["failed"][0]["reason"]
 
 
 def test_classify_jsonl_and_labels_file(work, images, tmp_path, capsys):
@@ -319,12 +320,17 @@ def test_classify_jsonl_and_labels_file(work, images, tmp_path, capsys):
 
 
 def test_classify_with_budget_calibration(work, images, capsys):
+    """Images of 52 classes cannot calibrate a 2-label classifier on labels (that shifted every index before);
+    label-free calibration (agreement with the full model) can, and says so."""
     good, _ = images
-    rc, out, err = run_cli(capsys, "classify", "--model", work["model_a"], "--tgem", work["tgem_cls"],
-                           "--labels", "a red circle,a blue square", "--budget", "0.5", "--calib", "scenes:calib:60",
-                           "--jsonl", good[0])
+    argv = ("classify", "--model", work["model_a"], "--tgem", work["tgem_cls"], "--labels", "a red circle,a blue square",
+            "--budget", "0.5", "--calib", "scenes:calib:60", "--jsonl", good[0])
+    rc, out, err = run_cli(capsys, *argv)
+    assert "outside the label set" in assert_one_line_error(rc, err) and "--label-free" in err
+    rc, out, err = run_cli(capsys, *argv, "--label-free")
     assert rc == 0, err
     assert len(out.strip().splitlines()) == 1
+    assert "label-free" in err
 
 
 @pytest.mark.parametrize("labels", [",", " , ,", "a red circle,a blue square,a red circle"])

@@ -5,7 +5,8 @@ import torch
 import tgems
 from tgems import TGEMError
 from tgems.backbones import flops as F
-from tgems.engine import EngineResult, ExitAtLayer, ExitPerRow, NeverExit, run_early_exit
+from tgems.engine import EngineResult, run_early_exit
+from tgems.policies import ExitAtLayer, ExitPerRow, NeverExit
 
 L = 5
 

@@ -1,10 +1,10 @@
-"""Procedural scenes (tgems.data.scenes) and the word-level tokenizer (tgems.tokenizer)."""
+"""Procedural scenes (tgems.data.scenes) and the word-level tokenizer (tgems.training.tokenizer)."""
 import numpy as np
 import pytest
 
 from tgems.data import scenes
 from tgems.errors import TGEMError
-from tgems.tokenizer import build_word_tokenizer
+from tgems.training.tokenizer import build_word_tokenizer
 
 COLOURS = set(scenes.COLOUR_NAMES)
 SHAPES = set(scenes.SHAPES)

@@ -17,16 +17,20 @@ from safetensors.torch import load_file
 
 import tgems
 from tgems import TGEMError
-from tgems.baselines import ProbeExits, fit_probes, oracle_depth
+from tgems.evaluation.baselines import ProbeExits, fit_probes, oracle_depth
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import scenes
-from tgems.evaluate import analytic_flops, guarantee_study
+from tgems.evaluation.guarantee import guarantee_study
+from tgems.evaluation.harness import analytic_flops
 from tgems.features import extract_features
-from tgems.fit import (FitSettings, final_scale, fit_jumper, fit_tgem, jumper_signals, layer_probs, load_tgem,
-                       read_tgem_config, save_tgem)
-from tgems.jumper import (NUM_SIGNALS, Jumper, binom_cdf, calibrate_budget, calibrate_max_drop,
-                          clopper_pearson_upper, first_exit, simulate, tau_grid)
-from tgems.profiles import TGEM, check_labels, class_embeddings, sample_profiles
+from tgems.calibration import (binom_cdf, calibrate_budget, calibrate_max_drop, clopper_pearson_upper, first_exit,
+                               simulate, tau_grid)
+from tgems.jumper import NUM_SIGNALS, Jumper, exit_head_flops, fit_jumper, jumper_signals
+from tgems.profiles import layer_probs
+from tgems.tgem import load_tgem, read_tgem_config, save_tgem
+from tgems.training.fit import FitSettings, fit_tgem
+from tgems.profiles import check_labels, class_embeddings, sample_profiles
+from tgems.tgem import TGEM
 
 torch.set_num_threads(1)
 
@@ -36,7 +40,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from tgems.pretrain import pretrain
+    from tgems.training.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("tgems") / "clip"
     pretrain(out, preset="tiny", steps=20, threads=1, progress=False)
@@ -108,7 +112,7 @@ def test_profile_and_logit_shapes(bb, L, fitted, test_feats, space):
     raw = tgem.raw_profiles(text)
     assert raw.shape == (L - 1, C, Fdim)
     assert torch.allclose(raw.norm(dim=-1), torch.ones(L - 1, C), atol=1e-5)
-    prof = tgem.profiles(text, final_scale(bb))
+    prof = tgem.profiles(text, bb)
     assert prof.layers == list(range(1, L)) and prof.num_classes == C
     logits = prof.layer_logits(test_feats.space(space), test_feats.z[:, -1])
     assert logits.shape == (len(test_feats), L, C)
@@ -130,7 +134,8 @@ def test_sample_profiles_shapes_and_missing_class(bb, L, train_feats, space):
     assert missing  # the train split never shows the held-out classes
     layers = [1, 3]
     Fdim = bb.embed_dim if space == "cls" else bb.mlp_dim
-    prof = sample_profiles(train_feats.space(space), labels, C, text, layers, L, 20.0, space, k=1, seed=0)
+    prof = sample_profiles(train_feats.space(space), labels, C, text, layers, L, {"final_scale": 20.0}, space, k=1,
+                           seed=0)
     assert prof.protos.shape == (len(layers), C, Fdim)
     assert prof.scale.shape == (len(layers),)
     assert (prof.center is None) == (space == "cls")
@@ -161,7 +166,7 @@ def test_fresh_cls_tgem_is_the_logit_lens(bb, L, test_feats):
     tgem = TGEM(list(range(1, L)), L, bb.embed_dim, bb.embed_dim, "cls", hidden=16)
     raw = tgem.raw_profiles(text)
     assert torch.allclose(raw, text.expand(L - 1, -1, -1), atol=1e-6)
-    prof = tgem.profiles(text, final_scale(bb))
+    prof = tgem.profiles(text, bb)
     logits = prof.layer_logits(test_feats.z, test_feats.z[:, -1])
     lens = torch.einsum("nld,cd->nlc", F.normalize(test_feats.z[:, :L - 1], dim=-1), text)
     assert torch.allclose(logits[:, :-1], tgem.log_scale.exp().detach()[None, :, None] * lens, atol=1e-4)
@@ -200,7 +205,7 @@ def test_last_layer_is_full_clip_zero_shot(clip_dir, bb, L, fitted, test_data, t
     _, preds = clf.layer_predictions(test_feats)
     assert torch.equal(preds[:, -1], ref.argmax(-1))
     # never exit: the engine runs every image to L and answers exactly as full CLIP
-    clf.tau = 2.0
+    clf = clf.with_tau(2.0)
     pred = clf.predict(test_data.images)
     assert pred.exit_layers.tolist() == [L] * len(test_data)
     assert pred.indices.tolist() == ref.argmax(-1).tolist()
@@ -368,7 +373,8 @@ def test_max_drop_guarantee_holds_over_calibration_draws():
 def test_guarantee_study_on_synthetic_pool():
     scores, preds = _synthetic(1000, 7)
     stub = SimpleNamespace(layer_predictions=lambda feats, goal: (scores, preds) if goal == "max_drop" else None,
-                           profiles=SimpleNamespace(layers=[1, 2, 3]), backbone=SimpleNamespace(num_layers=4))
+                           profiles=SimpleNamespace(layers=[1, 2, 3], exit_layers=[1, 2, 3, 4]),
+                           backbone=SimpleNamespace(num_layers=4))
     pool = list(range(1000))  # guarantee_study needs only len(pool) besides the stub's layer_predictions
     res = guarantee_study(stub, pool, eps=0.05, delta=0.1, n_splits=10, seed=0)
     assert res["n_splits"] == 10 and len(res["rows"]) == 10 and (res["n_calib"], res["n_test"]) == (500, 500)
@@ -428,7 +434,7 @@ def test_save_never_replaces_what_is_not_a_checkpoint(bb, fitted, tmp_path):
 
 
 def test_checkpoint_refuses_another_backbone_and_non_checkpoints(bb, fitted, tmp_path):
-    from tgems.pretrain import pretrain
+    from tgems.training.pretrain import pretrain
 
     tgem, jumper, info = fitted["cls"]
     path = save_tgem(tmp_path / "ckpt", tgem, jumper, bb, info)
@@ -464,7 +470,7 @@ def test_engine_equals_simulation(bb, L, classifiers, test_data, test_feats, kin
     probs_all = layer_probs(clf.profiles, test_feats)
     seen_layers = set()
     for goal in ({"budget": 0.4}, {"budget": 0.6}, {"budget": 0.8}, {"max_drop": 0.3, "delta": 0.2}):
-        clf.calibrate(test_feats, **goal)
+        clf = clf.calibrate(test_feats, allow_uncovered=True, **goal)
         preds, depth = clf.simulate(test_feats)
         pred = clf.predict(test_data.images)
         assert pred.exit_layers.tolist() == depth.tolist(), goal
@@ -472,7 +478,7 @@ def test_engine_equals_simulation(bb, L, classifiers, test_data, test_feats, kin
         col = torch.as_tensor([clf.profiles.layers.index(int(d)) if d < L else len(clf.profiles.layers)
                                for d in depth])
         assert np.allclose(pred.probs, probs_all[torch.arange(len(depth)), col].numpy(), atol=1e-5)
-        flops = analytic_flops(bb, depth, clf.policy().candidate_layers, clf.profiles.head_flops())
+        flops = analytic_flops(bb, depth, clf.policy().candidate_layers, exit_head_flops(clf.profiles))
         assert torch.equal(torch.as_tensor(pred.flops), flops)
         assert np.allclose(pred.flops_ratio, pred.flops / bb.flops_full())
         assert pred.mean_layers == pytest.approx(depth.float().mean().item())
@@ -491,8 +497,8 @@ def test_predict_is_independent_of_batch_size_and_order(bb, classifiers, test_da
     n, width = len(clf.profiles.layers), NUM_SIGNALS + bb.embed_dim
     clf.jumper = Jumper(torch.randn(n, width, generator=g), torch.zeros(n))
     scores, layer_preds = clf.layer_predictions(test_feats)
-    layers = clf.profiles.layers + [clf.backbone.num_layers]
-    clf.tau = max(tau_grid(scores), key=lambda t: len(set(simulate(scores, layer_preds, layers, float(t))[1].tolist())))
+    layers = clf.profiles.exit_layers
+    clf = clf.with_tau(max(tau_grid(scores), key=lambda t: len(set(simulate(scores, layer_preds, layers, float(t))[1].tolist()))))
     images = test_data.images
     a = clf.predict(images, batch_size=256)
     b = clf.predict(images, batch_size=7)
@@ -543,12 +549,15 @@ def test_each_goal_calibrates_and_runs_its_own_jumper_model(bb, fitted, test_dat
     clf = make_classifier(bb, fitted, "cls", test_data.classes)
     probs = layer_probs(clf.profiles, test_feats)
     signals = jumper_signals(probs, test_feats, clf.profiles.layers)
-    clf.calibrate(test_feats, budget=0.6)
-    assert clf.policy().jumper is clf.jumper.budget
-    assert torch.equal(clf.layer_predictions(test_feats)[0], clf.jumper.budget.scores(signals))
-    clf.calibrate(test_feats, max_drop=0.3, delta=0.2)
-    assert clf.policy().jumper is clf.jumper
-    assert torch.equal(clf.layer_predictions(test_feats)[0], clf.jumper.scores(signals))
+    by_budget = clf.calibrate(test_feats, budget=0.6, allow_uncovered=True)
+    assert by_budget.policy().jumper is clf.jumper.budget
+    assert torch.equal(by_budget.layer_predictions(test_feats)[0], clf.jumper.budget.scores(signals))
+    by_drop = clf.calibrate(test_feats, max_drop=0.3, delta=0.2, allow_uncovered=True)
+    assert by_drop.policy().jumper is clf.jumper
+    assert torch.equal(by_drop.layer_predictions(test_feats)[0], clf.jumper.scores(signals))
+    # two calibrations do not interfere: each copy keeps its own goal and threshold, the original neither
+    assert by_budget.goal == "budget" and by_drop.goal == "max_drop" and clf.calibration["source"] == "checkpoint"
+    assert torch.equal(by_budget.layer_predictions(test_feats)[0], clf.jumper.budget.scores(signals))
     assert not torch.equal(clf.jumper.scores(signals), clf.jumper.budget.scores(signals))
 
 
@@ -592,10 +601,11 @@ def test_bad_calibration_goals_raise(classifiers, test_feats):
     for kw in ({"budget": 0}, {"budget": 1.5}, {"budget": -0.2}, {"budget": 0.5, "max_drop": 0.05}, {},
                {"max_drop": 0}, {"max_drop": 1.0}, {"max_drop": 0.05, "delta": 0}, {"max_drop": 0.05, "delta": 1}):
         with pytest.raises(TGEMError):
-            clf.calibrate(test_feats, **kw)
+            clf.calibrate(test_feats, allow_uncovered=True, **kw)
         assert clf.tau == tau  # a refused calibration leaves the classifier as it was
-    clf.calibrate(test_feats, budget=1.0)
-    assert clf.calibration["goal"] == "budget" and clf.calibration["calib_mean_layers"] <= clf.backbone.num_layers
+    full = clf.calibrate(test_feats, budget=1.0, allow_uncovered=True)
+    assert full.calibration["goal"] == "budget" and full.calibration["calib_mean_layers"] <= clf.backbone.num_layers
+    assert clf.tau == tau
 
 
 # ---------------------------------------------------------------------------------------------- 8. regularizer
@@ -622,7 +632,7 @@ def test_default_soft_tau_is_the_full_models_median_confidence(bb, train, train_
     tgem, _, info = fit_tgem(bb, train, s, feats=train_feats, progress=False)
     present = sorted(set(train.labels.tolist()))
     text = class_embeddings(bb, [train.classes[i] for i in present], info["templates"])
-    conf = (final_scale(bb) * F.normalize(train_feats.z[:, -1], dim=-1) @ text.t()).softmax(-1).max(-1).values
+    conf = (bb.logit_scale() * F.normalize(train_feats.z[:, -1], dim=-1) @ text.t()).softmax(-1).max(-1).values
     tau = info["settings"]["soft_tau"]
     assert 0 < tau < 0.9
     lo, hi = conf.quantile(0.35).item(), conf.quantile(0.65).item()  # the median of the fit's 80 % part
@@ -642,7 +652,7 @@ def test_regularizer_lowers_expected_depth(bb, train, train_feats):
 # ---------------------------------------------------------------------------------------------- 9. baselines
 
 
-def test_probes_never_predict_classes_absent_from_training(bb, L, train_feats):
+def test_probes_never_predict_classes_absent_from_training(bb, L, fitted, train_feats):
     C = len(scenes.CLASSES)
     layers = list(range(1, L))
     w, b = fit_probes(train_feats, layers, C, epochs=20, seed=0)
@@ -652,7 +662,7 @@ def test_probes_never_predict_classes_absent_from_training(bb, L, train_feats):
     assert absent.sum() == len(scenes.HELDOUT_CLASSES)
     assert torch.all(w[:, :, absent] == 0) and torch.all(b[:, absent] <= -1e3)
     heldout = extract_features(bb, tgems.load_dataset("scenes:heldout:120"), progress=False)
-    probe = ProbeExits(w, b, layers, class_embeddings(bb, scenes.CLASSES), final_scale(bb), L)
+    probe = ProbeExits(w, b, make_classifier(bb, fitted, "cls", scenes.CLASSES).profiles)
     for feats in (heldout, train_feats):
         conf, preds = probe.layer_predictions(feats)
         assert conf.shape == (len(feats), L - 1) and preds.shape == (len(feats), L)

@@ -1,25 +1,28 @@
-"""tgems: Text-Guided Exit Modules for CLIP image encoders."""
+"""tgems: Text-Guided Exit Modules for CLIP image encoders.
+
+The public API, imported lazily so `import tgems` and `tgems --help` stay fast (torch and transformers load
+on first use)."""
 from tgems.errors import TGEMError
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "load_backbone": "tgems.backbones", "Backbone": "tgems.backbones",
+    "load_dataset": "tgems.data", "Dataset": "tgems.data",
+    "EarlyExitClassifier": "tgems.classifier", "Prediction": "tgems.classifier",
+    "TGEM": "tgems.tgem", "load_tgem": "tgems.tgem", "save_tgem": "tgems.tgem",
+    "Jumper": "tgems.jumper", "ClassProfiles": "tgems.profiles",
+    "fit_tgem": "tgems.training.fit", "FitSettings": "tgems.training.fit",
+    "run_early_exit": "tgems.engine", "extract_features": "tgems.features", "LayerFeatures": "tgems.features",
+}
+
 
 def __getattr__(name):
-    # Lazy imports keep `import tgems` and `tgems --help` fast (torch/transformers load on first use).
-    if name in ("load_backbone", "Backbone"):
-        from tgems import backbones
-        return getattr(backbones, name)
-    if name in ("load_dataset", "Dataset"):
-        from tgems import data
-        return getattr(data, name)
-    if name in ("EarlyExitClassifier",):
-        from tgems import classifier
-        return getattr(classifier, name)
-    if name in ("TGEM", "fit_tgem", "load_tgem"):
-        from tgems import profiles
-        return getattr(profiles, name)
-    raise AttributeError(name)
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tgems' has no attribute '{name}'")
 
 
-__all__ = ["TGEMError", "load_backbone", "Backbone", "load_dataset", "Dataset",
-           "EarlyExitClassifier", "__version__"]
+__all__ = ["TGEMError", "__version__", *_EXPORTS]

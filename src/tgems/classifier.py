@@ -1,163 +1,263 @@
 """EarlyExitClassifier: zero-shot classification that stops the image encoder per image.
 
-scikit-learn vocabulary: build it from a backbone, T-GEM modules (or k-shot samples) and a label
-set, `calibrate` the Jumper's threshold for a budget or a maximum accuracy drop, then `predict`.
-Prediction runs on the engine, so the compute saving is real.
+scikit-learn vocabulary: build it from a backbone, T-GEM modules (a checkpoint name or path) or k-shot
+samples, and a label set; `calibrate` returns a calibrated copy (a compute budget or a maximum accuracy
+drop); `predict` runs the engine, so the compute saving is real; `save` / `load` keep the calibrated state.
 """
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from tgems.calibration import (NEVER_EXIT, calibrate_budget, calibrate_max_drop, check_tau, min_calibration_size,
+                               simulate)
 from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
-from tgems.features import RATES_DTYPE, LayerFeatures, extract_features
-from tgems.fit import final_scale, fit_jumper, jumper_signals, layer_probs, load_tgem
-from tgems.jumper import Jumper, calibrate_budget, calibrate_max_drop, exit_signals, simulate
-from tgems.profiles import TGEM, ClassProfiles, class_embeddings, sample_profiles
+from tgems.features import LayerFeatures, extract_features
+from tgems.jumper import Jumper, fit_jumper, jumper_signals
+from tgems.policies import JumperPolicy
+from tgems.profiles import ClassProfiles, class_embeddings, layer_probs, sample_profiles, zero_shot_head
+from tgems.tgem import TGEM, load_tensors, load_tgem
+
+FORMAT_VERSION = 1
+CONFIG, TENSORS = "classifier.json", "classifier.safetensors"
 
 
 @dataclass
 class Prediction:
     labels: list[str]
     indices: np.ndarray
-    probs: np.ndarray  # (N, C)
+    probs: np.ndarray  # (N, C) class probabilities at the exit layer
     exit_layers: np.ndarray
     flops: np.ndarray
     flops_ratio: np.ndarray  # per image, vs the full encoder
+    embeddings: np.ndarray | None = None  # (N, D) the readout z at each image's exit layer
 
     @property
     def mean_layers(self) -> float:
         return float(self.exit_layers.mean())
 
 
-class _JumperPolicy:
-    """Engine exit policy: class profiles + Jumper at each candidate layer, full CLIP at L."""
-
-    def __init__(self, profiles: ClassProfiles, jumper: Jumper, tau: float):
-        self.p, self.jumper, self.tau = profiles, jumper, tau
-        self.candidate_layers = list(profiles.layers)
-        self.needs_rates = profiles.space == "rates"
-        self.head_flops = profiles.head_flops()
-        self._index = {l: j for j, l in enumerate(profiles.layers)}
-
-    def start(self, batch_size: int):
-        self.prev_p = torch.zeros(batch_size, self.p.num_classes)
-        self.prev_z = None
-
-    def decide(self, layer, z, rows, rates=None):
-        if layer not in self._index:  # the last layer: full CLIP
-            return torch.ones(len(rows), dtype=torch.bool), self.p.logits(len(self.p.layers), z).softmax(-1)
-        j = self._index[layer]
-        x = rates.to(RATES_DTYPE).float() if self.p.space == "rates" else z  # as in the feature cache
-        probs = self.p.logits(j, x).softmax(-1)
-        if j == 0:
-            sig = exit_signals(probs, None, z, None)
-            self.prev_z = torch.zeros(len(self.prev_p), z.shape[1])
-        else:
-            sig = exit_signals(probs, self.prev_p[rows], z, self.prev_z[rows])
-        self.prev_p[rows] = probs
-        self.prev_z[rows] = z.float()
-        exit_now = self.jumper.score(j, sig) >= self.tau
-        return exit_now, probs
+def _norm_text(t: str) -> str:
+    return " ".join(t.lower().split())
 
 
 class EarlyExitClassifier:
-    """Early-exit zero-shot classifier over a label set."""
+    """Early-exit zero-shot classifier over a label set.
+
+    `tgem`: a shipped name ("embedded:cls"), a checkpoint directory, or TGEM modules (then give `jumper`).
+    Without `calibrate`, the checkpoint's threshold applies (a budget of 0.5 on its own held-out images)."""
 
     def __init__(self, backbone, tgem: TGEM | str | None, labels, templates=None, jumper: Jumper | None = None,
-                 profiles: ClassProfiles | None = None):
+                 profiles: ClassProfiles | None = None, calibration: dict | None = None):
         self.backbone = backbone
         self.config = {}
-        if isinstance(tgem, (str, bytes)) or hasattr(tgem, "__fspath__"):
+        if tgem is not None and not isinstance(tgem, TGEM):
             tgem, jumper, self.config = load_tgem(tgem, backbone)
+        if jumper is None:
+            raise TGEMError("an early-exit classifier needs a Jumper (load a T-GEM checkpoint, or give jumper=)")
         self.templates = list(templates or self.config.get("templates") or ["{}"])
         self.labels = list(labels)
-        self.text = class_embeddings(backbone, self.labels, self.templates)
         if profiles is None:
             if tgem is None:
-                raise TGEMError("give T-GEM modules (or a checkpoint path) or sample-based profiles")
-            profiles = tgem.profiles(self.text, final_scale(backbone))
-        self.profiles = profiles
-        self.jumper = jumper
-        self.tau = jumper.tau if jumper is not None else 2.0
-        self.goal = "budget"  # the checkpoint's tau meets a budget; `calibrate` sets the goal
-        self.calibration: dict = {}
+                raise TGEMError("give T-GEM modules (or a checkpoint name or path) or sample-based profiles")
+            profiles = tgem.profiles(class_embeddings(backbone, self.labels, self.templates), backbone)
+        if profiles.num_classes != len(self.labels):
+            raise TGEMError(f"profiles have {profiles.num_classes} classes for {len(self.labels)} labels")
+        self.profiles = profiles.to(backbone.device)
+        self.jumper = jumper.to(backbone.device)
+        self.calibration = dict(calibration or {"goal": "budget", "tau": float(jumper.tau), "source": "checkpoint",
+                                                "budget": self.config.get("settings", {}).get("default_budget")})
+        self.calibration["tau"] = check_tau(self.calibration["tau"])
+
+    def __repr__(self):
+        return (f"EarlyExitClassifier({len(self.labels)} labels, space={self.profiles.space}, "
+                f"goal={self.goal}, tau={self.tau:.4f}, backbone={self.backbone.name!r})")
+
+    @property
+    def text(self) -> torch.Tensor:
+        return self.profiles.text
+
+    @property
+    def goal(self) -> str:
+        return self.calibration["goal"]
+
+    @property
+    def tau(self) -> float:
+        return self.calibration["tau"]
 
     @classmethod
     def from_samples(cls, backbone, data, labels=None, k: int = 16, space: str = "cls", templates=None,
-                     layers=None, seed: int = 0, feats: LayerFeatures | None = None, progress: bool = False):
-        """Sample-based profiles (k images per class of `data`); the Jumper is then fit on `data` too."""
+                     layers=None, seed: int = 0, feats: LayerFeatures | None = None, jumper_feats=None,
+                     progress: bool = False):
+        """Sample-based profiles (k images per class of `data`); the Jumper is fit on `jumper_feats` (default
+        `data`'s features). Uncalibrated, it never exits early."""
         labels = list(labels or data.classes)
         feats = feats or extract_features(backbone, data, rates=space == "rates", progress=progress)
         text = class_embeddings(backbone, labels, templates or ["{}"])
         L = backbone.num_layers
         layers = list(layers or range(1, L))
         prof = sample_profiles(feats.space(space), feats.labels, len(labels), text, layers, L,
-                               final_scale(backbone), space, k, seed)
-        clf = cls(backbone, None, labels, templates, profiles=prof)
-        clf.jumper = fit_jumper(prof, feats)
-        return clf
+                               zero_shot_head(backbone), space, k, seed)
+        jumper = fit_jumper(prof, jumper_feats if jumper_feats is not None else feats)
+        return cls(backbone, None, labels, templates, jumper=jumper, profiles=prof,
+                   calibration={"goal": "budget", "tau": NEVER_EXIT, "source": "uncalibrated"})
 
     # ----------------------------------------------------------- calibration on cached features
 
-    def _cached(self, data_or_feats) -> LayerFeatures:
+    def features(self, data_or_feats, progress: bool = False) -> LayerFeatures:
         if isinstance(data_or_feats, LayerFeatures):
             return data_or_feats
         return extract_features(self.backbone, data_or_feats, rates=self.profiles.space == "rates",
-                                progress=False)
+                                progress=progress, desc="calibration features")
+
+    def match_labels(self, feats: LayerFeatures, allow_uncovered: bool = False) -> torch.Tensor:
+        """The images' labels as indices into this classifier's labels, matched by class text (case and
+        spacing aside), never by position. Images of classes outside the label set are an error, and so is
+        a label without images unless `allow_uncovered` (e.g. text-only classes by design)."""
+        if feats.classes is None:
+            raise TGEMError("the calibration features carry no class texts; extract them from a dataset")
+        index = {_norm_text(t): i for i, t in enumerate(self.labels)}
+        present = sorted(set(feats.labels[feats.labels >= 0].tolist()))
+        outside = [feats.classes[c] for c in present if _norm_text(feats.classes[c]) not in index]
+        hint = "; or calibrate label-free (agreement with the full model: use_labels=False / --label-free)"
+        if outside:
+            names = ", ".join(f"'{t}'" for t in outside[:4]) + (f" and {len(outside) - 4} more" if len(outside) > 4 else "")
+            raise TGEMError(f"the calibration data has images of {len(outside)} class(es) outside the label set "
+                            f"({names}){hint}")
+        covered = {_norm_text(feats.classes[c]) for c in present}
+        missing = [t for t in self.labels if _norm_text(t) not in covered]
+        if missing and not allow_uncovered:
+            names = ", ".join(f"'{t}'" for t in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise TGEMError(f"the calibration data has no image of {len(missing)} of the {len(self.labels)} labels "
+                            f"({names}){hint}")
+        remap = torch.tensor([index.get(_norm_text(t), -1) for t in feats.classes] + [-1], dtype=torch.long)
+        return remap[feats.labels]
 
     def layer_predictions(self, feats: LayerFeatures, goal: str | None = None):
-        """(scores (N, n), predictions (N, n + 1)) on cached features; scores of the Jumper model that
-        serves `goal` ("budget" or "max_drop"; default: the goal of the last calibration)."""
-        probs = layer_probs(self.profiles, feats)
-        jumper = self.jumper.for_goal(goal or self.goal)
-        return jumper.scores(jumper_signals(probs, feats, self.profiles.layers)), probs.argmax(-1)
+        """(scores (N, n), predictions (N, n + 1)) on cached features (CPU); scores of the Jumper model that
+        serves `goal` ("budget" or "max_drop"; default: this classifier's goal)."""
+        profiles = self.profiles.to("cpu")
+        probs = layer_probs(profiles, feats)
+        jumper = self.jumper.for_goal(goal or self.goal).to("cpu")
+        return jumper.scores(jumper_signals(probs, feats, profiles.layers)), probs.argmax(-1)
 
     def calibrate(self, data, budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
-                  use_labels: bool = True) -> "EarlyExitClassifier":
-        """Set the Jumper's threshold on held-out images: a compute budget (mean executed layers / L) or a
-        maximum disagreement with the full model `max_drop` holding with probability >= 1 - delta."""
+                  use_labels: bool = True, allow_uncovered: bool = False,
+                  progress: bool = False) -> "EarlyExitClassifier":
+        """A copy calibrated on held-out images (a Dataset or its LayerFeatures): for a compute budget (mean
+        executed layers / L, best accuracy under it), or for a maximum disagreement with the full model
+        `max_drop` holding with probability >= 1 - delta. `use_labels=False` calibrates on agreement with the
+        full model, for images of any classes. This classifier is left as it is."""
         if (budget is None) == (max_drop is None):
             raise TGEMError("calibrate needs exactly one of budget= or max_drop=")
         if budget is not None and not 0 < budget <= 1:
             raise TGEMError(f"budget must lie in (0, 1], got {budget}")
         if max_drop is not None and not (0 < max_drop < 1 and 0 < delta < 1):
             raise TGEMError("max_drop and delta must lie in (0, 1)")
-        feats = self._cached(data)
-        self.goal = "budget" if budget is not None else "max_drop"
-        scores, preds = self.layer_predictions(feats)
-        L = self.backbone.num_layers
+        feats = self.features(data, progress)
+        labels = None
+        if use_labels and (feats.labels >= 0).all():
+            labels = self.match_labels(feats, allow_uncovered)
+        goal = "budget" if budget is not None else "max_drop"
+        scores, preds = self.layer_predictions(feats, goal)
+        layers, L = self.profiles.exit_layers, self.backbone.num_layers
         if budget is not None:
-            labels = feats.labels if use_labels and (feats.labels >= 0).all() else None
-            self.tau = calibrate_budget(scores, preds, self.profiles.layers + [L], L, budget, labels)
-            self.calibration = {"goal": "budget", "budget": budget}
+            tau = calibrate_budget(scores, preds, layers, L, budget, labels)
+            info = {"goal": "budget", "budget": budget}
         else:
-            self.tau, info = calibrate_max_drop(scores, preds, self.profiles.layers + [L], max_drop, delta)
-            self.calibration = {"goal": "max_drop", "max_drop": max_drop, "delta": delta, **info}
-        p, d = simulate(scores, preds, self.profiles.layers + [L], self.tau)
-        self.calibration.update(tau=self.tau, calib_mean_layers=float(d.float().mean()),
-                                calib_agreement=float((p == preds[:, -1]).float().mean()))
-        return self
+            need = min_calibration_size(max_drop, delta)
+            if len(feats) < need:
+                raise TGEMError(f"{len(feats)} calibration images cannot certify max_drop {max_drop} at delta "
+                                f"{delta}: Learn-then-Test needs at least {need} (with zero disagreements)")
+            tau, lt = calibrate_max_drop(scores, preds, layers, max_drop, delta)
+            info = {"goal": "max_drop", "max_drop": max_drop, "delta": delta, **lt}
+        p, d = simulate(scores, preds, layers, tau)
+        info.update(tau=tau, source="calibrate", labels_used=labels is not None, n_calib=len(feats),
+                    calib_mean_layers=float(d.float().mean()),
+                    calib_agreement=float((p == preds[:, -1]).float().mean()))
+        return self._with(info)
+
+    def with_tau(self, tau: float) -> "EarlyExitClassifier":
+        """A copy with a hand-set threshold (0 exits at the first candidate, 2 never exits early)."""
+        return self._with({"goal": self.goal, "tau": check_tau(tau), "source": "user"})
+
+    def _with(self, calibration: dict) -> "EarlyExitClassifier":
+        out = copy.copy(self)
+        out.calibration = dict(calibration)
+        return out
 
     def simulate(self, feats: LayerFeatures, tau: float | None = None):
         """Exit decisions on cached features (identical to the engine's): (predictions, exit layers)."""
         scores, preds = self.layer_predictions(feats)
-        return simulate(scores, preds, self.profiles.layers + [self.backbone.num_layers],
-                        self.tau if tau is None else tau)
+        return simulate(scores, preds, self.profiles.exit_layers, self.tau if tau is None else tau)
 
     # ----------------------------------------------------------- prediction on the engine
 
-    def policy(self, tau: float | None = None) -> _JumperPolicy:
-        return _JumperPolicy(self.profiles, self.jumper.for_goal(self.goal), self.tau if tau is None else tau)
+    def policy(self, tau: float | None = None) -> JumperPolicy:
+        return JumperPolicy(self.profiles, self.jumper.for_goal(self.goal), self.tau if tau is None else tau)
 
     def predict(self, images, batch_size: int = 256) -> Prediction:
+        """PIL images, uint8 arrays or preprocessed pixels -> labels, probabilities, exit layers, FLOPs."""
         pixels = images if isinstance(images, torch.Tensor) else self.backbone.preprocess(images)
         res = run_early_exit(self.backbone, pixels, self.policy(), batch_size=batch_size)
-        probs = res.outputs.float()
+        probs = res.outputs.float().cpu()
         idx = probs.argmax(1).numpy()
         flops = res.flops.numpy()
         return Prediction([self.labels[i] for i in idx], idx, probs.numpy(), res.exit_layers.numpy(), flops,
-                          flops / self.backbone.flops_full())
+                          flops / self.backbone.flops_full(), res.features.float().cpu().numpy())
+
+    # ----------------------------------------------------------- persistence
+
+    def save(self, path) -> Path:
+        """A directory with classifier.safetensors (profiles, Jumper) and classifier.json (labels, templates,
+        calibration, the backbone's name and fingerprint); written atomically."""
+        from safetensors.torch import save_file
+
+        from tgems.io import atomic_dir
+
+        tensors = {**self.profiles.state(), **self.jumper.state()}
+        config = {"format": FORMAT_VERSION, "kind": "tgems-classifier", "backbone": self.backbone.name,
+                  "family": self.backbone.family, "fingerprint": self.backbone.fingerprint(),
+                  "labels": self.labels, "templates": self.templates, "profiles": self.profiles.config(),
+                  "calibration": self.calibration, "tgem": {k: self.config[k] for k in ("space", "data", "settings")
+                                                            if k in self.config}}
+        with atomic_dir(path, CONFIG, "a saved classifier") as tmp:
+            save_file(tensors, str(tmp / TENSORS))
+            (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=float))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path, backbone=None, device="cpu", dtype="float32") -> "EarlyExitClassifier":
+        """Load a saved classifier; without `backbone`, the one it was saved with is loaded by name."""
+        path = Path(path).expanduser()
+        if not (path / CONFIG).is_file() or not (path / TENSORS).is_file():
+            raise TGEMError(f"{path} is not a saved classifier (expected {CONFIG} and {TENSORS})")
+        try:
+            cfg = json.loads((path / CONFIG).read_text())
+            labels, prof_cfg, calibration = cfg["labels"], cfg["profiles"], cfg["calibration"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TGEMError(f"cannot read {path / CONFIG}: damaged ({type(e).__name__}: {e})") from None
+        if backbone is None:
+            from tgems.backbones import load_backbone
+
+            backbone = load_backbone(cfg.get("backbone"), device=device, dtype=dtype)
+        if cfg.get("fingerprint") != backbone.fingerprint():
+            raise TGEMError(f"classifier {path} was saved for another backbone ('{cfg.get('backbone')}', "
+                            f"fingerprint {str(cfg.get('fingerprint'))[:12]}), not for '{backbone.name}' "
+                            f"(fingerprint {backbone.fingerprint()[:12]})")
+        tensors = load_tensors(path / TENSORS)
+        try:
+            jumper = Jumper.from_state(tensors, calibration.get("tau", NEVER_EXIT))
+            profiles = ClassProfiles.from_state(tensors, prof_cfg)
+        except KeyError as e:
+            raise TGEMError(f"{path / TENSORS} is damaged: missing {e}") from None
+        clf = cls(backbone, None, labels, cfg.get("templates"), jumper=jumper, profiles=profiles,
+                  calibration=calibration)
+        clf.config = cfg.get("tgem", {})
+        return clf

@@ -1,4 +1,4 @@
-"""`tgems` command line: demo, pretrain, fit, eval, classify.
+"""`tgems` command line: argument parsing and one library call per command.
 
 Every failure the user can cause ends in one line on stderr and a non-zero exit; outputs are
 written to a temporary name and renamed, so no partial file is ever left behind.
@@ -9,22 +9,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from tgems import __version__
 from tgems.errors import TGEMError
-
-EMBEDDED_TGEM = Path(__file__).parent / "assets" / "embedded_tgem"
-
-
-def write_json(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
-
+from tgems.io import write_json
 
 def _budget(value: str) -> float:
     try:
@@ -85,10 +74,13 @@ def _check_outputs(args) -> None:
         p = Path(value).expanduser().absolute()
         if flag != "out" and p.is_dir():
             raise TGEMError(f"--{flag} {value} is a directory")
+        if flag == "plot" and p.suffix.lower() != ".png":
+            raise TGEMError("--plot must name a .png file")
         if flag == "out" and p.exists():
             if not p.is_dir():
                 raise TGEMError(f"--out {value} exists and is not a directory")
-            own = {"fit": ["tgem.json"], "pretrain": ["pretrain.json", "checkpoint/state.json"]}.get(args.command)
+            own = {"fit": ["tgem.json"], "pretrain": ["pretrain.json", "checkpoint/state.json"],
+                   "calibrate": ["classifier.json"]}.get(args.command)
             if own and any(p.iterdir()) and not any((p / f).is_file() for f in own):
                 raise TGEMError(f"--out {value} is a non-empty directory that is not a previous "
                                 f"`tgems {args.command}` output; refusing to replace it")
@@ -101,70 +93,42 @@ def _check_outputs(args) -> None:
             raise TGEMError(f"cannot write --{flag} {value}: {parent} is not writable")
 
 
-# ----------------------------------------------------------------------------- table
-
-
-def format_table(results, num_layers: int) -> str:
-    head = f"{'method':<11}{'budget':>7}{'split':>9}{'acc %':>8}{'agree %':>9}{'layers':>8}{'FLOPs':>8}{'img/s':>9}"
-    lines = [head, "-" * len(head)]
-    for r in results:
-        budget = "" if r["budget"] is None else f"{r['budget']:.2f}"
-        name = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")
-        ips = "" if r["images_per_second"] is None else f"{r['images_per_second']:.0f}"
-        lines.append(f"{name:<11}{budget:>7}{r['split']:>9}{100 * r['accuracy']:>8.2f}{100 * r['agreement']:>9.2f}"
-                     f"{r['mean_layers']:>8.2f}{r['flops_ratio']:>8.3f}{ips:>9}")
-    return "\n".join(lines)
-
-
-def _pick(results, method, budget=None, split="all"):
-    for r in results:
-        if r["method"] == method and r["split"] == split and (budget is None or r["budget"] == budget):
-            return r
-    return None
-
-
-def summary_line(results, budget: float = 0.5) -> str:
-    t, f = _pick(results, "tgem_cls", budget), _pick(results, "full")
-    if t is None or f is None:
-        return "no T-GEM result at that budget"
-    speed = ""
-    if t["images_per_second"] and f["images_per_second"]:
-        speed = f", {t['images_per_second'] / f['images_per_second']:.2f} x measured throughput"
-    return (f"T-GEM at budget {budget}: accuracy {100 * t['accuracy']:.2f}% (full {100 * f['accuracy']:.2f}%), "
-            f"{1 / t['flops_ratio']:.2f} x fewer encoder FLOPs{speed}")
-
-
 # ----------------------------------------------------------------------------- commands
 
 
+def _progress(args) -> bool:
+    return not args.quiet
+
+
+def _budgets(args):
+    from tgems.evaluation.harness import DEFAULT_BUDGETS
+
+    if args.max_drop is not None:
+        return []
+    return [args.budget] if args.budget is not None else list(DEFAULT_BUDGETS)
+
+
 def cmd_pretrain(args):
-    from tgems.pretrain import pretrain
+    from tgems.training.pretrain import pretrain
 
     info = pretrain(args.out, preset=args.preset, data=args.data, seed=args.seed, steps=args.steps,
-                    batch_size=args.batch_size, lr=args.lr, resume=not args.no_resume, progress=not args.quiet,
+                    batch_size=args.batch_size, lr=args.lr, resume=not args.no_resume, progress=_progress(args),
                     threads=args.threads, device=args.device, workers=args.workers)
     _log(args)(f"saved {args.out} ({info['train_seconds']:.0f} s, {info['samples_seen']} samples)")
     if args.json:
-        write_json(args.json, {k: v for k, v in info.items() if k != "log"} | {"log": info["log"]})
+        write_json(args.json, info)
     return 0
 
 
 def cmd_fit(args):
-    from tgems.backbones import load_backbone
-    from tgems.data import load_dataset
-    from tgems.fit import FitSettings, fit_tgem, save_tgem
+    from tgems.training.fit import FitSettings, fit_and_save
 
-    _seed(args.seed)
     log = _log(args)
-    bb = load_backbone(args.model)
-    data = load_dataset(args.data, n=args.n, seed=args.seed)
     s = FitSettings(space=args.space, layers=args.layers, hidden=args.hidden, epochs=args.epochs,
                     lam=args.lam, r_target=args.r_target, soft_tau=args.soft_tau, jumper_target=args.jumper_target,
                     seed=args.seed)
-    t0 = time.time()
-    tgem, jumper, info = fit_tgem(bb, data, s, progress=not args.quiet)
-    info["fit_seconds"] = round(time.time() - t0, 1)
-    save_tgem(args.out, tgem, jumper, bb, info, data_spec=args.data)
+    info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
+                        progress=_progress(args))
     for row in info["per_layer_holdout"]:
         log(f"  layer {row['layer']:>2}: accuracy {100 * row['accuracy']:6.2f}%  agreement {100 * row['agreement']:6.2f}%")
     log(f"saved T-GEM ({args.space}) to {args.out} in {info['fit_seconds']} s")
@@ -173,181 +137,81 @@ def cmd_fit(args):
     return 0
 
 
-def _eval_report(bb, model_name, tgem_dirs, test, calib, train, shots, budgets, seed, progress, speed, log):
-    from tgems.evaluate import run_eval
-
-    out = run_eval(bb, tgem_dirs, test, calib, train, shots, budgets, seed=seed, progress=progress, speed=speed,
-                   log=log)
-    report = {"model": model_name, "data": test.name, "num_layers": bb.num_layers, "seed": seed,
-              "budgets": list(budgets), "results": out["results"], "extras": out["extras"]}
-    return report, out
-
-
-def _default_aux(spec: str, n_train: int, seed: int):
-    """Calibration / training / shot sets that go with a test spec (scenes has its own splits)."""
-    from tgems.data import load_dataset
-
-    if spec.startswith("scenes"):
-        return (load_dataset("scenes:calib", seed=seed), load_dataset("scenes:train", n=n_train, seed=seed),
-                load_dataset("scenes:shots", seed=seed))
-    return None, None, None
-
-
-def _split_dataset(data, seed: int, frac: float = 0.5):
-    import numpy as np
-
-    perm = np.random.default_rng(seed).permutation(len(data))
-    n = int(len(data) * frac)
-    return data.subset(np.sort(perm[:n])), data.subset(np.sort(perm[n:]))
-
-
 def cmd_eval(args):
-    from tgems.backbones import load_backbone
-    from tgems.data import load_dataset
-    from tgems.fit import read_tgem_config
+    from tgems.evaluation.harness import evaluate
+    from tgems.evaluation.report import format_table, max_drop_line, summary_line
 
-    _seed(args.seed)
-    log = _log(args)
-    for d in args.tgem:
-        read_tgem_config(d)
-    if args.plot and not str(args.plot).lower().endswith(".png"):
-        raise TGEMError("--plot must name a .png file")
-    bb = load_backbone(args.model)
-    test = load_dataset(args.data, n=args.n, seed=args.seed)
-    calib, train, shots = _default_aux(args.data, args.n_train, args.seed)
-    if args.calib:
-        calib = load_dataset(args.calib, seed=args.seed)
-    if args.train:
-        train = load_dataset(args.train, n=args.n_train, seed=args.seed)
-    if args.shots:
-        shots = load_dataset(args.shots, seed=args.seed)
-    if calib is None:
-        if len(test) < 2:
-            raise TGEMError(f"{args.data} has {len(test)} image(s): too few to split into calibration and "
-                            f"test halves (give --calib SPEC)")
-        calib, test = _split_dataset(test, args.seed)
-        log("no --calib given: half of the data calibrates, the other half is tested")
-    budgets = [0.3, 0.4, 0.5, 0.6, 0.7] if args.sweep or args.budget is None else [args.budget]
-    report, _ = _eval_report(bb, args.model, args.tgem, test, calib, train, shots, budgets, args.seed,
-                             not args.quiet, not args.no_speed, log)
-    print(format_table(report["results"], bb.num_layers))
-    print(summary_line(report["results"], 0.5 if 0.5 in budgets else budgets[0]))
+    budgets = _budgets(args)
+    report = evaluate(args.model, args.tgem, args.data, n=args.n, calib=args.calib, train=args.train,
+                      shots=args.shots, n_train=args.n_train, budgets=budgets, seed=args.seed,
+                      speed=not args.no_speed, progress=_progress(args), device=args.device, dtype=args.dtype,
+                      max_drop=args.max_drop, delta=args.delta, log=_log(args))
+    print(format_table(report["results"], report["num_layers"]))
+    if budgets:
+        print(summary_line(report["results"], 0.5 if 0.5 in budgets else budgets[0]))
+    else:
+        print(max_drop_line(report["results"], args.max_drop, args.delta))
     if args.json:
         write_json(args.json, report)
     if args.plot:
-        from tgems.plots import tradeoff_plot
+        from tgems.evaluation.plots import tradeoff_plot
 
         tradeoff_plot(report, args.plot, title=f"{args.model} on {args.data}")
     return 0
 
 
-def cmd_classify(args):
-    from tgems.backbones import load_backbone
-    from tgems.classifier import EarlyExitClassifier
-    from tgems.data import load_dataset, read_image
-    from tgems.fit import read_tgem_config
-    from tgems.profiles import check_labels
+def cmd_calibrate(args):
+    from tgems.pipeline import build_classifier, read_labels
 
-    if args.labels_file:
-        try:
-            labels = [ln.strip() for ln in Path(args.labels_file).read_text().splitlines() if ln.strip()]
-        except OSError as e:
-            raise TGEMError(f"cannot read labels file {args.labels_file}: {e.strerror}") from None
-    else:
-        labels = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
-    labels = check_labels(labels)
-    read_tgem_config(args.tgem)
-    bb = load_backbone(args.model)
-    clf = EarlyExitClassifier(bb, args.tgem, labels)
-    if args.budget is not None:
-        if not args.calib:
-            raise TGEMError("--budget needs --calib SPEC (held-out images to calibrate on)")
-        clf.calibrate(load_dataset(args.calib, seed=args.seed), budget=args.budget, use_labels=False)
-    elif args.tau is not None:
-        clf.tau = args.tau
-    images, paths, failed = [], [], 0
-    for p in args.images:
-        try:
-            images.append(read_image(p))
-            paths.append(p)
-        except TGEMError as e:
-            print(f"tgems: skipped: {e}", file=sys.stderr)
-            failed += 1
-    records = []
-    if images:
-        pred = clf.predict(images)
-        for i, p in enumerate(paths):
-            records.append({"path": str(p), "label": pred.labels[i], "probability": round(float(pred.probs[i].max()), 4),
-                            "exit_layer": int(pred.exit_layers[i]), "flops_ratio": round(float(pred.flops_ratio[i]), 4)})
+    clf = build_classifier(args.model, args.tgem, read_labels(args.labels, args.labels_file), calib=args.calib,
+                           budget=args.budget, max_drop=args.max_drop, delta=args.delta,
+                           label_free=args.label_free, seed=args.seed, device=args.device, dtype=args.dtype,
+                           progress=_progress(args), log=_log(args))
+    clf.save(args.out)
+    _log(args)(f"saved the calibrated classifier to {args.out}")
+    if args.json:
+        write_json(args.json, {"model": args.model, "tgem": args.tgem, "labels": clf.labels,
+                               "calibration": clf.calibration})
+    return 0
+
+
+def cmd_classify(args):
+    from tgems.pipeline import build_classifier, classify_files, read_labels
+
+    labels = None if args.classifier else read_labels(args.labels, args.labels_file)
+    if not args.classifier and not labels:
+        raise TGEMError("give --labels, --labels-file or --classifier")
+    if not args.images:
+        raise TGEMError("no image files given")
+    clf = build_classifier(args.model, args.tgem, labels, classifier=args.classifier, calib=args.calib,
+                           budget=args.budget, max_drop=args.max_drop, delta=args.delta, tau=args.tau,
+                           label_free=args.label_free, seed=args.seed, device=args.device, dtype=args.dtype,
+                           log=_log(args))
+    records, failures = classify_files(clf, args.images)
+    L = clf.backbone.num_layers
+    for f in failures:
+        print(f"tgems: skipped: {f['reason']}", file=sys.stderr)
     for r in records:
         print(json.dumps(r) if args.jsonl else
-              f"{r['path']}\t{r['label']}\t{r['probability']:.3f}\tlayer {r['exit_layer']}/{bb.num_layers}"
+              f"{r['path']}\t{r['label']}\t{r['probability']:.3f}\tlayer {r['exit_layer']}/{L}"
               f"\tFLOPs {r['flops_ratio']:.3f}")
     if args.json:
-        write_json(args.json, {"model": args.model, "tgem": str(args.tgem), "labels": labels, "tau": clf.tau,
-                               "num_layers": bb.num_layers, "results": records, "failed": failed})
-    if failed:
-        print(f"tgems: error: {failed} of {len(args.images)} images could not be read", file=sys.stderr)
+        write_json(args.json, {"model": clf.backbone.name, "labels": clf.labels, "calibration": clf.calibration,
+                               "num_layers": L, "results": records, "failed": failures})
+    if failures:
+        print(f"tgems: error: {len(failures)} of {len(args.images)} images could not be read", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_demo(args):
-    from tgems.backbones import load_backbone
-    from tgems.data import load_dataset
-    from tgems.evaluate import guarantee_pool, guarantee_study
-    from tgems.fit import FitSettings, fit_tgem, save_tgem
-    from tgems.plots import tradeoff_plot
+    from tgems.evaluation.demo import run_demo
+    from tgems.evaluation.report import format_table, guarantee_line, summary_line
 
-    t0 = time.time()
-    seed = args.seed
-    _seed(seed)
-    log = _log(args)
-    out = Path(args.out)
-    bb = load_backbone("embedded")
-    log(f"model: embedded default ({bb.num_layers} blocks, width {bb.width}, {bb.image_size}px)")
-    dirs = []
-    for space in ("cls", "rates"):
-        d = EMBEDDED_TGEM / space
-        if not (d / "tgem.json").exists():
-            d = out / f"tgem_{space}"
-            log(f"no shipped T-GEM ({space}) found: fitting one quickly into {d}")
-            data = load_dataset("scenes:train", n=6000, seed=seed)
-            tgem, jumper, info = fit_tgem(bb, data, FitSettings(space=space, epochs=15, seed=seed),
-                                          progress=not args.quiet)
-            save_tgem(d, tgem, jumper, bb, info, "scenes:train:6000")
-        dirs.append(d)
-    n = args.n
-    test = load_dataset("scenes:testall", n=n, seed=seed)
-    calib, train, shots = _default_aux("scenes:test", 4000, seed)
-    budgets = [0.3, 0.4, 0.5, 0.6, 0.7]
-    report, raw = _eval_report(bb, "embedded", dirs, test, calib, train, shots, budgets, seed,
-                               not args.quiet, not args.no_speed, log)
-    ref = raw["classifiers"]["tgem_cls"]
-    if n is None:  # as benchmarks/guarantee.py
-        log("max-drop guarantee: 20 draws of 2,900 calibration / 20,000 test images, eps 0.01, delta 0.1")
-        pool = guarantee_pool(bb, 2900, 20000, seed, progress=not args.quiet)
-        frac = 2900 / len(pool)
-    else:
-        from tgems.features import LayerFeatures
-        import torch
-
-        log("max-drop guarantee: 20 calibration/test half-splits of the demo's images, eps 0.01, delta 0.1")
-        ft, fc = raw["features"]["test"], raw["features"]["calib"]
-        pool = LayerFeatures(torch.cat([fc.z, ft.z]), None, torch.cat([fc.labels, ft.labels]))
-        frac = 0.5
-    g = guarantee_study(ref, pool, eps=0.01, delta=0.1, n_splits=20, seed=seed, calib_fraction=frac)
-    report["guarantee"] = g
-    report["data"] = "scenes:testall"
-    report["tgem"] = [str(d) for d in dirs]
-    report["seconds"] = round(time.time() - t0, 1)
-    print(format_table(report["results"], bb.num_layers))
-    print(f"max_drop guarantee (eps {g['eps']}, delta {g['delta']}): disagreement <= eps on "
-          f"{g['held']}/{g['n_splits']} draws of {g['n_calib']} calibration images "
-          f"(test parts of {g['n_test']}), mean {g['mean_test_layers']:.2f} layers")
-    write_json(out / "results.json", report)
-    tradeoff_plot(report, out / "tradeoff.png", title="T-GEMs on the embedded default (scenes:testall)")
-    log(f"wrote {out / 'results.json'} and {out / 'tradeoff.png'} in {report['seconds']:.0f} s")
+    report = run_demo(args.model, args.tgem or None, args.out, n=args.n, speed=not args.no_speed, seed=args.seed,
+                      progress=_progress(args), device=args.device, dtype=args.dtype, log=_log(args))
+    print(format_table(report["results"], report["num_layers"]))
+    print(guarantee_line(report["guarantee"]))
     print(summary_line(report["results"], 0.5))
     if args.json:
         write_json(args.json, report)
@@ -355,6 +219,27 @@ def cmd_demo(args):
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+def _fraction(what):
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number in (0, 1), got '{value}'") from None
+        if not 0 < x < 1:
+            raise argparse.ArgumentTypeError(f"{what} must lie in (0, 1), got {x}")
+        return x
+    return parse
+
+
+def _tau(value: str) -> float:
+    from tgems.calibration import check_tau
+
+    try:
+        return check_tau(value)
+    except TGEMError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,10 +252,34 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars or logs")
         sp.add_argument("--seed", type=_seed_value, default=0)
 
+    def placement(sp):
+        sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+        sp.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+
+    def goal(sp, required=False):
+        g = sp.add_mutually_exclusive_group(required=required)
+        g.add_argument("--budget", type=_budget, help="calibrate for this compute budget (mean layers / L) on --calib")
+        g.add_argument("--max-drop", type=_fraction("max-drop"),
+                       help="calibrate for at most this disagreement with the full model, w.p. >= 1 - delta")
+        sp.add_argument("--delta", type=_fraction("delta"), default=0.1, help="confidence of --max-drop (default 0.1)")
+        return g
+
+    def labelled(sp):
+        sp.add_argument("--model", default="embedded", help="embedded, a local HF CLIP/SigLIP dir or a hub id")
+        sp.add_argument("--tgem", default="embedded:cls", help="T-GEM checkpoint: embedded:cls, embedded:rates or a dir")
+        sp.add_argument("--labels", help='comma-separated class texts, e.g. "a red circle,a blue star"')
+        sp.add_argument("--labels-file", help="one class text per line")
+        sp.add_argument("--calib", help="calibration data spec (images of the label set's classes)")
+        sp.add_argument("--label-free", action="store_true",
+                        help="calibrate on agreement with the full model (images of any classes, no labels used)")
+
     d = sub.add_parser("demo", help="the whole story on the embedded default, offline")
+    d.add_argument("--model", default="embedded")
+    d.add_argument("--tgem", action="append", help="T-GEM checkpoints (default: embedded:cls and embedded:rates)")
     d.add_argument("--out", default="results/demo")
     d.add_argument("--n", type=_positive_int, default=None, help="number of test images (default: the whole split)")
     d.add_argument("--no-speed", action="store_true", help="skip throughput measurements")
+    placement(d)
     common(d)
     d.set_defaults(func=cmd_demo)
 
@@ -407,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the exit score estimates: agreement with the full model (label-free), that "
                         "exiting costs no accuracy (needs labels), or per goal: the first for max_drop, the "
                         "second for budgets (the default)")
+    placement(f)
     common(f)
     f.set_defaults(func=cmd_fit)
 
-    e = sub.add_parser("eval", help="accuracy and compute of every method at a budget or a sweep")
+    e = sub.add_parser("eval", help="accuracy and compute of every method at a budget, a sweep or a max drop")
     e.add_argument("--model", default="embedded")
     e.add_argument("--tgem", action="append", required=True, help="T-GEM checkpoint (repeat for cls and rates)")
     e.add_argument("--data", required=True)
@@ -419,25 +329,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--train", help="training data for the probe baseline")
     e.add_argument("--n-train", type=_positive_int, default=4000)
     e.add_argument("--shots", help="images for the k-shot baseline")
-    g = e.add_mutually_exclusive_group()
-    g.add_argument("--budget", type=_budget)
+    g = goal(e)
     g.add_argument("--sweep", action="store_true", help="budgets 0.3 .. 0.7 (the default)")
     e.add_argument("--plot", metavar="PNG")
     e.add_argument("--no-speed", action="store_true")
+    placement(e)
     common(e)
     e.set_defaults(func=cmd_eval)
 
+    cb = sub.add_parser("calibrate", help="calibrate a classifier for a label set and save it (for --classifier)")
+    labelled(cb)
+    goal(cb, required=True)
+    cb.add_argument("--out", required=True, help="directory of the saved classifier")
+    placement(cb)
+    common(cb)
+    cb.set_defaults(func=cmd_calibrate)
+
     c = sub.add_parser("classify", help="label image files with early exit")
-    c.add_argument("--model", default="embedded")
-    c.add_argument("--tgem", default=str(EMBEDDED_TGEM / "cls"))
-    lg = c.add_mutually_exclusive_group(required=True)
-    lg.add_argument("--labels", help='comma-separated class texts, e.g. "a red circle,a blue star"')
-    lg.add_argument("--labels-file", help="one class text per line")
-    c.add_argument("--budget", type=_budget, help="calibrate for this budget on --calib")
-    c.add_argument("--calib")
-    c.add_argument("--tau", type=float, help="exit threshold (default: the checkpoint's)")
+    labelled(c)
+    c.add_argument("--classifier", help="a saved calibrated classifier (from tgems calibrate)")
+    goal(c)
+    c.add_argument("--tau", type=_tau, help="exit threshold in [0, 2] (default: the checkpoint's; 2 never exits)")
     c.add_argument("--jsonl", action="store_true", help="one JSON record per line")
-    c.add_argument("images", nargs="+")
+    c.add_argument("images", nargs="*")
+    placement(c)
     common(c)
     c.set_defaults(func=cmd_classify)
     return p
@@ -464,6 +379,7 @@ def main(argv=None) -> int:
     _quiet_libraries()
     try:
         _check_outputs(args)
+        _seed(args.seed)
         return args.func(args)
     except TGEMError as e:
         print(f"tgems: error: {e}", file=sys.stderr)

@@ -9,7 +9,8 @@ layer visited), `start(n)` (called once per call of `run_early_exit` with the nu
 of input rows) and `decide(layer, z, rows[, rates])` returning a bool mask
 "these rows exit now", or `(mask, outputs)` with outputs (n_active, K) kept for the
 exiting rows. `rows` are the rows' indices in the input, so a policy can keep
-per-row state. A plain callable `policy(layer, z, rows) -> mask` also works.
+per-row state; any tensor a policy creates takes its device from `z` or `rows`. A plain callable
+`policy(layer, z, rows) -> mask` also works. Ready-made policies live in policies.py.
 """
 import operator
 from dataclasses import dataclass
@@ -37,53 +38,6 @@ class EngineResult:
     @property
     def flops_ratio(self):
         return float(self.flops.mean()) / self.full_flops
-
-
-class ExitAtLayer:
-    """Every row exits at layer k (a static truncated encoder)."""
-
-    needs_rates = False
-    head_flops = 0.0
-
-    def __init__(self, k):
-        self.k = k
-        self.candidate_layers = [k]
-
-    def decide(self, layer, z, rows):
-        return torch.ones(len(rows), dtype=torch.bool, device=z.device)
-
-
-class ExitPerRow:
-    """Row i exits at layers[i] (oracle or replayed decisions).
-
-    Readouts happen only at the layers that occur in `layers` unless `candidate_layers` is given.
-    """
-
-    needs_rates = False
-    head_flops = 0.0
-
-    def __init__(self, layers, candidate_layers=None):
-        self.layers = torch.as_tensor(layers, dtype=torch.long).reshape(-1)
-        self.candidate_layers = sorted(set(self.layers.tolist()) if candidate_layers is None
-                                       else candidate_layers)
-
-    def start(self, n):
-        if n != len(self.layers):
-            raise TGEMError(f"ExitPerRow has {len(self.layers)} exit layers for {n} images")
-
-    def decide(self, layer, z, rows):
-        return self.layers.to(rows.device)[rows] == layer
-
-
-class NeverExit:
-    """No early exit: the engine's equivalent of the full encoder."""
-
-    needs_rates = False
-    head_flops = 0.0
-    candidate_layers = []
-
-    def decide(self, layer, z, rows):
-        return torch.zeros(len(rows), dtype=torch.bool, device=z.device)
 
 
 class _CallablePolicy:

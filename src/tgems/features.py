@@ -16,12 +16,14 @@ RATES_DTYPE = torch.float16
 
 @dataclass
 class LayerFeatures:
-    """z: (N, L, D) readouts z_l for l = 1..L; rates: (N, L, M) MLP activation rates or None."""
+    """z: (N, L, D) readouts z_l for l = 1..L; rates: (N, L, M) MLP activation rates or None; labels index
+    `classes` (the dataset's class texts, so calibration can match them to a label set by text)."""
 
     z: torch.Tensor
     rates: torch.Tensor | None
     labels: torch.Tensor
     difficulty: np.ndarray | None = None
+    classes: list[str] | None = None
 
     def __len__(self) -> int:
         return self.z.shape[0]
@@ -29,14 +31,16 @@ class LayerFeatures:
     def subset(self, idx) -> "LayerFeatures":
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         return LayerFeatures(self.z[idx], None if self.rates is None else self.rates[idx], self.labels[idx],
-                             None if self.difficulty is None else self.difficulty[idx.numpy()])
+                             None if self.difficulty is None else self.difficulty[idx.numpy()], self.classes)
 
     def space(self, name: str) -> torch.Tensor:
         """The features of one profile space, float32 (N, L, F)."""
         if name == "cls":
             return self.z
         if self.rates is None:
-            raise ValueError("these features were extracted without activation rates")
+            from tgems.errors import TGEMError
+
+            raise TGEMError("these features were extracted without activation rates")
         return self.rates.float()
 
 
@@ -50,4 +54,4 @@ def extract_features(backbone, data: Dataset, rates: bool = False, batch_size: i
             rs.append(out["rates"].to(RATES_DTYPE).cpu())
     return LayerFeatures(z=torch.cat(zs), rates=torch.cat(rs) if rates else None,
                          labels=torch.as_tensor(data.labels, dtype=torch.long),
-                         difficulty=data.difficulty)
+                         difficulty=data.difficulty, classes=list(data.classes))

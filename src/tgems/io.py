@@ -40,14 +40,14 @@ def write_json(path, obj) -> Path:
 
 
 @contextmanager
-def atomic_dir(path, marker: str):
+def atomic_dir(path, marker: str, what: str = "a previous output"):
     """Yield a fresh temporary directory that replaces `path` when the block succeeds. An existing `path` is
     replaced only when it holds `marker` (an earlier output of the same kind) or is empty."""
     from tgems.errors import TGEMError
 
     path = Path(path)
     if path.exists() and not (path.is_dir() and ((path / marker).is_file() or not any(path.iterdir()))):
-        raise TGEMError(f"{path} exists and is not a previous output (no {marker}); refusing to replace it")
+        raise TGEMError(f"{path} exists and is not {what} (no {marker}); refusing to replace it")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

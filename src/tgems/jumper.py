@@ -1,20 +1,21 @@
-"""The Jumper: per-layer exit scores from cheap signals of P_l, and the calibration of its threshold.
+"""The Jumper: per-layer exit scores from cheap signals of the layer's class probabilities.
 
 s_l(x) estimates P(prediction at layer l == full model's prediction) (the model used for max_drop
-goals) or P(exiting at l costs no accuracy) (the model used for budget goals, see `fit.fit_jumper`).
-An image exits at the first candidate layer with s_l(x) >= tau; tau is calibrated for a compute
-budget or, with a Learn-then-Test fixed-sequence procedure and Clopper-Pearson bounds, for a maximum
-disagreement with the full model at a stated confidence.
+goals) or P(exiting at l costs no accuracy) (the model used for budget goals); see `fit_jumper` and
+docs/design.md. An image exits at the first candidate layer with s_l(x) >= tau (calibration.py).
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tgems.errors import TGEMError
+from tgems.profiles import ClassProfiles, layer_probs
+
 NUM_SIGNALS = 6  # the confidence signals; the unit readout z_l follows them
+JUMPER_TARGETS = ("goal", "agree", "no_loss")
 
 
 def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.Tensor,
@@ -22,7 +23,7 @@ def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.
     """(n, NUM_SIGNALS + D): top-1, margin, normalised entropy, agreement and prob change vs the previous
     candidate layer, cosine of z with the previous candidate's z; then z_l / |z_l| itself, which lets
     the Jumper learn which kinds of image are settled early. A Jumper with NUM_SIGNALS weights per layer
-    (the agreement model, and every checkpoint from before z was a signal) reads just those."""
+    (the agreement model) reads just those."""
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     top1 = top2[:, 0]
     margin = top1 - (top2[:, 1] if top2.shape[1] > 1 else 0)
@@ -35,16 +36,33 @@ def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.
         pred = probs.argmax(1)
         agree = (pred == prev_probs.argmax(1)).float()
         prev_top = prev_probs.gather(1, pred[:, None])[:, 0]
-        cos = F.cosine_similarity(z, prev_z, dim=1)
+        cos = F.cosine_similarity(z.float(), prev_z.float(), dim=1)
     conf = torch.stack([top1, margin, ent, agree, prev_top, cos], dim=1)
     return torch.cat([conf, F.normalize(z.float(), dim=-1)], dim=1)
 
 
-class Jumper:
-    """One logistic model per candidate layer (signals -> P(agree with full model)).
+def jumper_signals(probs: torch.Tensor, feats, layers: list[int]) -> torch.Tensor:
+    """(N, n, S) exit signals at each candidate layer on cached features (the last layer needs none)."""
+    out, prev_p, prev_z = [], None, None
+    for j, l in enumerate(layers):
+        z = feats.z[:, l - 1]
+        out.append(exit_signals(probs[:, j], prev_p, z, prev_z))
+        prev_p, prev_z = probs[:, j], z
+    return torch.stack(out, 1)
 
-    `budget`, when set, is a second Jumper whose score serves budget goals (see `fit.fit_jumper`);
-    `for_goal` picks the model a calibration goal uses."""
+
+def exit_head_flops(profiles: ClassProfiles) -> float:
+    """Per row and candidate layer: scoring against C prototypes, the Jumper's signals (about 10 per class)
+    and its logistic model over them and the readout z_l (2 per input)."""
+    C, D = profiles.num_classes, profiles.text.shape[-1]
+    return profiles.scoring_flops() + float(10 * C + 2 * (NUM_SIGNALS + D))
+
+
+class Jumper:
+    """One logistic model per candidate layer (signals -> exit score).
+
+    `budget`, when set, is a second Jumper whose score serves budget goals (see `fit_jumper`);
+    `for_goal` picks the model a calibration goal uses. `tau` is the checkpoint's default threshold."""
 
     def __init__(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, tau: float = 2.0,
                  budget: "Jumper | None" = None):
@@ -57,11 +75,16 @@ class Jumper:
     def num_layers(self) -> int:
         return 0 if self.weight is None else self.weight.shape[0]
 
-    def fit(self, signals: torch.Tensor, agree: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> "Jumper":
-        """signals (N, n, S), agree (N, n) in {0, 1}: fit every layer's logistic model by L-BFGS."""
+    def to(self, device) -> "Jumper":
+        move = (lambda t: None if t is None else t.to(device=device, dtype=torch.float32))
+        return Jumper(move(self.weight), move(self.bias), self.tau,
+                      None if self.budget is None else self.budget.to(device))
+
+    def fit(self, signals: torch.Tensor, target: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> "Jumper":
+        """signals (N, n, S), target (N, n) in {0, 1}: fit every layer's logistic model by L-BFGS."""
         n = signals.shape[1]
         x = signals.float()
-        y = agree.float()
+        y = target.float()
         w = torch.zeros(n, x.shape[2], requires_grad=True)
         b = torch.zeros(n, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
@@ -88,11 +111,10 @@ class Jumper:
         return torch.sigmoid((x * self.weight[None]).sum(-1) + self.bias[None])
 
     def state(self) -> dict:
-        out = {"jumper.weight": self.weight.contiguous(), "jumper.bias": self.bias.contiguous()}
+        out = {"jumper.weight": self.weight, "jumper.bias": self.bias}
         if self.budget is not None:
-            out.update({"jumper.budget.weight": self.budget.weight.contiguous(),
-                        "jumper.budget.bias": self.budget.bias.contiguous()})
-        return out
+            out.update({"jumper.budget.weight": self.budget.weight, "jumper.budget.bias": self.budget.bias})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
     def from_state(cls, tensors: dict, tau: float = 2.0) -> "Jumper":
@@ -102,90 +124,36 @@ class Jumper:
         return cls(tensors.pop("jumper.weight"), tensors.pop("jumper.bias"), tau, budget)
 
 
-def first_exit(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """Index of the first candidate with score >= tau, or n (the last layer) where none is."""
-    n = scores.shape[1]
-    hit = scores >= tau
-    idx = torch.where(hit.any(1), hit.float().argmax(1), torch.full((scores.shape[0],), n))
-    return idx
+def check_jumper_target(target: str) -> None:
+    if target not in JUMPER_TARGETS:
+        raise TGEMError(f"unknown Jumper target '{target}' (choose from {', '.join(JUMPER_TARGETS)})")
 
 
-def tau_grid(scores: torch.Tensor, size: int = 400) -> np.ndarray:
-    """Descending thresholds, from 'never exit' (2.0) to 'exit at the first candidate' (0.0).
+def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal") -> Jumper:
+    """Fit the Jumper's per-layer logistic models on cached features (labels index the profiles' classes).
 
-    Thresholds lie midway between distinct scores (at `size` evenly spaced ranks), never on a score:
-    a threshold equal to a calibration score would make that image's exit hinge on the last bit of a
-    float, which the engine (other batch, other summation order) need not reproduce."""
-    s = np.unique(scores.flatten().numpy().astype(np.float64))
-    mids = (s[1:] + s[:-1]) / 2
-    if len(mids) > size:
-        mids = mids[np.unique(np.linspace(0, len(mids) - 1, size).round().astype(np.int64))]
-    return np.unique(np.concatenate([[0.0, 2.0], mids]))[::-1]
-
-
-def simulate(scores: torch.Tensor, layer_preds: torch.Tensor, layers: list[int], tau: float):
-    """Exit decisions on cached data: (prediction, exit layer) per sample.
-    layer_preds (N, n + 1): predictions at each candidate layer then the last layer."""
-    e = first_exit(scores, tau)
-    preds = layer_preds.gather(1, e[:, None])[:, 0]
-    depth = torch.as_tensor(layers, dtype=torch.long)[e]
-    return preds, depth
-
-
-def calibrate_budget(scores, layer_preds, layers: list[int], num_layers: int, budget: float,
-                     labels: torch.Tensor | None = None) -> float:
-    """The tau with the best accuracy (agreement with the full model without labels) among those whose
-    mean executed layers / L <= budget on this data; the last layer counts as L."""
-    full = layer_preds[:, -1]
-    target = labels if labels is not None else full
-    best, best_tau = -1.0, None
-    for tau in tau_grid(scores):
-        preds, depth = simulate(scores, layer_preds, layers, float(tau))
-        if depth.float().mean().item() / num_layers <= budget + 1e-9:
-            acc = (preds == target).float().mean().item()
-            if acc > best + 1e-12:
-                best, best_tau = acc, float(tau)
-    return 0.0 if best_tau is None else best_tau
-
-
-def binom_cdf(k: int, n: int, p: float) -> float:
-    if p <= 0:
-        return 1.0
-    if p >= 1:
-        return 1.0 if k >= n else 0.0
-    lp, lq = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-             for i in range(0, k + 1)]
-    m = max(terms)
-    return min(1.0, math.exp(m) * sum(math.exp(t - m) for t in terms))
-
-
-def clopper_pearson_upper(k: int, n: int, delta: float) -> float:
-    """One-sided (1 - delta) upper confidence bound on a binomial rate after k events in n trials."""
-    if k >= n:
-        return 1.0
-    lo, hi = k / n, 1.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if binom_cdf(k, n, mid) > delta:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def calibrate_max_drop(scores, layer_preds, layers: list[int], eps: float, delta: float) -> tuple[float, dict]:
-    """Learn-then-Test, fixed sequence from safe to aggressive tau: keep lowering tau while the
-    Clopper-Pearson upper bound on disagreement with the full model stays <= eps. The chosen tau then
-    has disagreement <= eps with probability >= 1 - delta over the calibration draw."""
-    full = layer_preds[:, -1]
-    n = len(full)
-    chosen, info = 2.0, {"n": n, "disagree": 0, "ucb": 0.0}
-    for tau in tau_grid(scores):
-        preds, _ = simulate(scores, layer_preds, layers, float(tau))
-        k = int((preds != full).sum())
-        ucb = clopper_pearson_upper(k, n, delta)
-        if ucb > eps:
-            break
-        chosen, info = float(tau), {"n": n, "disagree": k, "ucb": ucb}
-    return chosen, info
+    `agree`: s_l estimates P(the layer-l prediction equals the full model's), needs no labels. `no_loss`:
+    s_l estimates P(exiting at l costs no accuracy against the full model), i.e. layer l is right or the
+    full model is wrong too; it needs labels and spends the depth on images that more depth can still fix.
+    `goal` (the default): both, `agree` for max_drop goals (a bound on disagreement) and `no_loss` for
+    budgets; without labels it falls back to `agree`. The `agree` model reads the confidence signals only;
+    the `no_loss` model reads z_l too."""
+    check_jumper_target(target)
+    profiles = profiles.to("cpu")
+    probs = layer_probs(profiles, feats)
+    preds = probs.argmax(-1)
+    signals = jumper_signals(probs, feats, profiles.layers)
+    labelled = bool((feats.labels >= 0).all())
+    if target == "no_loss" and not labelled:
+        raise TGEMError("the no_loss Jumper target needs labelled images")
+    agree = None
+    if target != "no_loss":
+        agree = Jumper().fit(signals[..., :NUM_SIGNALS], (preds[:, :-1] == preds[:, -1:]).float())
+    if target == "agree" or not labelled:
+        return agree
+    labels = feats.labels[:, None]
+    no_loss = Jumper().fit(signals, ((preds[:, :-1] == labels) | (preds[:, -1:] != labels)).float())
+    if target == "no_loss":
+        return no_loss
+    agree.budget = no_loss
+    return agree

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tgems.calibration import NEVER_EXIT, calibrate_budget
 from tgems.features import LayerFeatures
-from tgems.jumper import calibrate_budget
+from tgems.profiles import ClassProfiles
 
 
 def fit_probes(feats: LayerFeatures, layers: list[int], num_classes: int, epochs: int = 60, lr: float = 0.05,
@@ -38,15 +39,20 @@ def fit_probes(feats: LayerFeatures, layers: list[int], num_classes: int, epochs
 class ProbeExits:
     """Exit at the first candidate layer whose probe's top-1 probability reaches tau; full CLIP at L."""
 
-    def __init__(self, weight, bias, layers: list[int], text: torch.Tensor, final_scale: float, num_layers: int):
-        self.w, self.b, self.layers = weight, bias, list(layers)
-        self.text, self.final_scale, self.num_layers = text, final_scale, num_layers
-        self.tau = 2.0
+    def __init__(self, weight, bias, profiles: ClassProfiles):
+        """`profiles` supply the candidate layers and the backbone's zero-shot head at the last layer."""
+        self.w, self.b, self.profiles = weight, bias, profiles.to("cpu")
+        self.layers, self.num_layers = list(profiles.layers), profiles.num_layers
+        self.tau = NEVER_EXIT
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return self.profiles.exit_layers
 
     def probs(self, j: int, z: torch.Tensor) -> torch.Tensor:
         if j == len(self.layers):
-            return (self.final_scale * F.normalize(z.float(), dim=-1) @ self.text.t()).softmax(-1)
-        return (F.normalize(z.float(), dim=-1) @ self.w[j] + self.b[j]).softmax(-1)
+            return self.profiles.probs(j, z.cpu())
+        return (F.normalize(z.float().cpu(), dim=-1) @ self.w[j] + self.b[j]).softmax(-1)
 
     def layer_predictions(self, feats: LayerFeatures):
         probs = [self.probs(j, feats.z[:, l - 1]) for j, l in enumerate(self.layers)]
@@ -56,8 +62,7 @@ class ProbeExits:
 
     def calibrate_budget(self, feats: LayerFeatures, budget: float):
         scores, preds = self.layer_predictions(feats)
-        self.tau = calibrate_budget(scores, preds, self.layers + [self.num_layers], self.num_layers, budget,
-                                    feats.labels)
+        self.tau = calibrate_budget(scores, preds, self.exit_layers, self.num_layers, budget, feats.labels)
         return self
 
     # engine policy interface

@@ -10,13 +10,15 @@ import time
 import numpy as np
 import torch
 
-from tgems.baselines import ProbeExits, fit_probes, oracle_depth
+from tgems.calibration import simulate
 from tgems.classifier import EarlyExitClassifier
-from tgems.engine import ExitAtLayer, NeverExit, run_early_exit
+from tgems.engine import run_early_exit
+from tgems.errors import TGEMError
+from tgems.evaluation.baselines import ProbeExits, fit_probes, oracle_depth
 from tgems.features import LayerFeatures, extract_features
-from tgems.fit import final_scale, fit_jumper, load_tgem
-from tgems.jumper import calibrate_max_drop, simulate
-from tgems.profiles import sample_profiles
+from tgems.jumper import exit_head_flops
+from tgems.policies import ExitAtLayer, NeverExit
+from tgems.tgem import read_tgem_config
 
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
 METHODS = ("full", "lens", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle")
@@ -83,25 +85,19 @@ class Recorder:
                 "vs_static_se": round(float(v.std() / np.sqrt(len(v))), 5) if len(v) > 1 else None}
 
 
-def _classifier_from_tgem(backbone, path, labels, templates):
-    tgem, jumper, cfg = load_tgem(path, backbone)
-    clf = EarlyExitClassifier(backbone, tgem, labels, templates or cfg.get("templates"), jumper=jumper)
-    return clf, cfg
-
-
 def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, budgets=DEFAULT_BUDGETS,
              k_shot: int = 16, seed: int = 0, progress: bool = True, speed: bool = True, timing_n: int = 1024,
-             templates=None, log=print) -> dict:
-    """Every method, every budget; returns {"results": [...], "extras": {...}} (see DESIGN.md)."""
+             templates=None, max_drop: float | None = None, delta: float = 0.1, log=print) -> dict:
+    """Every method, every budget; returns {"results": [...], "extras": {...}} (the schema: docs/design.md).
+
+    Calibration matches the calibration images to the test label set by class text; test classes without
+    calibration images (text-only classes) are allowed: that is what the held-out split measures."""
     L = backbone.num_layers
     labels = list(test.classes)
     clfs = {}
     for d in tgem_dirs:
-        clf, cfg = _classifier_from_tgem(backbone, d, labels, templates)
-        clfs[f"tgem_{cfg['space']}"] = clf
+        clfs[f"tgem_{read_tgem_config(d)['space']}"] = EarlyExitClassifier(backbone, d, labels, templates)
     if "tgem_cls" not in clfs:
-        from tgems.errors import TGEMError
-
         raise TGEMError("tgems eval needs a `cls` T-GEM checkpoint (the reference for static truncation and oracle)")
     need_rates = "tgem_rates" in clfs
     ref = clfs["tgem_cls"]
@@ -118,14 +114,14 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
     ips = (lambda pol: measure_throughput(backbone, timing, pol)) if speed else (lambda pol: None)
     full_depth = torch.full((len(y),), L)
 
-    rec.add("full", None, full_preds, full_depth, analytic_flops(backbone, full_depth, [], ref.profiles.head_flops()),
+    rec.add("full", None, full_preds, full_depth, analytic_flops(backbone, full_depth, [], exit_head_flops(ref.profiles)),
             ips(NeverExit()))
 
     # static truncation with the T-GEM `cls` profiles of each candidate layer (layer L: full CLIP)
-    static_layers = ref.profiles.layers + [L]
+    static_layers = ref.profiles.exit_layers
     for j, k in enumerate(static_layers):
         depth = torch.full((len(y),), k)
-        rec.add("static", None, ref_preds[:, j], depth, analytic_flops(backbone, depth, [k], ref.profiles.head_flops()),
+        rec.add("static", None, ref_preds[:, j], depth, analytic_flops(backbone, depth, [k], exit_head_flops(ref.profiles)),
                 ips(ExitAtLayer(k)) if k in (L // 4, L // 2, 3 * L // 4) else None, layer=k)
     rec.static_correct = (static_layers, ref_preds.eq(y[:, None]).float())
 
@@ -137,19 +133,17 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
                 analytic_flops(backbone, depth, [k], 2.0 * ref.text.numel()), layer=k)
 
     # oracle: first layer from which the prediction equals the full model's and stays so
-    od = oracle_depth(ref_preds, ref.profiles.layers + [L])
-    rec.add("oracle", None, full_preds, od, analytic_flops(backbone, od, ref.profiles.layers, ref.profiles.head_flops()))
+    od = oracle_depth(ref_preds, ref.profiles.exit_layers)
+    rec.add("oracle", None, full_preds, od, analytic_flops(backbone, od, ref.profiles.layers, exit_head_flops(ref.profiles)))
 
     methods: dict = {}
     if ftr is not None:
         w, b = fit_probes(ftr, ref.profiles.layers, len(labels), seed=seed)
-        methods["probe"] = ProbeExits(w, b, ref.profiles.layers, ref.text, final_scale(backbone), L)
+        methods["probe"] = ProbeExits(w, b, ref.profiles)
     if fs is not None:
-        prof = sample_profiles(fs.space("cls"), fs.labels, len(labels), ref.text, ref.profiles.layers, L,
-                               final_scale(backbone), "cls", k_shot, seed)
-        sclf = EarlyExitClassifier(backbone, None, labels, ref.templates, profiles=prof)
-        sclf.jumper = fit_jumper(prof, ftr if ftr is not None else fc)
-        methods["sample"] = sclf
+        methods["sample"] = EarlyExitClassifier.from_samples(
+            backbone, shots, labels, k=k_shot, templates=ref.templates, layers=ref.profiles.layers, seed=seed,
+            feats=fs, jumper_feats=ftr if ftr is not None else fc)
     methods.update(clfs)
 
     for name, m in methods.items():
@@ -157,59 +151,32 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
             if name == "probe":
                 m.calibrate_budget(fc, budget)
                 scores, lp = m.layer_predictions(ft)
-                preds, depth = simulate(scores, lp, m.layers + [L], m.tau)
+                preds, depth = simulate(scores, lp, m.exit_layers, m.tau)
                 pol, head, tau = m, m.head_flops, m.tau
             else:
-                m.calibrate(fc, budget=budget)
-                preds, depth = m.simulate(ft)
-                pol, head, tau = m.policy(), m.profiles.head_flops(), m.tau
+                c = m.calibrate(fc, budget=budget, allow_uncovered=True)
+                preds, depth = c.simulate(ft)
+                pol, head, tau = c.policy(), exit_head_flops(c.profiles), c.tau
             flops = analytic_flops(backbone, depth, pol.candidate_layers, head)
             rec.add(name, budget, preds, depth, flops, ips(pol), tau=round(float(tau), 5))
         log(f"  {name}: done")
 
+    if max_drop is not None:
+        for name, m in clfs.items():
+            c = m.calibrate(fc, max_drop=max_drop, delta=delta, allow_uncovered=True)
+            preds, depth = c.simulate(ft)
+            flops = analytic_flops(backbone, depth, c.profiles.layers, exit_head_flops(c.profiles))
+            rec.add(name, None, preds, depth, flops, ips(c.policy()), tau=round(c.tau, 5), max_drop=max_drop,
+                    delta=delta, calib_ucb=round(c.calibration["ucb"], 5))
+
     extras = {"exit_layers": {}, "difficulty": None}
-    if 0.5 in budgets or budgets:
+    if budgets:
         b = 0.5 if 0.5 in budgets else budgets[len(budgets) // 2]
-        ref.calibrate(fc, budget=b)
-        _, depth = ref.simulate(ft)
+        _, depth = ref.calibrate(fc, budget=b, allow_uncovered=True).simulate(ft)
         extras["exit_layers"] = {"budget": b, "layers": depth.tolist()}
         if ft.difficulty is not None:
             extras["difficulty"] = np.asarray(ft.difficulty).round(4).tolist()
     return {"results": rec.results, "extras": extras, "features": {"test": ft, "calib": fc}, "classifiers": clfs}
-
-
-def guarantee_pool(backbone, n_calib: int = 2900, n_test: int = 20000, seed: int = 0,
-                   progress: bool = True) -> LayerFeatures:
-    """Features of n_calib + n_test scenes:testall images (its seen / held-out mix) for `guarantee_study`
-    with calib_fraction = n_calib / (n_calib + n_test): test parts that large measure a disagreement
-    near 1 % to about +-0.07 points, so the count of held draws checks the promise, not the test noise."""
-    from tgems.data import load_dataset
-
-    data = load_dataset(f"scenes:testall:{n_calib + n_test}", seed=seed)
-    return extract_features(backbone, data, progress=progress, desc="guarantee pool")
-
-
-def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 0.01, delta: float = 0.1,
-                    n_splits: int = 20, seed: int = 0, calib_fraction: float = 0.5) -> dict:
-    """Re-split a pool into calibration / test halves n_splits times; calibrate max_drop on one half and
-    measure the disagreement with the full model on the other."""
-    scores, preds = clf.layer_predictions(pool, goal="max_drop")
-    layers = clf.profiles.layers + [clf.backbone.num_layers]
-    rng = np.random.default_rng(seed)
-    nc = int(round(len(pool) * calib_fraction))
-    rows = []
-    for i in range(n_splits):
-        perm = torch.as_tensor(rng.permutation(len(pool)))
-        c, t = perm[:nc], perm[nc:]
-        tau, info = calibrate_max_drop(scores[c], preds[c], layers, eps, delta)
-        p, d = simulate(scores[t], preds[t], layers, tau)
-        dis = float((p != preds[t, -1]).float().mean())
-        rows.append({"split": i, "tau": round(tau, 5), "test_disagreement": round(dis, 5),
-                     "test_mean_layers": round(float(d.float().mean()), 3), "calib_ucb": round(info["ucb"], 5)})
-    held = sum(r["test_disagreement"] <= eps for r in rows)
-    return {"eps": eps, "delta": delta, "n_splits": n_splits, "n_calib": nc, "n_test": len(pool) - nc,
-            "held": held, "rows": rows,
-            "mean_test_layers": round(float(np.mean([r["test_mean_layers"] for r in rows])), 3)}
 
 
 def lens_predictions(z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -230,3 +197,62 @@ def zero_shot_layers(backbone, feats: LayerFeatures, text: torch.Tensor, splits:
             row[s] = round(float((preds[torch.as_tensor(m), l] == feats.labels[torch.as_tensor(m)]).float().mean()), 4)
         rows.append(row)
     return rows
+
+
+def default_aux(spec: str, n_train: int, seed: int):
+    """Calibration / training / shot sets that go with a test spec (scenes has its own splits)."""
+    from tgems.data import load_dataset
+
+    if spec.startswith("scenes"):
+        return (load_dataset("scenes:calib", seed=seed), load_dataset("scenes:train", n=n_train, seed=seed),
+                load_dataset("scenes:shots", seed=seed))
+    return None, None, None
+
+
+def split_dataset(data, seed: int, frac: float = 0.5):
+    perm = np.random.default_rng(seed).permutation(len(data))
+    n = int(len(data) * frac)
+    return data.subset(np.sort(perm[:n])), data.subset(np.sort(perm[n:]))
+
+
+def make_report(backbone, model_name: str, tgem_dirs: list, test, calib, train=None, shots=None,
+                budgets=DEFAULT_BUDGETS, seed: int = 0, progress: bool = True, speed: bool = True,
+                max_drop: float | None = None, delta: float = 0.1, log=print) -> tuple[dict, dict]:
+    """(report, raw): the JSON report (schema in docs/design.md) and run_eval's raw output."""
+    out = run_eval(backbone, tgem_dirs, test, calib, train, shots, budgets, seed=seed, progress=progress,
+                   speed=speed, max_drop=max_drop, delta=delta, log=log)
+    report = {"model": model_name, "data": test.name, "num_layers": backbone.num_layers, "seed": seed,
+              "budgets": list(budgets), "results": out["results"], "extras": out["extras"]}
+    if max_drop is not None:
+        report["max_drop"] = {"eps": max_drop, "delta": delta, "n_calib": len(calib)}
+    return report, out
+
+
+def evaluate(model: str, tgem_dirs: list, data: str, n=None, calib=None, train=None, shots=None,
+             n_train: int = 4000, budgets=DEFAULT_BUDGETS, seed: int = 0, speed: bool = True,
+             progress: bool = True, device="cpu", dtype="float32", max_drop: float | None = None,
+             delta: float = 0.1, log=print) -> dict:
+    """`tgems eval`: load the model and data by name, run every method, return the report."""
+    from tgems.backbones import load_backbone
+    from tgems.data import load_dataset
+
+    for d in tgem_dirs:
+        read_tgem_config(d)
+    bb = load_backbone(model, device=device, dtype=dtype)
+    test = load_dataset(data, n=n, seed=seed)
+    calib_ds, train_ds, shots_ds = default_aux(data, n_train, seed)
+    if calib:
+        calib_ds = load_dataset(calib, seed=seed)
+    if train:
+        train_ds = load_dataset(train, n=n_train, seed=seed)
+    if shots:
+        shots_ds = load_dataset(shots, seed=seed)
+    if calib_ds is None:
+        if len(test) < 2:
+            raise TGEMError(f"{data} has {len(test)} image(s): too few to split into calibration and "
+                            f"test halves (give --calib SPEC)")
+        calib_ds, test = split_dataset(test, seed)
+        log("no --calib given: half of the data calibrates, the other half is tested")
+    report, _ = make_report(bb, model, tgem_dirs, test, calib_ds, train_ds, shots_ds, budgets, seed, progress,
+                            speed, max_drop, delta, log)
+    return report

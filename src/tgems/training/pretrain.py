@@ -20,13 +20,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPConfig, CLIPModel
 
+try:  # the PIL processor: torchvision is not a dependency
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # older transformers
+    from transformers import CLIPImageProcessor
+
+from tgems.backbones import as_device
+from tgems.backbones.transforms import OPENAI_CLIP_MEAN as CLIP_MEAN
+from tgems.backbones.transforms import OPENAI_CLIP_STD as CLIP_STD
 from tgems.errors import TGEMError
-from tgems.tokenizer import build_word_tokenizer
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from tgems.training.tokenizer import build_word_tokenizer
 
 
 @dataclass
@@ -231,15 +236,6 @@ def _write_model(model, tokenizer, recipe: Recipe, out: Path, info: dict):
     tmp.rename(out)
 
 
-def _check_device(device: str):
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise TGEMError(f"unknown torch device '{device}'") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise TGEMError(f"device '{device}' asked for, but torch sees no CUDA GPU")
-
-
 def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:train", seed: int = 0,
              steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
              ckpt_every: int = 250, resume: bool = True, keep_checkpoint: bool = False,
@@ -251,7 +247,7 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
     called every `callback_every` steps and at the end, with the model in eval mode (for learning
     curves). `device` and `workers` change speed only, not the batches; workers are started with
     `spawn`, so a script that sets workers > 0 must call this under `if __name__ == "__main__":`."""
-    _check_device(device)
+    as_device(device)
     if workers < 0:
         raise TGEMError(f"workers must be >= 0, got {workers}")
     if threads:

@@ -1,0 +1,140 @@
+"""The text-guided exit modules (G_l per candidate layer) and their checkpoint format.
+
+A checkpoint is a directory: `tgem.safetensors` (the modules and the Jumper's weights) and `tgem.json`
+(configuration, training settings, the backbone's fingerprint). See docs/design.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tgems.errors import TGEMError
+from tgems.jumper import Jumper
+from tgems.profiles import SPACES, ClassProfiles, zero_shot_head
+
+FORMAT_VERSION = 1
+CONFIG, TENSORS = "tgem.json", "tgem.safetensors"
+
+
+class _Head(nn.Module):
+    """G_l: residual MLP (cls) or sigmoid MLP (rates) from the text embedding to the layer-l profile."""
+
+    def __init__(self, embed_dim: int, out_dim: int, space: str, hidden: int):
+        super().__init__()
+        self.space = space
+        if hidden > 0:
+            self.net = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        else:
+            self.net = nn.Sequential(nn.Linear(embed_dim, out_dim))
+        if space == "cls":
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t + self.net(t) if self.space == "cls" else torch.sigmoid(self.net(t))
+
+
+class TGEM(nn.Module):
+    """The text-guided exit modules of one backbone: G_l and a temperature for each candidate layer."""
+
+    def __init__(self, layers: list[int], num_layers: int, embed_dim: int, out_dim: int, space: str = "cls",
+                 hidden: int = 256):
+        super().__init__()
+        if space not in SPACES:
+            raise TGEMError(f"unknown feature space '{space}' (choose from {', '.join(SPACES)})")
+        self.layers, self.num_layers, self.space = list(layers), num_layers, space
+        self.embed_dim, self.out_dim, self.hidden = embed_dim, out_dim, hidden
+        self.heads = nn.ModuleList(_Head(embed_dim, out_dim, space, hidden) for _ in self.layers)
+        self.log_scale = nn.Parameter(torch.full((len(self.layers),), math.log(20.0)))
+        self.register_buffer("center", torch.zeros(len(self.layers), out_dim))
+
+    def raw_profiles(self, text: torch.Tensor) -> torch.Tensor:
+        """(n, C, F) unit-norm (centred for rates) profiles of the text embeddings."""
+        out = torch.stack([h(text) for h in self.heads], 0)
+        if self.space == "rates":
+            out = out - self.center[:, None]
+        return F.normalize(out, dim=-1)
+
+    def profiles(self, text: torch.Tensor, backbone) -> ClassProfiles:
+        """Profiles of a label set (text: (C, D) class embeddings), on the backbone's device."""
+        with torch.no_grad():
+            text = text.float().cpu()
+            prof = ClassProfiles(self.space, self.layers, self.raw_profiles(text),
+                                 self.center.clone() if self.space == "rates" else None,
+                                 self.log_scale.exp().clone(), text, num_layers=self.num_layers,
+                                 **zero_shot_head(backbone))
+        return prof.to(backbone.device)
+
+
+def save_tgem(path, tgem: TGEM, jumper: Jumper, backbone, info: dict, data_spec: str = "") -> Path:
+    """Write atomically; replaces an earlier checkpoint or an empty directory, never anything else."""
+    from safetensors.torch import save_file
+
+    from tgems.io import atomic_dir
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tgem.state_dict().items()}
+    tensors.update(jumper.state())
+    config = {"format": FORMAT_VERSION, "backbone": backbone.name, "family": backbone.family,
+              "fingerprint": backbone.fingerprint(), "num_layers": tgem.num_layers, "layers": tgem.layers,
+              "space": tgem.space, "embed_dim": tgem.embed_dim, "out_dim": tgem.out_dim, "hidden": tgem.hidden,
+              "tau": jumper.tau, "data": data_spec, **info}
+    with atomic_dir(path, CONFIG, "a T-GEM checkpoint") as tmp:
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+    return Path(path)
+
+
+def read_tgem_config(name_or_path) -> dict:
+    """The checkpoint's configuration; a name ("embedded:cls") or a directory."""
+    from tgems.pretrained import tgem_path
+
+    path = tgem_path(name_or_path)
+    if not (path / CONFIG).is_file() or not (path / TENSORS).is_file():
+        raise TGEMError(f"{path} is not a T-GEM checkpoint (expected {CONFIG} and {TENSORS})")
+    try:
+        cfg = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise TGEMError(f"cannot read {path / CONFIG}: {e}") from None
+    missing = [k for k in ("layers", "num_layers", "embed_dim", "out_dim", "space", "hidden", "fingerprint")
+               if k not in cfg] if isinstance(cfg, dict) else ["all keys"]
+    if missing:
+        raise TGEMError(f"{path / CONFIG} is damaged: missing {', '.join(missing)}")
+    return cfg
+
+
+def load_tensors(file: Path) -> dict:
+    """A safetensors file, every failure one line naming the file."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TGEMError(f"cannot read {file}: damaged or not a safetensors file ({why})") from None
+
+
+def load_tgem(name_or_path, backbone) -> tuple[TGEM, Jumper, dict]:
+    """Load a checkpoint (a name such as "embedded:cls" or a directory), refusing one made for another backbone."""
+    from tgems.pretrained import tgem_path
+
+    path = tgem_path(name_or_path)
+    cfg = read_tgem_config(path)
+    if cfg.get("fingerprint") != backbone.fingerprint():
+        raise TGEMError(f"T-GEM checkpoint {path} was made for another backbone "
+                        f"('{cfg.get('backbone')}', fingerprint {str(cfg.get('fingerprint'))[:12]}), "
+                        f"not for '{backbone.name}' (fingerprint {backbone.fingerprint()[:12]})")
+    tgem = TGEM(cfg["layers"], cfg["num_layers"], cfg["embed_dim"], cfg["out_dim"], cfg["space"], cfg["hidden"])
+    tensors = load_tensors(path / TENSORS)
+    try:
+        jumper = Jumper.from_state(tensors, cfg.get("tau", 2.0))
+        tgem.load_state_dict(tensors)
+    except (KeyError, RuntimeError) as e:
+        why = str(e).strip().splitlines()[0]
+        raise TGEMError(f"{path / TENSORS} does not match {path / CONFIG}: {why}") from None
+    tgem.eval()
+    return tgem, jumper, cfg
