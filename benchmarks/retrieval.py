@@ -31,7 +31,12 @@ import torch.nn.functional as F
 import tgems
 from tgems.data import load_dataset
 from tgems.features import extract_features
-from tgems.retrieval import EarlyExitIndex, IndexPolicy, calibrate_index, load_index_model, write_index_model
+from tgems.retrieval import EarlyExitIndex, calibrate_index, load_index_model, write_index_model
+
+try:
+    from tgems.calibration import first_exit
+except ImportError:  # the layout before the issue-11 split
+    from tgems.jumper import first_exit
 
 KS = (1, 5, 10)
 
@@ -114,6 +119,8 @@ def main():
     ap.add_argument("--index-model", default="embedded",
                     help="retrieval maps + scorer ('embedded': the shipped ones); with --fit, where to write them")
     ap.add_argument("--fit", action="store_true", help="fit the maps and scorer on --train first")
+    ap.add_argument("--hidden", type=int, default=256, help="with --fit: hidden width of the maps' MLP (0: linear maps)")
+    ap.add_argument("--epochs", type=int, default=40, help="with --fit: epochs of the maps")
     ap.add_argument("--caption-weight", type=float, default=0.0, help="with --fit: caption-contrastive term")
     ap.add_argument("--train", default="scenes:train")
     ap.add_argument("--calib", default="scenes:calib")
@@ -121,6 +128,9 @@ def main():
     ap.add_argument("--budgets", default="0.3,0.4,0.5,0.6,0.7")
     ap.add_argument("--text-guided", metavar="TGEM", nargs="?", const="embedded:cls",
                     help="also measure reading (a) with this T-GEM checkpoint (default embedded:cls)")
+    ap.add_argument("--max-drop", default="0.05,0.1", help="eps values of the guarantee study (comma-separated)")
+    ap.add_argument("--delta", type=float, default=0.1)
+    ap.add_argument("--rank", default="1,5", help="ranks of the guarantee study (comma-separated)")
     ap.add_argument("--engine-check", type=int, default=512, help="images run on the engine to check the simulation")
     ap.add_argument("--cache", default="results/retrieval/cache")
     ap.add_argument("--seed", type=int, default=0)
@@ -139,7 +149,8 @@ def main():
         ztr, *_ = cached(bb, args.train, cache, args.seed)
         from tgems.features import LayerFeatures
         data = load_dataset(args.train, seed=args.seed) if args.caption_weight > 0 else None
-        model, info = fit_index_model(bb, data, IndexFitSettings(seed=args.seed, caption_weight=args.caption_weight),
+        model, info = fit_index_model(bb, data, IndexFitSettings(seed=args.seed, caption_weight=args.caption_weight, hidden=args.hidden,
+                                                                   epochs=args.epochs),
                                       feats=LayerFeatures(ztr, None, torch.zeros(len(ztr), dtype=torch.long)))
         write_index_model(args.index_model, model, bb, {"data": args.train, **info})
         print(f"fit the index maps on {args.train} ({len(ztr)} images) -> {args.index_model}")
@@ -192,6 +203,30 @@ def main():
             s = text_guided_scores(tgem, z, text, depth, zc, calib_text)
             results.extend(records("text_guided", b, None, s.t(), rel, cap_held, img_held,
                                    float(depth.double().mean()), float(flops.mean()) / full_f))
+    # the guarantee: calibrate on --calib (seen combinations), measure on the test images of each split
+    guarantee = []
+    if args.max_drop:
+        from tgems.retrieval import rank_failures
+
+        ccaps = json.loads((cache / f"{args.calib.replace(':', '_')}_s{args.seed}_{bb.fingerprint()}.json").read_text())
+        from tgems.data.scenes import CLASSES
+        ref = list(CLASSES) + sorted(set(ccaps["captions"]) - set(CLASSES))
+        rtext = F.normalize(bb.encode_text(ref).float(), dim=-1)
+        for rank in [int(r) for r in args.rank.split(",")]:
+            fails = rank_failures(est, rtext, rank)
+            for eps in [float(e) for e in args.max_drop.split(",")]:
+                tau, info = calibrate_index(model, zc, max_drop=eps, delta=args.delta, text=rtext, rank=rank)
+                e_ = first_exit(model.layer_scores(z, est), tau)
+                f_ = fails[torch.arange(len(z)), e_].double()
+                depth = torch.as_tensor(model.layers + [L])[e_]
+                row = {"eps": eps, "delta": args.delta, "rank": rank, "tau": tau, "calib_failures": info["disagree"],
+                       "calib_ucb": round(info["ucb"], 4), "reference_texts": len(ref),
+                       "test_failure_seen": round(float(f_[~img_held].mean()), 4),
+                       "test_failure_heldout": round(float(f_[img_held].mean()), 4),
+                       "mean_layers_seen": round(float(depth[~img_held].double().mean()), 3),
+                       "mean_layers_heldout": round(float(depth[img_held].double().mean()), 3)}
+                guarantee.append(row)
+                print("guarantee", row)
     # the engine decides as the simulation: check it on the first images at the middle budget
     check = None
     if args.engine_check > 0:
@@ -209,7 +244,7 @@ def main():
     report = {"benchmark": "retrieval", "model": args.model, "index_model": str(args.index_model),
               "test": args.test, "calib": args.calib, "seed": args.seed, "num_layers": L, "gallery_images": len(z),
               "query_captions": len(caps), "relevance": "class-level: caption names the image's colour-shape class",
-              "calibration": calibrations, "engine_check": check, "seconds": round(time.time() - t0, 1),
+              "calibration": calibrations, "guarantee": guarantee, "engine_check": check, "seconds": round(time.time() - t0, 1),
               "results": results}
     print_table(results, budgets, L)
     if args.json:
@@ -265,21 +300,21 @@ def plot(results, path):
 
     from tgems.io import atomic_path
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    panels = [(d, s) for d in ("t2i", "i2t") for s in ("seen", "heldout")]
-    for ax, (d, split) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    panels = [(key, d, s) for key in ("recall@10", "mAP") for d in ("t2i", "i2t") for s in ("seen", "heldout")]
+    for ax, (key, d, split) in zip(axes.flat, panels):
         for method, style in (("static", "o-"), ("lens", "s--"), ("index", "D-"), ("text_guided", "^:")):
-            pts = sorted((r["mean_layers"], r["recall@10"]) for r in results
+            pts = sorted((r["mean_layers"], r[key]) for r in results
                          if (r["method"], r["direction"], r["split"]) == (method, d, split))
             if pts:
                 ax.plot(*zip(*pts), style, label=method, ms=4)
         f = [r for r in results if (r["method"], r["direction"], r["split"]) == ("full", d, split)][0]
-        ax.axhline(f["recall@10"], color="k", lw=0.8, ls=":", label="full CLIP")
-        ax.set_title(f"{d}, {split}")
+        ax.axhline(f[key], color="k", lw=0.8, ls=":", label="full CLIP")
+        ax.set_title(f"{d}, {split}: {key}")
         ax.set_xlabel("mean executed layers")
-        ax.set_ylabel("recall@10 (%)")
+        ax.set_ylabel(f"{key} (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
