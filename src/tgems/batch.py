@@ -225,7 +225,10 @@ class ClassifierSpec:
             else:
                 clf = clf.calibrate(calib, max_drop=self.max_drop, delta=self.delta)
         elif self.tau is not None:
-            clf.tau = float(self.tau)
+            if hasattr(clf, "with_tau"):  # classifiers are immutable: a new one with that threshold
+                clf = clf.with_tau(float(self.tau))
+            else:
+                clf.tau = float(self.tau)
         return clf
 
 
@@ -647,6 +650,13 @@ def cmd_batch(args) -> int:
 def main(argv=None) -> int:
     """`python -m tgems.batch classify|embed ...` until the main CLI carries these commands."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:  # transformers' weight-loading bars are noise here, as in the main CLI
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     p = argparse.ArgumentParser(prog="python -m tgems.batch")
     sub = p.add_subparsers(dest="command", required=True)
     for task in TASKS:

@@ -1,0 +1,230 @@
+"""Batch jobs: streamed rows equal in-memory predict, resume after SIGKILL, settings check, bad inputs, CLI job."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from stream_helpers import (LABELS, decoded, encode, make_folder, make_parquet, make_shards, read_parts,
+                            scene_images, tgem_checkpoint, truncated_jpeg)
+
+from tgems.batch import ClassifierSpec, main, run_command, run_job
+from tgems.errors import TGEMError
+
+N = 60
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return ClassifierSpec(tgem=tgem_checkpoint(), labels=list(LABELS)).check()
+
+
+@pytest.fixture(scope="module")
+def clf(spec):
+    return spec.build()
+
+
+@pytest.fixture(scope="module")
+def imgs():
+    return scene_images(N)
+
+
+def _source(kind, tmp_path, images, classes):
+    """(spec, ids in stream order, the images as a reader of the files sees them)."""
+    if kind == "folder":
+        rels = make_folder(tmp_path / "f", images, classes)
+        order = sorted(range(len(rels)), key=lambda i: rels[i])
+        return f"folder:{tmp_path / 'f'}?block=25", [rels[i] for i in order], [images[i] for i in order]
+    if kind == "webdataset":
+        pattern, keys = make_shards(tmp_path / "wds", images, per_shard=20)
+        return f"webdataset:{pattern}", keys, [decoded(encode(im, "JPEG")) for im in images]
+    ids = make_parquet(tmp_path / "x.parquet", images)
+    return f"parquet:{tmp_path / 'x.parquet'}", ids, images
+
+
+@pytest.mark.parametrize("kind", ["folder", "webdataset", "parquet"])
+def test_streamed_classification_equals_in_memory_predict(kind, tmp_path, clf, spec, imgs):
+    data, ids, images = _source(kind, tmp_path, *imgs)
+    summary = run_job(clf, data, tmp_path / "out", batch_size=16, workers=2, settings=spec.settings(),
+                      progress=False)
+    t = read_parts(tmp_path / "out")
+    pred = clf.predict(images)
+    assert t.column("id").to_pylist() == ids
+    assert t.column("label").to_pylist() == pred.labels
+    assert np.array_equal(t.column("exit_layer").to_numpy(), pred.exit_layers)
+    assert np.array_equal(t.column("label_index").to_numpy(), pred.indices)
+    np.testing.assert_allclose(t.column("probability").to_numpy(), pred.probs.max(1), atol=1e-5)
+    np.testing.assert_allclose(t.column("flops_ratio").to_numpy(), pred.flops_ratio, rtol=1e-6)
+    top = t.column("top5_labels").to_pylist()
+    assert [r[0] for r in top] == pred.labels and all(len(r) == 5 for r in top)
+    probs5 = np.array(t.column("top5_probs").to_pylist())
+    assert (np.diff(probs5, axis=1) <= 0).all()
+    assert len(set(pred.exit_layers.tolist())) > 1  # the exits really vary, so the comparison means something
+    assert summary["images"] == N and summary["errors"] == 0
+    assert summary["exit_layers"] == {str(l): int(c) for l, c in zip(*np.unique(pred.exit_layers, return_counts=True))}
+    success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert success["images"] == N and success["settings"]["data"] == data
+    assert len(pq.read_table(tmp_path / "out" / "errors.parquet")) == 0
+
+
+def test_embed_writes_the_exit_embedding(tmp_path, clf, spec, imgs):
+    images, classes = imgs
+    data, ids, images = _source("folder", tmp_path, images[:30], classes[:30])
+    run_job(clf, data, tmp_path / "out", task="embed", batch_size=8, workers=0, settings=spec.settings(),
+            progress=False)
+    t = read_parts(tmp_path / "out")
+    assert t.schema.names == ["id", "source_label", "embedding", "exit_layer", "flops_ratio"]
+    assert t.schema.field("embedding").type.value_type == "float"
+    pred = clf.predict(images)
+    emb = np.array(t.column("embedding").to_pylist(), dtype=np.float32)
+    assert np.array_equal(t.column("exit_layer").to_numpy(), pred.exit_layers)
+    ref = getattr(pred, "embeddings", None)
+    if ref is None:
+        from tgems.engine import run_early_exit
+
+        ref = run_early_exit(clf.backbone, clf.backbone.preprocess(images), clf.policy()).features.numpy()
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    # the embedding is the readout at the exit layer, not the full model's
+    full = clf.backbone.encode_image(clf.backbone.preprocess(images)).numpy()
+    early = pred.exit_layers < clf.backbone.num_layers
+    assert early.any() and not np.allclose(emb[early], full[early], atol=1e-3)
+
+
+def test_rerun_skips_finished_parts_and_other_settings_are_refused(tmp_path, clf, spec, imgs):
+    data, _, _ = _source("folder", tmp_path, *imgs)
+    out = tmp_path / "out"
+    first = run_job(clf, data, out, batch_size=16, workers=0, settings=spec.settings(), progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    again = run_job(clf, data, out, batch_size=16, workers=0, settings=spec.settings(), progress=False)
+    assert again["parts_skipped"] == 3 and again["parts_written"] == 0 and again["images"] == first["images"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == stamps
+    with pytest.raises(TGEMError, match=r"holds another job \(different batch_size\)"):
+        run_job(clf, data, out, batch_size=8, workers=0, settings=spec.settings(), progress=False)
+    other = ClassifierSpec(tgem=tgem_checkpoint(), labels=list(LABELS[:-1])).check()
+    with pytest.raises(TGEMError, match=r"holds another job \(different predictor.labels\)"):
+        run_job(clf, data, out, batch_size=16, workers=0, settings=other.settings(), progress=False)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("keep me")
+    with pytest.raises(TGEMError, match="holds no tgems job"):
+        run_job(clf, data, tmp_path / "foreign", settings=spec.settings(), progress=False)
+    # an object without settings is fingerprinted by its state: another threshold is another job
+    run_job(clf, data, tmp_path / "obj", batch_size=16, workers=0, progress=False)
+    other_clf = ClassifierSpec(tgem=tgem_checkpoint(), labels=list(LABELS), tau=clf.tau + 0.5).check().build()
+    with pytest.raises(TGEMError, match="holds another job"):
+        run_job(other_clf, data, tmp_path / "obj", batch_size=16, workers=0, progress=False)
+
+
+KILLED_JOB = """
+import sys, time
+import torch
+torch.set_num_threads(1)  # as the test process (conftest): bit-equal floats need the same thread count
+from tgems.batch import ClassifierSpec, run_job
+spec = ClassifierSpec(tgem={tgem!r}, labels={labels!r}).check()
+clf = spec.build()
+
+class Slow:  # slows the job so the test can kill it between parts
+    labels = clf.labels
+    def predict(self, images):
+        time.sleep(0.1)
+        return clf.predict(images)
+
+run_job(Slow(), {data!r}, {out!r}, batch_size=5, workers=1, settings=spec.settings(), progress=False)
+"""
+
+
+def test_killed_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, clf, spec, imgs):
+    images, classes = imgs
+    pattern, _ = make_shards(tmp_path / "wds", images, per_shard=10)
+    data = f"webdataset:{pattern}"
+    out = tmp_path / "killed"
+    script = KILLED_JOB.format(tgem=tgem_checkpoint(), labels=list(LABELS), data=data, out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (out / "part-00000.parquet").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the job wrote no part in time"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert 1 <= len(done) < 6 and not (out / "_SUCCESS").exists()
+    resumed = run_job(clf, data, out, batch_size=5, workers=1, settings=spec.settings(), progress=False)
+    assert resumed["parts_skipped"] == len(done) and resumed["parts"] == 6
+    reference = run_job(clf, data, tmp_path / "whole", batch_size=5, workers=1, settings=spec.settings(),
+                        progress=False)
+    assert read_parts(out).equals(read_parts(tmp_path / "whole"))
+    assert resumed["images"] == reference["images"] == N
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_bad_inputs_are_listed_and_the_command_exits_non_zero(tmp_path, capsys, imgs):
+    images, classes = imgs
+    root = tmp_path / "f"
+    make_folder(root, images[:20], classes[:20])
+    (root / "broken").mkdir()
+    (root / "broken" / "cut.jpg").write_bytes(truncated_jpeg(images[0]))
+    (root / "broken" / "text.png").write_text("I am a text file")
+    (root / "broken" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    rc = main(["classify", "--data", f"folder:{root}", "--out", str(out), "--tgem", tgem_checkpoint(),
+               "--labels", ",".join(LABELS), "--workers", "1", "--batch-size", "8", "--quiet",
+               "--json", str(tmp_path / "summary.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and err[0].startswith("tgems: error: 3 inputs could not be read")
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    reasons = {e["id"]: e["reason"] for e in errors}
+    assert set(reasons) == {"broken/cut.jpg", "broken/text.png", "broken/empty.jpg"}
+    assert "truncated" in reasons["broken/cut.jpg"].lower()
+    assert "not an image" in reasons["broken/text.png"] and "empty" in reasons["broken/empty.jpg"]
+    t = read_parts(out)
+    assert t.num_rows == 20 and not set(reasons) & set(t.column("id").to_pylist())
+    assert json.loads((tmp_path / "summary.json").read_text())["errors"] == 3
+    # a parquet row with null bytes: the same
+    make_parquet(tmp_path / "x.parquet", images[:10], null_rows={3})
+    summary, code = run_command(data=f"parquet:{tmp_path / 'x.parquet'}", out=str(tmp_path / "pq"),
+                                tgem=tgem_checkpoint(), labels=LABELS, workers=0, quiet=True)
+    assert code == 1 and summary["errors"] == 1 and summary["images"] == 9
+    assert pq.read_table(tmp_path / "pq" / "errors.parquet").to_pylist()[0]["reason"] == "no image bytes (null)"
+
+
+def test_missing_shard_or_unreadable_parquet_fails_before_any_work(tmp_path, capsys, imgs):
+    images, _ = imgs
+    pattern, _ = make_shards(tmp_path / "wds", images[:20], per_shard=10)
+    os.remove(tmp_path / "wds" / "shard-000001.tar")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    cases = {f"webdataset:{pattern}": "shard-000001.tar does not exist",
+             f"parquet:{tmp_path / 'junk.parquet'}": "cannot read parquet file"}
+    for data, why in cases.items():
+        out = tmp_path / "out"
+        rc = main(["classify", "--data", data, "--out", str(out), "--tgem", tgem_checkpoint(), "--labels",
+                   ",".join(LABELS), "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("tgems: error: ") and why in err[0]
+        assert not out.exists()
+
+
+def test_saved_classifier_directory(tmp_path, clf, imgs):
+    import tgems
+
+    if not hasattr(tgems.EarlyExitClassifier, "save"):
+        pytest.skip("this tgems has no EarlyExitClassifier.save yet")
+    clf.save(tmp_path / "clf")
+    data, ids, images = _source("parquet", tmp_path, *imgs)
+    summary, code = run_command(data=data, out=str(tmp_path / "out"), classifier=str(tmp_path / "clf"), quiet=True,
+                                workers=0)
+    t = read_parts(tmp_path / "out")
+    pred = clf.predict(images)
+    assert code == 0 and t.column("label").to_pylist() == pred.labels
+    assert np.array_equal(t.column("exit_layer").to_numpy(), pred.exit_layers)
+    assert summary["settings"]["predictor"]["classifier_hash"]
