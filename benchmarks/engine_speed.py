@@ -19,7 +19,8 @@ import torch
 
 from tgems.backbones import load_backbone
 from tgems.backbones.hf_clip import CLIPBackbone
-from tgems.engine import ExitAtLayer, ExitPerRow, NeverExit, run_early_exit
+from tgems.engine import run_early_exit
+from tgems.policies import ExitAtLayer, ExitPerRow, NeverExit
 
 CASES = ("plain", "never_exit", "half_exit", "mixed")
 

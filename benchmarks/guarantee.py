@@ -16,12 +16,12 @@ import argparse
 import torch
 
 import tgems
-from tgems.cli import EMBEDDED_TGEM, write_json
+from tgems.io import write_json
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import scenes
-from tgems.evaluate import guarantee_pool, guarantee_study
+from tgems.evaluation.guarantee import guarantee_pool, guarantee_study
 
-TGEM = str(EMBEDDED_TGEM / "cls")
+TGEM = "embedded:cls"
 
 
 def main():

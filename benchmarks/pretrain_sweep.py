@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from tgems.backbones.hf_clip import CLIPBackbone
-from tgems.cli import write_json
-from tgems.pretrain import PRESETS, make_recipe, pretrain, train_step
+from tgems.io import write_json
+from tgems.training.pretrain import PRESETS, make_recipe, pretrain, train_step
 from tgems.profiles import class_embeddings
 
 P4W64 = dict(patch_size=4, hidden_size=64, num_attention_heads=2, intermediate_size=256)
@@ -95,7 +95,7 @@ def run_variant(name: str, args) -> dict:
 
 def cpu_cost(names, steps: int = 6, threads: int = 2) -> dict:
     """Median seconds per training step on this machine (model only; data adds ~0.09 s at batch 128)."""
-    from tgems.pretrain import build_model
+    from tgems.training.pretrain import build_model
 
     torch.set_num_threads(threads)
     costs = {}

@@ -12,11 +12,11 @@ import argparse
 import torch
 
 import tgems
-from tgems.cli import write_json
+from tgems.io import write_json
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import load_dataset
 from tgems.features import extract_features
-from tgems.fit import FitSettings, fit_tgem
+from tgems.training.fit import FitSettings, fit_tgem
 
 BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -25,9 +25,9 @@ def curve(bb, tgem, jumper, info, labels, fc, ft, splits):
     clf = EarlyExitClassifier(bb, tgem, labels, info["templates"], jumper=jumper)
     rows = []
     for b in BUDGETS:
-        clf.calibrate(fc, budget=b)
-        preds, depth = clf.simulate(ft)
-        _, lp = clf.layer_predictions(ft)
+        cal = clf.calibrate(fc, budget=b, allow_uncovered=True)
+        preds, depth = cal.simulate(ft)
+        _, lp = cal.layer_predictions(ft)
         row = {"budget": b, "mean_layers": round(float(depth.float().mean()), 3),
                "agreement": round(float((preds == lp[:, -1]).float().mean()), 4)}
         for s in ("seen", "heldout"):

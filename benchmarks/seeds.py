@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 import tgems
-from tgems.cli import write_json
+from tgems.io import write_json
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import load_dataset
-from tgems.evaluate import DEFAULT_BUDGETS, Recorder, analytic_flops
+from tgems.evaluation.harness import DEFAULT_BUDGETS, Recorder, analytic_flops
 from tgems.features import extract_features
-from tgems.fit import FitSettings, fit_tgem
-from tgems.jumper import Jumper
+from tgems.training.fit import FitSettings, fit_tgem
+from tgems.jumper import Jumper, exit_head_flops
 
 
 def evaluate_seed(bb, tgem, jumper, info, test, fc, ft, budgets) -> list[dict]:
@@ -35,11 +35,10 @@ def evaluate_seed(bb, tgem, jumper, info, test, fc, ft, budgets) -> list[dict]:
         clf = EarlyExitClassifier(bb, tgem, test.classes, info["templates"], jumper=j)
         _, lp = clf.layer_predictions(ft)
         rec = Recorder(bb, ft.labels, lp[:, -1], test.sample_split())
-        rec.static_correct = (clf.profiles.layers + [L], lp.eq(ft.labels[:, None]).float())
+        rec.static_correct = (clf.profiles.exit_layers, lp.eq(ft.labels[:, None]).float())
         for b in budgets:
-            clf.calibrate(fc, budget=b)
-            preds, depth = clf.simulate(ft)
-            flops = analytic_flops(bb, depth, clf.profiles.layers, clf.profiles.head_flops())
+            preds, depth = clf.calibrate(fc, budget=b, allow_uncovered=True).simulate(ft)
+            flops = analytic_flops(bb, depth, clf.profiles.layers, exit_head_flops(clf.profiles))
             rec.add(name, b, preds, depth, flops)
         out += rec.results
     return out

@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from tgems.cli import write_json
+from tgems.io import write_json
 
 
 def fmt(v) -> str:

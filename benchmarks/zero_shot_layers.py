@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import tgems
-from tgems.cli import write_json
+from tgems.io import write_json
 from tgems.data import load_dataset, scenes
 from tgems.evaluation.harness import zero_shot_layers
 from tgems.features import extract_features
