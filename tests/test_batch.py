@@ -228,3 +228,9 @@ def test_saved_classifier_directory(tmp_path, clf, imgs):
     assert code == 0 and t.column("label").to_pylist() == pred.labels
     assert np.array_equal(t.column("exit_layer").to_numpy(), pred.exit_layers)
     assert summary["settings"]["predictor"]["classifier_hash"]
+
+
+def test_core_package_does_not_import_ray():
+    code = ("import sys, tgems, tgems.batch, tgems.data.streaming, tgems.integrations; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
