@@ -228,3 +228,77 @@ def test_half_dtypes(siglip, siglip_dir, dtype):
     logits = bb.zero_shot_logits(bb.encode_image(x), bb.encode_text(texts))
     ref = siglip.zero_shot_logits(siglip.encode_image(x), siglip.encode_text(texts))
     assert logits.dtype == torch.float32 and (logits - ref).abs().max() < 0.2
+
+
+# ------------------------------------------------------------------ the whole chain on a tiny SigLIP
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A tiny SigLIP at the scenes' 32 px (its tokenizer knows every scenes word, so no two class texts
+    collapse), saved and loaded by path, and a T-GEM fit on it for 2 epochs."""
+    from tgems.data import scenes
+    from tgems.tgem import save_tgem
+    from tgems.training.fit import FitSettings, fit_tgem
+
+    root = tmp_path_factory.mktemp("siglip_chain")
+    path = make_tiny_siglip(root / "model", layers=4, width=32, heads=2, patch=8, image_size=32,
+                            words=scenes.vocabulary())
+    bb = tgems.load_backbone(str(path))
+    tgem, jumper, info = fit_tgem(bb, tgems.load_dataset("scenes:train:300"), FitSettings(epochs=2), progress=False)
+    return bb, save_tgem(root / "tgem", tgem, jumper, bb, info)
+
+
+def test_chain_fit_calibrate_predict(chain, tiny_backbone, tmp_path):
+    from tgems.jumper import exit_head_flops
+    from tgems.tgem import load_tgem
+
+    bb, tgem_dir = chain
+    tgem, _, cfg = load_tgem(tgem_dir, bb)
+    assert cfg["fingerprint"] == bb.fingerprint() and tgem.layers == [1, 2, 3]
+    with pytest.raises(TGEMError, match="another backbone"):
+        load_tgem(tgem_dir, tiny_backbone)
+
+    calib, test = tgems.load_dataset("scenes:calib:300"), tgems.load_dataset("scenes:test:40")
+    labels = [calib.classes[i] for i in np.unique(calib.labels)]
+    clf = tgems.EarlyExitClassifier(bb, str(tgem_dir), labels)
+    cal = clf.calibrate(calib, budget=0.5)
+    assert cal is not clf and cal.goal == "budget" and clf.calibration["source"] == "checkpoint"
+
+    pred = cal.predict(test.images)
+    L = bb.num_layers
+    assert len(pred.labels) == 40 and set(pred.labels) <= set(labels)
+    assert set(pred.exit_layers.tolist()) <= {1, 2, 3, L}
+    # the engine's exits equal the simulation on cached features (the readout is the pooling head)
+    sim_preds, sim_layers = cal.simulate(cal.features(test))
+    assert np.array_equal(np.asarray(sim_layers), pred.exit_layers)
+    assert np.array_equal(np.asarray(sim_preds), pred.indices)
+    # never exiting early, the classifier is SigLIP itself: sigmoid(scale * cos + bias) over the labels
+    whole = cal.with_tau(2.0).predict(test.images)
+    z = bb.encode_image(bb.preprocess(test.images))
+    assert (whole.exit_layers == L).all() and np.abs(whole.embeddings - z.numpy()).max() <= 1e-5
+    probs = torch.sigmoid(bb.zero_shot_logits(z, cal.text)).numpy()
+    assert np.abs(whole.probs - probs).max() <= 1e-5 and np.array_equal(whole.indices, probs.argmax(1))
+    # every candidate visited pays the pooling head (K/V over all tokens), not a cheap projection
+    head = exit_head_flops(cal.profiles)
+    assert np.allclose(whole.flops, bb.flops_full() + head + 3 * (bb.flops_readout() + head))
+    assert np.allclose(pred.flops, pred.flops_ratio * bb.flops_full())
+
+    saved = tgems.EarlyExitClassifier.load(cal.save(tmp_path / "clf"), bb)
+    again = saved.predict(test.images)
+    assert np.array_equal(again.exit_layers, pred.exit_layers) and again.labels == pred.labels
+
+
+def test_chain_eval(chain):
+    from tgems.evaluation.harness import run_eval
+
+    bb, tgem_dir = chain
+    calib, test = tgems.load_dataset("scenes:calib:300"), tgems.load_dataset("scenes:test:100")
+    report = run_eval(bb, [str(tgem_dir)], test, calib, speed=False, progress=False, log=lambda *a: None)
+    rows = [r for r in report["results"] if r["split"] == "all"]
+    assert {"full", "static", "lens", "oracle", "tgem_cls"} <= {r["method"] for r in rows}
+    full = next(r for r in rows if r["method"] == "full")
+    assert full["mean_layers"] == bb.num_layers and full["agreement"] == 1.0 and full["n"] == 100
+    tgem = {r["budget"]: r for r in rows if r["method"] == "tgem_cls"}
+    assert sorted(tgem) == [0.3, 0.4, 0.5, 0.6, 0.7]
+    assert tgem[0.3]["mean_layers"] < bb.num_layers and tgem[0.3]["flops_ratio"] < 1
