@@ -201,3 +201,44 @@ def test_build_and_search_calls(tiny_clip_dir, tiny_backbone, model, tmp_path):
         search(out, " ", model=str(tiny_clip_dir))
     with pytest.raises(TGEMError, match="k must be"):
         search(out, "a red circle", k=0, model=str(tiny_clip_dir))
+
+
+def _cli(capsys, *argv):
+    from tgems.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_index_and_search(tiny_clip_dir, tiny_clip_factory, tiny_backbone, model, tmp_path, capsys):
+    mdir = write_index_model(tmp_path / "model", model, tiny_backbone)
+    out, js = tmp_path / "index", tmp_path / "index.json"
+    rc, stdout, err = _cli(capsys, "index", "--model", tiny_clip_dir, "--tgem", mdir, "--data", "scenes:test:30",
+                           "--out", out, "--budget", "0.75", "--n-calib", "30", "--quiet", "--json", js)
+    assert rc == 0, err
+    assert "indexed 30 images" in stdout and json.loads(js.read_text())["images"] == 30
+    rc, stdout, err = _cli(capsys, "search", "--index", out, "a red circle", "--k", "3", "--json", tmp_path / "s.json")
+    assert rc == 0, err
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("1\tscenes:test:")
+    assert len(json.loads((tmp_path / "s.json").read_text())["hits"]) == 3
+    # bad input: one line on stderr, non-zero exit, nothing written
+    other = tiny_clip_factory(seed=1)
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "x.txt").write_text("x")
+    bad = [("search", "--index", out, "a red circle", "--k", "0"),
+           ("search", "--index", out, "   "),
+           ("search", "--index", out, "a red circle", "--model", other),
+           ("search", "--index", tmp_path / "nowhere", "a red circle"),
+           ("index", "--model", other, "--tgem", mdir, "--data", "scenes:test:10", "--out", tmp_path / "o2"),
+           ("index", "--model", tiny_clip_dir, "--tgem", mdir, "--data", "scenes:test:10", "--out", keep)]
+    for argv in bad:
+        rc, stdout, err = _cli(capsys, *argv, "--json", tmp_path / "bad.json")
+        assert rc != 0 and len(err.strip().splitlines()) == 1 and err.startswith("tgems: error:"), (argv, err)
+        assert not (tmp_path / "bad.json").exists() and not (tmp_path / "o2").exists()
+    assert sorted(p.name for p in keep.iterdir()) == ["x.txt"]

@@ -6,9 +6,11 @@ written to a temporary name and renamed, so no partial file is ever left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from tgems import __version__
@@ -218,6 +220,41 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_index(args):
+    from tgems.retrieval import build_index
+
+    info = build_index(args.model, args.tgem, args.data, args.out, budget=args.budget, max_drop=args.max_drop,
+                       delta=args.delta, rank=args.rank, calib=args.calib, n_calib=args.n_calib, n=args.n,
+                       seed=args.seed, device=args.device, dtype=args.dtype, progress=_progress(args))
+    print(f"indexed {info['images']} images into {info['index']}: {info['mean_layers']:.2f} of "
+          f"{info['num_layers']} layers on average, FLOPs ratio {info['flops_ratio']:.3f}")
+    if args.json:
+        write_json(args.json, info)
+    return 0
+
+
+def cmd_search(args):
+    from tgems.retrieval import search
+
+    res = search(args.index, args.query, image=args.image, k=args.k, model=args.model, device=args.device,
+                 dtype=args.dtype)
+    for h in res["hits"]:
+        print(f"{h['rank']}\t{h['id']}\t{h['score']:.4f}\tlayer {h['exit_layer']}")
+    if args.json:
+        write_json(args.json, res)
+    return 0
+
+
+def cmd_vocab(args):
+    from tgems.pipeline import vocabulary
+
+    words, note = vocabulary(args.model, device=args.device, dtype=args.dtype)
+    if words is not None:
+        print("\n".join(words))
+    _log(args)(note) if words is not None else print(note)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -355,6 +392,38 @@ def build_parser() -> argparse.ArgumentParser:
     placement(c)
     common(c)
     c.set_defaults(func=cmd_classify)
+
+    vo = sub.add_parser("vocab", help="the words a model's tokenizer knows (word-level tokenizers, e.g. embedded)")
+    vo.add_argument("--model", default="embedded")
+    placement(vo)
+    common(vo)
+    vo.set_defaults(func=cmd_vocab)
+
+    ix = sub.add_parser("index", help="encode images with early exit into a retrieval index (searched by text)")
+    ix.add_argument("--model", default="embedded", help="embedded, a local HF CLIP dir or a hub id")
+    ix.add_argument("--tgem", default="embedded:retrieval",
+                    help="retrieval maps + scorer (tgems.training.index_fit): embedded:retrieval or a dir")
+    ix.add_argument("--data", required=True, help="the images to index (a dataset spec)")
+    ix.add_argument("--out", required=True, help="index directory (written atomically)")
+    ix.add_argument("--n", type=_positive_int, help="index the first N images")
+    goal(ix)
+    ix.add_argument("--rank", type=_positive_int, default=1,
+                    help="--max-drop: full CLIP's best reference text must stay in the index's top RANK (default 1)")
+    ix.add_argument("--calib", help="calibration data spec (default: a random subset of --data; no labels used)")
+    ix.add_argument("--n-calib", type=_positive_int, default=2000)
+    placement(ix)
+    common(ix)
+    ix.set_defaults(func=cmd_index)
+
+    se = sub.add_parser("search", help="top-k images of an index for a text (or --image)")
+    se.add_argument("--index", required=True, help="index directory written by `tgems index`")
+    se.add_argument("query", nargs="?", help='the text, e.g. "a small red star near the top left"')
+    se.add_argument("--image", help="search by this image file instead (image-to-image)")
+    se.add_argument("--k", type=int, default=10, help="number of results (default 10)")
+    se.add_argument("--model", help="backbone (default: the one the index was built with)")
+    placement(se)
+    common(se)
+    se.set_defaults(func=cmd_search)
     return p
 
 
@@ -370,6 +439,19 @@ def _quiet_libraries():
         pass
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """tgems' own warnings (unknown label words, look-alike labels) as one `tgems: warning:` line each, not
+    Python's two-line format; shown even with --quiet, which silences progress, not problems."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"tgems: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -380,7 +462,8 @@ def main(argv=None) -> int:
     try:
         _check_outputs(args)
         _seed(args.seed)
-        return args.func(args)
+        with _warnings_as_lines():
+            return args.func(args)
     except TGEMError as e:
         print(f"tgems: error: {e}", file=sys.stderr)
         return 2

@@ -231,9 +231,12 @@ def _check_fingerprint(header: dict, backbone, path, what: str) -> None:
                         f"(fingerprint {backbone.fingerprint()[:12]})")
 
 
+SHIPPED_NAMES = ("embedded", "embedded:retrieval")
+
+
 def resolve_index_model(path) -> Path:
-    """'embedded' names the shipped maps of the embedded backbone; anything else is a directory."""
-    return embedded_index_model_dir() if str(path) == "embedded" else Path(path)
+    """'embedded' or 'embedded:retrieval' names the shipped maps of the embedded backbone; else a directory."""
+    return embedded_index_model_dir() if str(path) in SHIPPED_NAMES else Path(path).expanduser()
 
 
 def load_index_model(path, backbone) -> IndexModel:
@@ -511,10 +514,10 @@ def _open_image(path):
 # ------------------------------------------------------------------ one call per CLI command
 
 
-def build_index(model: str = "embedded", index_model: str = "embedded", data: str = "scenes:testall",
+def build_index(model: str = "embedded", index_model: str = "embedded:retrieval", data: str = "scenes:testall",
                 out=None, budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
                 rank: int = 1, calib: str | None = None, n_calib: int = 2000, n: int | None = None,
-                seed: int = 0, progress: bool = False) -> dict:
+                seed: int = 0, device="cpu", dtype="float32", progress: bool = False) -> dict:
     """`tgems index`: calibrate tau (on `calib`, default a seeded random subset of the data itself: the
     rule is label-free), encode the data with early exit and write the index. Returns a summary dict."""
     import tgems
@@ -528,7 +531,9 @@ def build_index(model: str = "embedded", index_model: str = "embedded", data: st
     out = Path(out)
     if out.exists() and not (out.is_dir() and ((out / INDEX_FILES[0]).is_file() or not any(out.iterdir()))):
         raise TGEMError(f"{out} exists and is not a tgems index; refusing to replace it")
-    bb = tgems.load_backbone(model)
+    if rank < 1 or n_calib < 1:
+        raise TGEMError("rank and the number of calibration images must be >= 1")
+    bb = tgems.load_backbone(model, device=device, dtype=dtype)
     im = load_index_model(index_model, bb)
     ds = load_dataset(data, n=n, seed=seed)
     calibration = {"goal": "model_default", "tau": im.config.get("tau", NEVER)}
@@ -552,8 +557,10 @@ def build_index(model: str = "embedded", index_model: str = "embedded", data: st
             "calibration": calibration}
 
 
-def search(index_dir, query: str | None = None, image=None, k: int = 10, model: str = "embedded") -> dict:
-    """`tgems search`: top-k of a text query or (with `image`) of a query image. Returns a dict."""
+def search(index_dir, query: str | None = None, image=None, k: int = 10, model: str | None = None,
+           device="cpu", dtype="float32") -> dict:
+    """`tgems search`: top-k of a text query or (with `image`) of a query image. Returns a dict.
+    `model` None: the backbone the index was built with (its `--model`)."""
     import tgems
 
     k = _check_k(k)
@@ -563,8 +570,8 @@ def search(index_dir, query: str | None = None, image=None, k: int = 10, model: 
         raise TGEMError("the query is empty: give a non-empty text")
     path = Path(index_dir)
     header, _ = _read_dir(path, INDEX_FILES, "tgems index")
-    meta_model = (header.get("meta") or {}).get("model", model)
-    bb = tgems.load_backbone(meta_model if model == "embedded" else model)
+    model = model or (header.get("meta") or {}).get("model") or header.get("backbone")
+    bb = tgems.load_backbone(model, device=device, dtype=dtype)
     index = EarlyExitIndex.load(path, bb)
     hits = index.search_text(query, k) if query is not None else index.search_image(image, k)
     return {"index": str(path), "query": query if query is not None else str(image), "k": k,
