@@ -236,7 +236,8 @@ def test_half_dtypes(siglip, siglip_dir, dtype):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """A tiny SigLIP at the scenes' 32 px (its tokenizer knows every scenes word, so no two class texts
-    collapse), saved and loaded by path, and a T-GEM fit on it for 2 epochs."""
+    collapse), saved and loaded by path, and T-GEMs fit on it for 2 epochs in both spaces (the `rates`
+    one reads the MLP activation rates of SigLIP's blocks)."""
     from tgems.data import scenes
     from tgems.tgem import save_tgem
     from tgems.training.fit import FitSettings, fit_tgem
@@ -245,15 +246,18 @@ def chain(tmp_path_factory):
     path = make_tiny_siglip(root / "model", layers=4, width=32, heads=2, patch=8, image_size=32,
                             words=scenes.vocabulary())
     bb = tgems.load_backbone(str(path))
-    tgem, jumper, info = fit_tgem(bb, tgems.load_dataset("scenes:train:300"), FitSettings(epochs=2), progress=False)
-    return bb, save_tgem(root / "tgem", tgem, jumper, bb, info)
+    train = tgems.load_dataset("scenes:train:300")
+    tgem, jumper, info = fit_tgem(bb, train, FitSettings(epochs=2), progress=False)
+    r_tgem, r_jumper, r_info = fit_tgem(bb, train, FitSettings(epochs=2, space="rates"), progress=False)
+    return (bb, save_tgem(root / "tgem", tgem, jumper, bb, info),
+            save_tgem(root / "tgem_rates", r_tgem, r_jumper, bb, r_info))
 
 
 def test_chain_fit_calibrate_predict(chain, tiny_backbone, tmp_path):
     from tgems.jumper import exit_head_flops
     from tgems.tgem import load_tgem
 
-    bb, tgem_dir = chain
+    bb, tgem_dir, _ = chain
     tgem, _, cfg = load_tgem(tgem_dir, bb)
     assert cfg["fingerprint"] == bb.fingerprint() and tgem.layers == [1, 2, 3]
     with pytest.raises(TGEMError, match="another backbone"):
@@ -292,11 +296,12 @@ def test_chain_fit_calibrate_predict(chain, tiny_backbone, tmp_path):
 def test_chain_eval(chain):
     from tgems.evaluation.harness import run_eval
 
-    bb, tgem_dir = chain
+    bb, tgem_dir, rates_dir = chain
     calib, test = tgems.load_dataset("scenes:calib:300"), tgems.load_dataset("scenes:test:100")
-    report = run_eval(bb, [str(tgem_dir)], test, calib, speed=False, progress=False, log=lambda *a: None)
+    report = run_eval(bb, [str(tgem_dir), str(rates_dir)], test, calib, speed=False, progress=False,
+                      log=lambda *a: None)
     rows = [r for r in report["results"] if r["split"] == "all"]
-    assert {"full", "static", "lens", "oracle", "tgem_cls"} <= {r["method"] for r in rows}
+    assert {"full", "static", "lens", "oracle", "tgem_cls", "tgem_rates"} <= {r["method"] for r in rows}
     full = next(r for r in rows if r["method"] == "full")
     assert full["mean_layers"] == bb.num_layers and full["agreement"] == 1.0 and full["n"] == 100
     tgem = {r["budget"]: r for r in rows if r["method"] == "tgem_cls"}
