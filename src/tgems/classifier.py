@@ -21,7 +21,7 @@ from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
 from tgems.jumper import Jumper, fit_jumper, jumper_signals
 from tgems.policies import JumperPolicy
-from tgems.profiles import ClassProfiles, class_embeddings, layer_probs, sample_profiles, zero_shot_head
+from tgems.profiles import ClassProfiles, check_readable_labels, layer_probs, sample_profiles, zero_shot_head
 from tgems.tgem import TGEM, load_tensors, load_tgem
 
 FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ class EarlyExitClassifier:
         if profiles is None:
             if tgem is None:
                 raise TGEMError("give T-GEM modules (or a checkpoint name or path) or sample-based profiles")
-            profiles = tgem.profiles(class_embeddings(backbone, self.labels, self.templates), backbone)
+            profiles = tgem.profiles(check_readable_labels(backbone, self.labels, self.templates), backbone)
         if profiles.num_classes != len(self.labels):
             raise TGEMError(f"profiles have {profiles.num_classes} classes for {len(self.labels)} labels")
         self.profiles = profiles.to(backbone.device)
@@ -98,8 +98,8 @@ class EarlyExitClassifier:
         """Sample-based profiles (k images per class of `data`); the Jumper is fit on `jumper_feats` (default
         `data`'s features). Uncalibrated, it never exits early."""
         labels = list(labels or data.classes)
+        text = check_readable_labels(backbone, labels, templates or ["{}"])
         feats = feats or extract_features(backbone, data, rates=space == "rates", progress=progress)
-        text = class_embeddings(backbone, labels, templates or ["{}"])
         L = backbone.num_layers
         layers = list(layers or range(1, L))
         prof = sample_profiles(feats.space(space), feats.labels, len(labels), text, layers, L,

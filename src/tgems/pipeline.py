@@ -71,3 +71,17 @@ def classify_files(clf: EarlyExitClassifier, paths) -> tuple[list[dict], list[di
             records.append({"path": str(p), "label": pred.labels[i], "probability": round(float(pred.probs[i].max()), 4),
                             "exit_layer": int(pred.exit_layers[i]), "flops_ratio": round(float(pred.flops_ratio[i]), 4)})
     return records, failures
+
+
+def vocabulary(model: str = "embedded", device="cpu", dtype="float32") -> tuple[list[str] | None, str]:
+    """(words, note): the words a word-level tokenizer knows (every other word reads as unknown), or
+    (None, note) for a subword tokenizer, which reads any text. For `tgems vocab`."""
+    from tgems.backbones import load_backbone
+    from tgems.profiles import known_words
+
+    bb = load_backbone(model, device=device, dtype=dtype)
+    words = known_words(bb)
+    if words is None:
+        return None, f"{bb.name} has a subword tokenizer ({type(bb.tokenizer).__name__}): it reads any text"
+    return words, (f"{bb.name} has a word-level tokenizer of {len(words)} words and marks; any other word "
+                   f"reads as {bb.tokenizer.unk_token}")

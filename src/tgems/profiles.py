@@ -7,6 +7,7 @@ with the backbone's own zero-shot head, so never exiting early reproduces the fu
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -38,6 +39,113 @@ def check_labels(labels) -> list[str]:
     if dups:
         raise TGEMError(f"duplicate labels: {', '.join(dups)}")
     return labels
+
+
+NEAR_IDENTICAL = 0.999  # class text embeddings at least this close (cosine) are refused as one class
+FILLER_WORDS = frozenset({"a", "an", "the"})  # known words that carry no class meaning on their own
+
+
+class UnknownWordsWarning(UserWarning):
+    """Some label words are unknown to the backbone's tokenizer (they read as its unknown-word token)."""
+
+
+class SimilarLabelsWarning(UserWarning):
+    """Labels with different tokens but near-identical text embeddings: the model barely tells them apart."""
+
+
+def known_words(backbone) -> list[str] | None:
+    """The words a word-level tokenizer knows (sorted, specials left out), or None for a subword tokenizer,
+    which reads any text. Why: with a word-level vocabulary (the embedded model) every other word is lost."""
+    tok = backbone.tokenizer
+    model = getattr(getattr(tok, "backend_tokenizer", None), "model", None)
+    if type(model).__name__ != "WordLevel":
+        return None
+    specials = set(getattr(tok, "all_special_tokens", []))
+    return sorted(w for w in tok.get_vocab() if w not in specials)
+
+
+def _unknown_words(tok, text: str, unk: int) -> tuple[list[str], list[str]]:
+    """(unknown words, known tokens) of one text, spelled as in the text where offsets allow."""
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = enc["input_ids"], enc["offset_mapping"]
+        unknown = [text[a:b] for i, (a, b) in zip(ids, spans) if i == unk]
+        known = tok.convert_ids_to_tokens([i for i in ids if i != unk])
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # slow tokenizers: word by word
+        unknown, known = [], []
+        for w in text.split():
+            ids = tok(w, add_special_tokens=False)["input_ids"]
+            if ids and all(i == unk for i in ids):
+                unknown.append(w)
+            else:
+                known += tok.convert_ids_to_tokens([i for i in ids if i != unk])
+    return unknown, known
+
+
+def _names(items, most: int = 5) -> str:
+    items = list(items)
+    out = ", ".join(f"'{t}'" for t in items[:most])
+    return out + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def check_readable_labels(backbone, labels, templates=("{}",)) -> torch.Tensor:
+    """Refuse labels the backbone cannot read or tell apart, before any work; return their class embeddings.
+
+    Refused, in one TGEMError naming them: labels whose prompts become the same token ids (e.g. "a red
+    circle" / "A Red Circle", or "the digit zero" / "the digit one" read as "the [UNK] [UNK]" by a word-level
+    tokenizer), and labels made only of unknown words plus articles (a, an, the) and punctuation. Warned
+    (the class is still scored): unknown words in otherwise readable labels (UnknownWordsWarning), and
+    labels with different tokens but near-identical text embeddings, cosine >= NEAR_IDENTICAL
+    (SimilarLabelsWarning; a warning, not a refusal, because the embedded model's own scenes classes have
+    such pairs: its text tower maps the eight "a <colour> triangle" classes to one point).
+    Why: identical labels get identical scores, and every figure computed from them reads like a result
+    while it is noise."""
+    labels = check_labels(labels)
+    templates = list(templates) or ["{}"]
+    tok, problems = backbone.tokenizer, []
+    unk = getattr(tok, "unk_token_id", None)
+    unknown: dict[str, None] = {}
+    empty = []
+    if unk is not None and known_words(backbone) is not None:  # only word-level vocabularies lose words
+        for t in labels:
+            words, known = _unknown_words(tok, t, unk)
+            unknown.update(dict.fromkeys(w.lower() for w in words))
+            meaningful = [k for k in known if k.lower() not in FILLER_WORDS and any(ch.isalnum() for ch in k)]
+            if words and not meaningful:
+                empty.append(t)
+    if empty:
+        problems.append(f"{_names(empty)} {'is' if len(empty) == 1 else 'are'} made only of unknown words")
+    groups: dict[tuple, list[str]] = {}
+    ids = backbone.token_ids([tpl.format(c) for c in labels for tpl in templates])
+    for i, c in enumerate(labels):
+        groups.setdefault(tuple(map(tuple, ids[i * len(templates):(i + 1) * len(templates)])), []).append(c)
+    same = [g for g in groups.values() if len(g) > 1]
+    for g in same[:3]:
+        shown = " ".join(tok.convert_ids_to_tokens(tok(g[0], add_special_tokens=False)["input_ids"]))
+        problems.append(f"{_names(g, 4)} become the same tokens ('{shown}')")
+    if len(same) > 3:
+        problems.append(f"{len(same) - 3} more groups of labels become the same tokens")
+    unknown_note = f"words unknown to its tokenizer: {_names(unknown, 8)}" if unknown else ""
+    if problems:
+        hint = (f" (see `tgems vocab --model {backbone.name}` for the words it knows; for your own images use "
+                f"a real CLIP or SigLIP checkpoint)" if unknown else "")
+        raise TGEMError(f"{backbone.name} cannot read or tell apart these labels: {'; '.join(problems)}"
+                        + (f"; {unknown_note}" if unknown_note else "") + hint)
+    emb = class_embeddings(backbone, labels, templates)
+    group_of = {c: k for k, g in enumerate(groups.values()) for c in g}
+    sim = (emb.float() @ emb.float().t()).cpu()
+    i, j = torch.nonzero(torch.triu(sim >= NEAR_IDENTICAL, 1), as_tuple=True)
+    pairs = [f"'{labels[a]}' ~ '{labels[b]}'" for a, b in zip(i.tolist(), j.tolist())
+             if group_of[labels[a]] != group_of[labels[b]]]
+    if unknown:
+        warnings.warn(f"{unknown_note} (they read as {tok.unk_token}; see `tgems vocab --model {backbone.name}`)",
+                      UnknownWordsWarning, stacklevel=2)
+    if pairs:
+        more = f" and {len(pairs) - 4} more pairs" if len(pairs) > 4 else ""
+        warnings.warn(f"{len(pairs)} pair(s) of labels have near-identical text embeddings (cosine >= "
+                      f"{NEAR_IDENTICAL}), so the model barely tells them apart: {', '.join(pairs[:4])}{more}",
+                      SimilarLabelsWarning, stacklevel=2)
+    return emb
 
 
 def class_embeddings(backbone, labels, templates=("{}",)) -> torch.Tensor:

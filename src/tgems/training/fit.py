@@ -17,7 +17,7 @@ from tgems.calibration import calibrate_budget
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
 from tgems.jumper import check_jumper_target, fit_jumper, jumper_signals
-from tgems.profiles import class_embeddings, default_templates, layer_probs
+from tgems.profiles import check_readable_labels, default_templates, layer_probs
 from tgems.tgem import TGEM
 
 
@@ -112,18 +112,18 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     if s.soft_tau is not None and not 0 < s.soft_tau < 1:
         raise TGEMError(f"soft_tau must lie in (0, 1), got {s.soft_tau}")
     templates = list(templates or default_templates(data.name))
-    torch.manual_seed(s.seed)
-    if feats is None:
-        feats = extract_features(backbone, data, rates=s.space == "rates", progress=progress, desc="cache features")
     present = np.unique(data.labels)
     if len(present) < 2:
         raise TGEMError(f"{data.name} has images of {len(present)} class(es): fitting T-GEMs needs at least two "
                         f"(a one-class problem has nothing to decide)")
     classes = [data.classes[i] for i in present]
+    class_text = check_readable_labels(backbone, classes, templates).cpu()  # refused before any work
+    torch.manual_seed(s.seed)
+    if feats is None:
+        feats = extract_features(backbone, data, rates=s.space == "rates", progress=progress, desc="cache features")
     remap = torch.full((len(data.classes),), -1, dtype=torch.long)
     remap[torch.as_tensor(present)] = torch.arange(len(present))
     y_all = remap[feats.labels]
-    class_text = class_embeddings(backbone, classes, templates).cpu()
 
     rng = np.random.default_rng(s.seed)
     perm = rng.permutation(len(y_all))
