@@ -45,9 +45,8 @@ class SiglipBackbone(Backbone):
         if tokenizer.pad_token is None:
             raise TGEMError(f"{name}: the SigLIP tokenizer has no pad token (texts are padded to max length)")
         image_size, patch = _square(vc.image_size, "image_size"), _square(vc.patch_size, "patch_size")
-        if preprocessor is None:
-            # SiglipImageProcessor resizes straight to the model size, no centre crop.
-            preprocessor = {"size": {"height": image_size, "width": image_size}}
+        # SiglipImageProcessor resizes straight to the model size (no centre crop) unless its config says otherwise.
+        preprocessor = {"size": {"height": image_size, "width": image_size}, **(preprocessor or {})}
         super().__init__(name, path, model, tokenizer, preprocessor, device, dtype,
                          num_layers=vc.num_hidden_layers, width=vc.hidden_size, mlp_dim=vc.intermediate_size,
                          embed_dim=vc.hidden_size, image_size=image_size, patch_size=patch,
