@@ -25,8 +25,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from tgems.errors import TGEMError
 
 TASKS = ("classify", "embed")
@@ -63,6 +61,8 @@ def error_schema():
 def _embeddings(predictor, images, pred):
     """The readout z at each image's exit layer: Prediction.embeddings when the classifier gives it,
     else the same engine run with the classifier's own policy (older classifiers)."""
+    import numpy as np
+
     emb = getattr(pred, "embeddings", None)
     if emb is not None:
         return np.asarray(emb, dtype=np.float32)
@@ -77,6 +77,8 @@ def _embeddings(predictor, images, pred):
 
 def predict_table(predictor, images, ids, source_labels, task: str):
     """Run the predictor on a list of PIL images and return the part columns as a pyarrow Table."""
+    import numpy as np
+
     import pyarrow as pa
 
     pred = predictor.predict(images)
@@ -172,6 +174,7 @@ class ClassifierSpec:
     delta: float = 0.1
     calib: str | None = None
     tau: float | None = None
+    label_free: bool = False
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
@@ -188,8 +191,8 @@ class ClassifierSpec:
             raise TGEMError("--budget/--max-drop need --calib SPEC (held-out images to calibrate on)")
         if self.tau is not None and (self.budget is not None or self.max_drop is not None):
             raise TGEMError("--tau sets the threshold directly; it cannot be combined with --budget/--max-drop")
-        tgem = Path(self.tgem or _default_tgem())
-        if not tgem.exists():
+        tgem = str(self.tgem or _default_tgem())
+        if ":" not in tgem and not Path(tgem).exists():  # "embedded:cls"-style names are the library's to resolve
             raise TGEMError(f"T-GEM checkpoint {tgem} does not exist")
         return self
 
@@ -202,34 +205,20 @@ class ClassifierSpec:
             d["classifier_hash"] = _hash_dir(Path(self.classifier))
             return d
         d["tgem"] = str(self.tgem or _default_tgem())
-        d["tgem_hash"] = _hash_dir(Path(d["tgem"]))
+        if Path(d["tgem"]).exists():
+            d["tgem_hash"] = _hash_dir(Path(d["tgem"]))
         if Path(self.model).is_dir():
             d["model_hash"] = _hash_dir(Path(self.model))
         return d
 
     def build(self):
-        import tgems
+        """The library's own builder (tgems.pipeline.build_classifier), as `tgems classify` uses it."""
+        from tgems.pipeline import build_classifier
 
-        if self.classifier is not None:
-            load = getattr(tgems.EarlyExitClassifier, "load", None)
-            if load is None:
-                raise TGEMError("this tgems cannot load saved classifiers yet (no EarlyExitClassifier.load); "
-                                "use --model/--tgem/--labels")
-            return load(self.classifier, device=self.device, dtype=self.dtype)
-        bb = tgems.load_backbone(self.model, device=self.device, dtype=_torch_dtype(self.dtype))
-        clf = tgems.EarlyExitClassifier(bb, self.tgem or _default_tgem(), list(self.labels))
-        if self.budget is not None or self.max_drop is not None:
-            calib = tgems.load_dataset(self.calib, seed=self.seed)
-            if self.budget is not None:
-                clf = clf.calibrate(calib, budget=self.budget, use_labels=False)
-            else:
-                clf = clf.calibrate(calib, max_drop=self.max_drop, delta=self.delta)
-        elif self.tau is not None:
-            if hasattr(clf, "with_tau"):  # classifiers are immutable: a new one with that threshold
-                clf = clf.with_tau(float(self.tau))
-            else:
-                clf.tau = float(self.tau)
-        return clf
+        return build_classifier(self.model, self.tgem or _default_tgem(), self.labels, classifier=self.classifier,
+                                calib=self.calib, budget=self.budget, max_drop=self.max_drop, delta=self.delta,
+                                tau=self.tau, label_free=self.label_free, seed=self.seed, device=self.device,
+                                dtype=self.dtype)
 
 
 def _torch_dtype(name: str):
@@ -243,6 +232,8 @@ def _torch_dtype(name: str):
 
 def describe_predictor(predictor) -> dict:
     """A fingerprint of a predictor object, for jobs started from Python without a ClassifierSpec."""
+    import numpy as np
+
     h = hashlib.sha256()
 
     def feed(obj, depth=0):
@@ -391,6 +382,8 @@ class _Progress:
         self.errors = 0
 
     def update(self, n, exit_layers=None, errors=0):
+        import numpy as np
+
         if exit_layers is not None:
             for l, c in zip(*np.unique(exit_layers, return_counts=True)):
                 self.counts[int(l)] = self.counts.get(int(l), 0) + int(c)
@@ -434,6 +427,8 @@ def _write_shard_errors(out: Path, shard, errors: list):
 
 def finish_job(out: Path, job: dict, task: str, started: float, counts: dict) -> dict:
     """Totals read back from the parts (so a resumed job reports the whole job), errors.parquet, _SUCCESS."""
+    import numpy as np
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -556,7 +551,8 @@ def _read_labels(labels, labels_file):
 def run_command(*, data: str, out: str, task: str = "classify", classifier: str | None = None,
                 model: str = "embedded", tgem: str | None = None, labels=None, labels_file: str | None = None,
                 budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
-                calib: str | None = None, tau: float | None = None, workers: int = 2, batch_size: int = 64,
+                calib: str | None = None, tau: float | None = None, label_free: bool = False, workers: int = 2,
+                batch_size: int = 64,
                 device: str = "cpu", dtype: str = "float32", engine: str = "local", address: str | None = None,
                 concurrency: int = 2, num_gpus: float = 0, json_path: str | None = None, quiet: bool = False,
                 seed: int = 0, image_column: str | None = None, id_column: str | None = None,
@@ -573,8 +569,8 @@ def run_command(*, data: str, out: str, task: str = "classify", classifier: str 
     if classifier is None:
         labels = _read_labels(labels, labels_file)
     spec = ClassifierSpec(classifier=classifier, model=model, tgem=tgem, labels=labels if classifier is None else None,
-                          budget=budget, max_drop=max_drop, delta=delta, calib=calib, tau=tau, device=device,
-                          dtype=dtype, seed=seed).check()
+                          budget=budget, max_drop=max_drop, delta=delta, calib=calib, tau=tau, label_free=label_free,
+                          device=device, dtype=dtype, seed=seed).check()
     _torch_dtype(dtype)
     source = open_source(data, block=block, image_column=image_column, id_column=id_column)  # fails before work
     if engine == "ray":
@@ -598,10 +594,26 @@ def summary_line(summary: dict) -> str:
             f"{summary['parts_skipped']} parts resumed, {summary['images_per_s'] or 0:.0f} img/s)")
 
 
+def add_stream_arguments(p: argparse.ArgumentParser, required: bool = True):
+    """The streamed-job options of `tgems classify|embed --data SPEC --out DIR` (the CLI adds model, labels,
+    goal, --device/--dtype and --json/--quiet/--seed itself)."""
+    p.add_argument("--data", required=required, help="folder:DIR[?block=N] | webdataset:PATTERN | parquet:PATH")
+    p.add_argument("--out", required=required,
+                   help="output directory: part-NNNNN.parquet, errors.parquet, _SUCCESS (a rerun resumes)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes (0: decode in a thread)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
+    p.add_argument("--engine", default="local", choices=("local", "ray"), help="local (default) or Ray Data")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--concurrency", type=int, default=2, help="Ray: predictor actors (default 2)")
+    p.add_argument("--num-gpus", type=float, default=0, help="Ray: GPUs per actor (default 0)")
+    p.add_argument("--image-column", help="parquet: the image-bytes column (default: image, jpg, bytes, img or png)")
+    p.add_argument("--id-column", help="parquet: the id column (default: id, else FILE:ROW)")
+    p.add_argument("--block", type=int, help="folder: files per output part (default 1000)")
+
+
 def add_batch_arguments(p: argparse.ArgumentParser, task: str):
-    """The options of `tgems classify|embed --data SPEC --out DIR` (cli.py wires them in)."""
-    p.add_argument("--data", required=True, help="folder:DIR | webdataset:PATTERN | parquet:PATH")
-    p.add_argument("--out", required=True, help="output directory (part-NNNNN.parquet, errors.parquet, _SUCCESS)")
+    """Every option of a streamed job, for `python -m tgems.batch`."""
+    add_stream_arguments(p)
     p.add_argument("--classifier", help="a saved classifier directory (instead of --model/--tgem/--labels)")
     p.add_argument("--model", default="embedded")
     p.add_argument("--tgem", default=None, help="T-GEM checkpoint (default: the embedded cls checkpoint)")
@@ -612,18 +624,10 @@ def add_batch_arguments(p: argparse.ArgumentParser, task: str):
     g.add_argument("--max-drop", type=float, help="calibrate for this maximum drop on --calib")
     p.add_argument("--delta", type=float, default=0.1)
     p.add_argument("--calib", help="calibration data spec (e.g. scenes:calib)")
+    p.add_argument("--label-free", action="store_true", help="calibrate on agreement with the full model")
     p.add_argument("--tau", type=float, help="exit threshold (default: the checkpoint's)")
-    p.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in a thread)")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--engine", default="local", choices=("local", "ray"))
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--concurrency", type=int, default=2, help="Ray actors")
-    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per Ray actor")
-    p.add_argument("--image-column", help="parquet: the image-bytes column")
-    p.add_argument("--id-column", help="parquet: the id column")
-    p.add_argument("--block", type=int, help="folder: files per output part (default 1000)")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -632,10 +636,13 @@ def add_batch_arguments(p: argparse.ArgumentParser, task: str):
 
 def cmd_batch(args) -> int:
     """argparse namespace -> job; prints one summary line (and one error line when inputs failed)."""
+    if not args.data or not args.out:
+        raise TGEMError("a streamed job needs both --data SPEC and --out DIR")
     summary, code = run_command(
         data=args.data, out=args.out, task=args.task, classifier=args.classifier, model=args.model, tgem=args.tgem,
         labels=args.labels, labels_file=args.labels_file, budget=args.budget, max_drop=args.max_drop,
-        delta=args.delta, calib=args.calib, tau=args.tau, workers=args.workers, batch_size=args.batch_size,
+        delta=args.delta, calib=args.calib, tau=args.tau, label_free=getattr(args, "label_free", False),
+        workers=args.workers, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, engine=args.engine, address=args.address,
         concurrency=args.concurrency, num_gpus=args.num_gpus, json_path=args.json, quiet=args.quiet,
         seed=args.seed, image_column=args.image_column, id_column=args.id_column, block=args.block)

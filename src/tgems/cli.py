@@ -180,6 +180,8 @@ def cmd_calibrate(args):
 def cmd_classify(args):
     from tgems.pipeline import build_classifier, classify_files, read_labels
 
+    if args.data or args.out:  # a streamed job: --data SPEC --out DIR (tgems.batch)
+        return cmd_embed(args, task="classify")
     labels = None if args.classifier else read_labels(args.labels, args.labels_file)
     if not args.classifier and not labels:
         raise TGEMError("give --labels, --labels-file or --classifier")
@@ -204,6 +206,15 @@ def cmd_classify(args):
         print(f"tgems: error: {len(failures)} of {len(args.images)} images could not be read", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_embed(args, task="embed"):
+    from tgems.batch import cmd_batch
+
+    if getattr(args, "images", None):
+        raise TGEMError("give image files or --data SPEC --out DIR, not both")
+    args.task = task
+    return cmd_batch(args)
 
 
 def cmd_demo(args):
@@ -382,16 +393,29 @@ def build_parser() -> argparse.ArgumentParser:
     common(cb)
     cb.set_defaults(func=cmd_calibrate)
 
-    c = sub.add_parser("classify", help="label image files with early exit")
+    from tgems.batch import add_stream_arguments
+
+    c = sub.add_parser("classify", help="label image files, or stream --data SPEC to sharded parquet in --out DIR")
     labelled(c)
     c.add_argument("--classifier", help="a saved calibrated classifier (from tgems calibrate)")
     goal(c)
     c.add_argument("--tau", type=_tau, help="exit threshold in [0, 2] (default: the checkpoint's; 2 never exits)")
     c.add_argument("--jsonl", action="store_true", help="one JSON record per line")
     c.add_argument("images", nargs="*")
+    add_stream_arguments(c, required=False)
     placement(c)
     common(c)
     c.set_defaults(func=cmd_classify)
+
+    em = sub.add_parser("embed", help="stream --data SPEC to parquet in --out DIR: the embedding each image exits with")
+    labelled(em)
+    em.add_argument("--classifier", help="a saved calibrated classifier (from tgems calibrate)")
+    goal(em)
+    em.add_argument("--tau", type=_tau, help="exit threshold in [0, 2] (default: the checkpoint's; 2 never exits)")
+    add_stream_arguments(em)
+    placement(em)
+    common(em)
+    em.set_defaults(func=cmd_embed)
 
     vo = sub.add_parser("vocab", help="the words a model's tokenizer knows (word-level tokenizers, e.g. embedded)")
     vo.add_argument("--model", default="embedded")
