@@ -242,3 +242,12 @@ def test_cli_index_and_search(tiny_clip_dir, tiny_clip_factory, tiny_backbone, m
         assert rc != 0 and len(err.strip().splitlines()) == 1 and err.startswith("tgems: error:"), (argv, err)
         assert not (tmp_path / "bad.json").exists() and not (tmp_path / "o2").exists()
     assert sorted(p.name for p in keep.iterdir()) == ["x.txt"]
+
+
+def test_summary_line(tiny_backbone, model, gallery):
+    from tgems.retrieval import summary_line
+
+    index = EarlyExitIndex.build(tiny_backbone, gallery.subset(np.arange(12)), model, tau=NEVER)
+    line = summary_line(index, "a red circle", k=2)
+    top = index.search_text("a red circle", 2)[0]
+    assert "\n" not in line and top.id in line and f"{index.mean_layers:.2f} of {tiny_backbone.num_layers}" in line

@@ -577,3 +577,12 @@ def search(index_dir, query: str | None = None, image=None, k: int = 10, model: 
     return {"index": str(path), "query": query if query is not None else str(image), "k": k,
             "hits": [{"rank": r + 1, "id": h.id, "score": round(h.score, 6), "exit_layer": h.exit_layer}
                      for r, h in enumerate(hits)]}
+
+
+def summary_line(index: EarlyExitIndex, query: str = "a small red star near the top left", k: int = 3) -> str:
+    """One line for the demo: the top hits of one text query and what the index cost."""
+    hits = index.search_text(query, k)
+    L = index.backbone.num_layers
+    tops = ", ".join(f"{h.id} ({h.score:.3f}, layer {h.exit_layer})" for h in hits)
+    return (f'retrieval: "{query}" -> {tops}; index of {len(index)} images at {index.mean_layers:.2f} of {L} layers, '
+            f"FLOPs ratio {index.flops_ratio:.3f}")
