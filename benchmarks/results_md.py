@@ -311,6 +311,9 @@ def fmt_generic(rec: dict) -> str:
     for k, v in d.items():
         if isinstance(v, (str, int, float, bool)) or v is None:
             scalars.append(f"- {k}: {num(v, 4)}")
+        elif isinstance(v, list) and all(isinstance(x, (str, int, float, bool)) or x is None for x in v):
+            shown = ", ".join(num(x, 4) for x in v[:50]) + (f", ... ({len(v)} in all)" if len(v) > 50 else "")
+            scalars.append(f"- {k}: [{shown}]")
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             cols = []
             for x in v:
@@ -328,26 +331,36 @@ FORMATTERS = {"demo": fmt_report, "eval": fmt_report, "engine_speed": fmt_engine
 
 
 def kind_of(rec: dict) -> str:
+    """The record's kind when a formatter knows it; a record without a kind (or "generic") is recognised
+    by the shape of its data; any other kind gets the generic view."""
     k = rec.get("kind")
     if k in FORMATTERS:
         return k
+    if k not in (None, "", "generic"):
+        return k
     d = rec.get("data")
-    if isinstance(d, dict):  # records of unknown kind, by their shape
-        if isinstance(d.get("results"), list) and d["results"] and "method" in d["results"][0]:
-            return "eval"
-        if {"plain", "never_exit"} <= set(d):
-            return "engine_speed"
-        if "held" in d and "rows" in d:
-            return "guarantee"
-        if "curves" in d:
-            return "regularizer"
-        if "summary" in d and "seeds" in d:
-            return "seeds"
-        if "report" in d and "rows" in d:
-            return "targets"
-        if isinstance(d.get("layers"), list) and d["layers"] and "layer" in d["layers"][0]:
-            return "zero_shot_layers"
-    return k or "generic"
+    if not isinstance(d, dict):
+        return "generic"
+
+    def first(key):
+        v = d.get(key)
+        return v[0] if isinstance(v, list) and v and isinstance(v[0], dict) else {}
+
+    if "method" in first("results"):
+        return "eval"
+    if {"plain", "never_exit"} <= set(d):
+        return "engine_speed"
+    if "held" in d and "rows" in d:
+        return "guarantee"
+    if isinstance(d.get("curves"), dict):
+        return "regularizer"
+    if "summary" in d and "seeds" in d:
+        return "seeds"
+    if "report" in d and "rows" in d:
+        return "targets"
+    if "layer" in first("layers"):
+        return "zero_shot_layers"
+    return "generic"
 
 
 # ------------------------------------------------------------------ the page
@@ -393,7 +406,7 @@ def section(rec: dict, recs: list[dict] | None = None) -> str:
         lines.append(f"- took: {rec['seconds']:g} s")
     try:
         body = FORMATTERS.get(kind, fmt_generic)(rec)
-    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, StopIteration) as e:
+    except Exception as e:  # a record of an unexpected shape must not stop the page
         body = f"(the {kind} formatter could not read this record: {type(e).__name__}: {e}; generic view)\n\n" \
                + fmt_generic(rec)
     return "\n".join(lines) + "\n\n" + body + "\n"
@@ -402,8 +415,13 @@ def section(rec: dict, recs: list[dict] | None = None) -> str:
 def load_records() -> list[dict]:
     recs = []
     for p in sorted(RESULTS.glob("*.json")):
-        rec = json.loads(p.read_text())
-        rec.setdefault("name", p.stem)
+        try:
+            rec = json.loads(p.read_text())
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            rec = {"kind": "generic", "data": {"error": f"unreadable record: {e}"}}
+        rec["name"] = str(rec.get("name") or p.stem)
         recs.append(rec)
     rank = {k: i for i, k in enumerate(ORDER)}
     return sorted(recs, key=lambda r: (rank.get(kind_of(r), len(ORDER)), r["name"]))
