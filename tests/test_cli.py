@@ -1,8 +1,8 @@
 """End-to-end tests of the `tgems` command line (`tgems.cli.main`), on a tiny trained CLIP.
 
-The shipped embedded model is not used: a module fixture pretrains a 4-block CLIP for a few
-steps (model A), fits `cls` and `rates` T-GEMs on it through the CLI, and a second tiny CLIP
-with another seed (model B) stands for "another backbone".
+The shipped embedded model is not used: model A is the session's tiny trained CLIP (tests/conftest.py),
+on which a module fixture fits `cls` and `rates` T-GEMs through the CLI; a random-init tiny CLIP (model B,
+also shared by the session) stands for "another backbone".
 """
 import json
 import os
@@ -45,14 +45,10 @@ def assert_one_line_error(rc, err):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """Tiny CLIP A (+ its cls / rates T-GEMs, fitted through the CLI) and tiny CLIP B (another seed)."""
-    from tgems.training.pretrain import pretrain
-
+def work(tmp_path_factory, trained_clip_dir, tiny_clip_dir):
+    """Tiny CLIP A (trained; + its cls / rates T-GEMs, fitted through the CLI) and tiny CLIP B (random init)."""
     root = tmp_path_factory.mktemp("cli")
-    model_a, model_b = root / "clip_a", root / "clip_b"
-    pretrain(model_a, preset="tiny", steps=20, threads=1, progress=False, seed=0)
-    pretrain(model_b, preset="tiny", steps=20, threads=1, progress=False, seed=1)
+    model_a, model_b = trained_clip_dir, tiny_clip_dir
     fit_json = root / "fit_cls.json"
     codes = []
     for space, out in (("cls", root / "tgem_cls"), ("rates", root / "tgem_rates")):

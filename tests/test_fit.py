@@ -1,0 +1,85 @@
+"""T-GEM training (tgems.training.fit): settings checked before training, the rate-based regularizer and its
+soft exits, determinism, step counts. On the session's tiny trained CLIP (tests/conftest.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from tgem_helpers import L, bb, train  # noqa: F401 (fixtures)
+from tgems import TGEMError
+from tgems.profiles import class_embeddings
+from tgems.tgem import save_tgem
+from tgems.training.fit import FitSettings, fit_tgem
+
+
+def test_fit_refuses_an_unknown_jumper_target_before_training(bb, train, train_feats):
+    with pytest.raises(TGEMError, match="unknown Jumper target"):
+        fit_tgem(bb, train, FitSettings(jumper_target="accuracy", epochs=50), feats=train_feats, progress=False)
+
+
+def _expected_depth(bb, train, train_feats, **kw):
+    s = FitSettings(epochs=10, batch_size=64, r_target=0.2, seed=0, **kw)
+    return fit_tgem(bb, train, s, feats=train_feats, progress=False)[2]["history"][-1]["expected_depth"]
+
+
+def test_regularizer_lowers_expected_depth_with_default_soft_exits(bb, train, train_feats):
+    """The default soft-exit threshold comes from the data (the full model's median top-1 probability on
+    the training images), so on a 64-class problem with low confidences the regularizer still acts; a
+    fixed 0.9 there made sigmoid(20 (conf - 0.9)) ~ 1e-7 and the expected depth stayed exactly 1.0."""
+    off = _expected_depth(bb, train, train_feats, lam=0.0)
+    on = _expected_depth(bb, train, train_feats, lam=10.0)
+    assert on < off - 0.05, (on, off)
+    fixed = _expected_depth(bb, train, train_feats, lam=10.0, soft_tau=0.9)
+    assert fixed == pytest.approx(1.0, abs=1e-3)
+
+
+def test_default_soft_tau_is_the_full_models_median_confidence(bb, train, train_feats):
+    s = FitSettings(epochs=1, batch_size=256, seed=0)
+    tgem, _, info = fit_tgem(bb, train, s, feats=train_feats, progress=False)
+    present = sorted(set(train.labels.tolist()))
+    text = class_embeddings(bb, [train.classes[i] for i in present], info["templates"])
+    conf = (bb.logit_scale() * F.normalize(train_feats.z[:, -1], dim=-1) @ text.t()).softmax(-1).max(-1).values
+    tau = info["settings"]["soft_tau"]
+    assert 0 < tau < 0.9
+    lo, hi = conf.quantile(0.35).item(), conf.quantile(0.65).item()  # the median of the fit's 80 % part
+    assert lo <= tau <= hi, (lo, tau, hi)
+    with pytest.raises(TGEMError, match="soft_tau"):
+        fit_tgem(bb, train, FitSettings(soft_tau=1.5), feats=train_feats, progress=False)
+
+
+def test_regularizer_lowers_expected_depth(bb, train, train_feats):
+    """With soft exits whose threshold lies where this model's confidences are (64 classes: ~0.02-0.2),
+    lambda > 0 and a low r_target train to a lower expected depth than lambda = 0, same seed."""
+    off = _expected_depth(bb, train, train_feats, lam=0.0, soft_tau=0.1)
+    on = _expected_depth(bb, train, train_feats, lam=10.0, soft_tau=0.1)
+    assert on < off - 0.1, (on, off)
+
+
+def test_fit_tgem_is_deterministic(bb, train, train_feats, tmp_path):
+    def fit_and_save(name, seed, space="cls"):
+        tgem, jumper, info = fit_tgem(bb, train, FitSettings(space=space, epochs=2, batch_size=128, seed=seed),
+                                      feats=train_feats, progress=False)
+        path = save_tgem(tmp_path / name, tgem, jumper, bb, info)
+        return load_file(str(path / "tgem.safetensors")), info
+
+    a, info_a = fit_and_save("a", 0)
+    b, info_b = fit_and_save("b", 0)
+    c, _ = fit_and_save("c", 1)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert info_a["history"] == info_b["history"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fit_with_ten_steps_in_all(bb, train, train_feats):
+    """480 training images at batch 512 for 10 epochs: 10 optimizer steps (OneCycleLR's zero-division case)."""
+    _, _, info = fit_tgem(bb, train, FitSettings(epochs=10), feats=train_feats, progress=False)
+    assert len(info["history"]) == 10
+
+
+def test_fit_refuses_bad_candidate_layers(bb, L, train, train_feats):
+    for layers in ([0, 1], [L], [1, L + 2]):
+        with pytest.raises(TGEMError, match="candidate layers"):
+            fit_tgem(bb, train, FitSettings(epochs=1, layers=layers), feats=train_feats, progress=False)
+
+
