@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tgems
+from tgems.calibration import NEVER_EXIT
 from tgems.pretrained import EMBEDDED_MODEL
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import load_dataset, scenes
@@ -106,6 +107,15 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert {r["method"] for r in results} == {"full", "lens", "static", "probe", "sample", "tgem_cls", "tgem_rates",
                                               "oracle"}
     g = report["guarantee"]
-    assert g["n_splits"] == 20 and 0 <= g["held"] <= 20
+    assert g["n_splits"] == 20 and len(g["rows"]) == 20 and (g["eps"], g["delta"]) == (0.01, 0.1)
+    assert g["n_calib"] == g["n_test"] >= 1000  # half-splits of the demo's calibration + test images
+    assert g["held"] == sum(r["test_disagreement"] <= g["eps"] for r in g["rows"])
+    # every draw's threshold is certified on its calibration half, and certifies real early exits
+    assert all(r["calib_ucb"] <= g["eps"] and r["tau"] < NEVER_EXIT for r in g["rows"]), g["rows"]
+    assert 1 <= g["mean_test_layers"] < 12
+    assert g["mean_test_layers"] == pytest.approx(np.mean([r["test_mean_layers"] for r in g["rows"]]), abs=1e-3)
+    # the promise (disagreement <= eps with probability >= 1 - delta) holds on at least 16 of 20 draws
+    # (18 at seed 0)
+    assert g["held"] >= (1 - g["delta"] - 0.1) * g["n_splits"], g["rows"]
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert printed.strip().splitlines()[-1].startswith("T-GEM at budget 0.5: accuracy")

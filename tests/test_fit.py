@@ -1,5 +1,8 @@
 """T-GEM training (tgems.training.fit): settings checked before training, the rate-based regularizer and its
-soft exits, determinism, step counts. On the session's tiny trained CLIP (tests/conftest.py)."""
+soft exits, determinism, step counts, the caller's settings left alone. On the session's tiny trained CLIP
+(tests/conftest.py)."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +86,15 @@ def test_fit_refuses_bad_candidate_layers(bb, L, train, train_feats):
             fit_tgem(bb, train, FitSettings(epochs=1, layers=layers), feats=train_feats, progress=False)
 
 
+
+def test_fit_leaves_the_callers_settings_as_given(bb, train, train_feats):
+    """fit_tgem fills in the candidate layers (sorted, unique) and the data-derived soft_tau in its own copy:
+    the caller's FitSettings keep what they held, so one settings object can serve several fits."""
+    s = FitSettings(epochs=1, layers=[3, 1, 3], soft_tau=None)
+    before = dataclasses.asdict(s)
+    _, _, info = fit_tgem(bb, train, s, feats=train_feats, progress=False)
+    assert dataclasses.asdict(s) == before
+    assert s.layers == [3, 1, 3] and s.soft_tau is None
+    assert info["settings"]["layers"] == [1, 3] and 0 < info["settings"]["soft_tau"] < 1
+    again = fit_tgem(bb, train, s, feats=train_feats, progress=False)[2]
+    assert again["settings"] == info["settings"]
