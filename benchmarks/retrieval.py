@@ -131,6 +131,9 @@ def main():
     ap.add_argument("--max-drop", default="0.05,0.1", help="eps values of the guarantee study (comma-separated)")
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--rank", default="1,5", help="ranks of the guarantee study (comma-separated)")
+    ap.add_argument("--draws", type=int, default=20,
+                    help="guarantee study: re-drawn calibration sets from the seen images of --calib + --test")
+    ap.add_argument("--n-cal", type=int, default=1500, help="guarantee study: calibration images per draw")
     ap.add_argument("--engine-check", type=int, default=512, help="images run on the engine to check the simulation")
     ap.add_argument("--cache", default="results/retrieval/cache")
     ap.add_argument("--seed", type=int, default=0)
@@ -225,6 +228,22 @@ def main():
                        "test_failure_heldout": round(float(f_[img_held].mean()), 4),
                        "mean_layers_seen": round(float(depth[~img_held].double().mean()), 3),
                        "mean_layers_heldout": round(float(depth[img_held].double().mean()), 3)}
+                if args.draws > 0:  # re-drawn calibration sets from one pool of seen images
+                    pool_z = torch.cat([zc, z[~img_held]])
+                    pool_est = model.layer_estimates(pool_z)
+                    pool_fail = rank_failures(pool_est, rtext, rank).double()
+                    pool_scores = model.layer_scores(pool_z, pool_est)
+                    rates = []
+                    for d in range(args.draws):
+                        perm = torch.as_tensor(np.random.default_rng([args.seed, d]).permutation(len(pool_z)))
+                        cal, test = perm[:args.n_cal], perm[args.n_cal:]
+                        t_, _ = calibrate_index(model, pool_z[cal], max_drop=eps, delta=args.delta, text=rtext,
+                                                rank=rank)
+                        e2 = first_exit(pool_scores[test], t_)
+                        rates.append(float(pool_fail[test][torch.arange(len(test)), e2].mean()))
+                    row.update(draws=args.draws, n_cal=args.n_cal, n_test=len(pool_z) - args.n_cal,
+                               draws_within_eps=int(sum(r <= eps for r in rates)),
+                               median_failure=round(float(np.median(rates)), 4), max_failure=round(max(rates), 4))
                 guarantee.append(row)
                 print("guarantee", row)
     # the engine decides as the simulation: check it on the first images at the middle budget

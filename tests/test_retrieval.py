@@ -251,3 +251,23 @@ def test_summary_line(tiny_backbone, model, gallery):
     line = summary_line(index, "a red circle", k=2)
     top = index.search_text("a red circle", 2)[0]
     assert "\n" not in line and top.id in line and f"{index.mean_layers:.2f} of {tiny_backbone.num_layers}" in line
+
+
+def test_index_policy_creates_nothing_on_a_hard_coded_device(tiny_backbone, feats):
+    """On PyTorch's meta device (shapes, no data) state or masks made on a fixed device would fail or stay
+    on the CPU: the policy's tensors must follow its inputs (as tests/test_policies.py for the classifier)."""
+    from tgems.retrieval import IndexPolicy
+
+    meta = torch.device("meta")
+    model = _fit(tiny_backbone, feats)[0].to(meta)
+    policy = IndexPolicy(model, 0.5)
+    n, D = 6, tiny_backbone.embed_dim
+    policy.start(n)
+    rows = torch.arange(n, device=meta)
+    for l in model.layers + [tiny_backbone.num_layers]:
+        active = rows[: n - l]
+        mask, out = policy.decide(l, torch.empty(len(active), D, device=meta), active)
+        assert mask.device == meta and mask.dtype == torch.bool and mask.shape == (len(active),)
+        assert out.device == meta and out.shape == (len(active), D)
+        if l < tiny_backbone.num_layers:
+            assert policy.prev_est.device == meta and policy.prev_z.device == meta

@@ -520,7 +520,7 @@ def build_index(model: str = "embedded", index_model: str = "embedded:retrieval"
                 seed: int = 0, device="cpu", dtype="float32", progress: bool = False) -> dict:
     """`tgems index`: calibrate tau (on `calib`, default a seeded random subset of the data itself: the
     rule is label-free), encode the data with early exit and write the index. Returns a summary dict."""
-    import tgems
+    from tgems.backbones import load_backbone
     from tgems.data import load_dataset
     from tgems.features import extract_features
 
@@ -533,7 +533,7 @@ def build_index(model: str = "embedded", index_model: str = "embedded:retrieval"
         raise TGEMError(f"{out} exists and is not a tgems index; refusing to replace it")
     if rank < 1 or n_calib < 1:
         raise TGEMError("rank and the number of calibration images must be >= 1")
-    bb = tgems.load_backbone(model, device=device, dtype=dtype)
+    bb = load_backbone(model, device=device, dtype=dtype)
     im = load_index_model(index_model, bb)
     ds = load_dataset(data, n=n, seed=seed)
     calibration = {"goal": "model_default", "tau": im.config.get("tau", NEVER)}
@@ -561,7 +561,7 @@ def search(index_dir, query: str | None = None, image=None, k: int = 10, model: 
            device="cpu", dtype="float32") -> dict:
     """`tgems search`: top-k of a text query or (with `image`) of a query image. Returns a dict.
     `model` None: the backbone the index was built with (its `--model`)."""
-    import tgems
+    from tgems.backbones import load_backbone
 
     k = _check_k(k)
     if (query is None) == (image is None):
@@ -571,7 +571,7 @@ def search(index_dir, query: str | None = None, image=None, k: int = 10, model: 
     path = Path(index_dir)
     header, _ = _read_dir(path, INDEX_FILES, "tgems index")
     model = model or (header.get("meta") or {}).get("model") or header.get("backbone")
-    bb = tgems.load_backbone(model, device=device, dtype=dtype)
+    bb = load_backbone(model, device=device, dtype=dtype)
     index = EarlyExitIndex.load(path, bb)
     hits = index.search_text(query, k) if query is not None else index.search_image(image, k)
     return {"index": str(path), "query": query if query is not None else str(image), "k": k,
