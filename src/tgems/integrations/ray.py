@@ -3,7 +3,7 @@
     import ray, tgems.integrations.ray as tr
     ds = ray.data.read_parquet("s3://bucket/images/")             # a column of image bytes (or uint8 arrays)
     out = ds.map_batches(tr.TGEMPredictor, fn_constructor_kwargs={"classifier": "my_classifier/"},
-                         batch_size=64, batch_format="pyarrow", concurrency=4, num_gpus=1)
+                         batch_size=64, batch_format="pyarrow", num_gpus=1, **tr.actor_pool(ray, 4))
 
 `TGEMPredictor` builds the classifier once per actor (from a saved directory, a `ClassifierSpec` or
 its fields as a dict) and returns the columns of the local runner's parts, plus `error` (null
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +39,18 @@ def require_ray():
     except ImportError:
         raise TGEMError('the Ray engine needs the ray extra: pip install "tgems[ray]"') from None
     return ray
+
+
+def actor_pool(ray, concurrency) -> dict:
+    """The map_batches argument for an actor pool of `concurrency` actors (an int, or (min, max)) in the current
+    API of the installed Ray: `compute=ActorPoolStrategy(...)` from Ray 2.51 (which deprecates `concurrency=`),
+    `concurrency=` before it (which deprecated the strategy classes)."""
+    version = tuple(int(x) for x in re.findall(r"\d+", ray.__version__)[:2])
+    if version < (2, 51):
+        return {"concurrency": concurrency}
+    if isinstance(concurrency, tuple):
+        return {"compute": ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])}
+    return {"compute": ray.data.ActorPoolStrategy(size=int(concurrency))}
 
 
 def build_classifier(classifier):
@@ -134,9 +147,23 @@ class TGEMPredictor:
         return table
 
 
+def _read_units(source, batch_size: int) -> list:
+    """Read tasks: a folder block is cut into batch-sized pieces (so every actor gets blocks to work on even when
+    there are few shards); a tar or parquet file is read whole by one task."""
+    units = []
+    for s in source.shards:
+        if source.kind == "folder":
+            units += [{"shard": s.index, "start": a, "stop": a + batch_size} for a in range(0, len(s.files), batch_size)]
+        else:
+            units.append({"shard": s.index, "start": 0, "stop": -1})
+    return units
+
+
 def _read_shard(row: dict, source) -> list:
-    """Ray task: the raw records of one shard (bytes, not decoded: the actors decode)."""
+    """Ray task: the raw records of one shard or piece of one (bytes, not decoded: the actors decode)."""
     shard = source.shards[int(row["shard"])]
+    if source.kind == "folder":
+        shard = dataclasses.replace(shard, files=shard.files[int(row["start"]):int(row["stop"])])
     out = []
     for r in source.records(shard):
         data = r.data
@@ -191,12 +218,12 @@ def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size
         tmp = out / f".ray.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            ds = ray.data.from_items([{"shard": s.index} for s in source.shards],
-                                     override_num_blocks=max(1, len(source.shards)))
+            units = _read_units(source, batch_size)
+            ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
             ds = ds.flat_map(_read_shard, fn_kwargs={"source": source}, num_cpus=0)  # I/O: leave the CPUs to the actors
             ds = ds.map_batches(TGEMPredictor, fn_constructor_kwargs={"classifier": classifier, "task": task},
-                                batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
-                                num_gpus=num_gpus or None)
+                                batch_size=batch_size, batch_format="pyarrow", num_gpus=num_gpus or None,
+                                **actor_pool(ray, concurrency))
             ds.write_parquet(str(tmp), ray_remote_args={"num_cpus": 0})
             n_images = _split_outputs(tmp, out, task)
         finally:

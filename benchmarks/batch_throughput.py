@@ -1,0 +1,252 @@
+"""End-to-end batch throughput (decode + encoder + parquet writing) and memory of `tgems classify`.
+
+Cases, in one run on one machine, same decoding (the streaming reader with --workers processes),
+same batch size, same writer:
+  plain     the plain HF pipeline: get_image_features + zero-shot softmax, every layer
+  tgems     the early-exit classifier calibrated at budget 0.5 (its measured FLOPs ratio is reported)
+  ray       the same classifier on Ray Data with 2 actors (local Ray, started before the clock)
+  embedded  the shipped embedded model and T-GEM (budget 0.5) on `scenes` JPEGs (32 px)
+on a ViT-B/32-shaped CLIP with random weights (the decisions are meaningless, their cost is real) and
+--n JPEGs at 224 px. Peak resident memory of a `tgems classify` job is measured in a fresh subprocess
+on --rss-n and --rss-n-big images (embedded model, scenes JPEGs, so the big case stays cheap): the job
+streams, so the two should be about equal.
+
+    python benchmarks/batch_throughput.py --n 2000 --n-big 20000 --json results/batch_throughput.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.make_tiny_clip writes HF CLIP directories of any shape
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def make_jpegs(root: Path, n: int, size: int | None, seed: int = 0) -> str:
+    """n scenes images as JPEGs (upscaled to `size` px when given), in blocks of 1,000 per sub-folder."""
+    from PIL import Image
+
+    import tgems
+
+    root = Path(root)
+    done = root / f".done-{n}-{size}"
+    if done.exists():
+        return str(root)
+    step = 1000
+    for start in range(0, n, step):
+        ds = tgems.load_dataset(f"scenes:test:{min(step, n - start)}", seed=seed + start)
+        d = root / f"b{start // step:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(len(ds)):
+            img = ds.pil(i)
+            if size:
+                img = img.resize((size, size), Image.BICUBIC)
+            img.save(d / f"{start + i:06d}.jpg", quality=90)
+    done.write_text("ok")
+    return str(root)
+
+
+def vit_b32(path: Path) -> str:
+    """A random-init CLIP with ViT-B/32's vision tower (12 x 768, patch 32, 224 px); a small text side."""
+    from helpers import WORDS, make_tiny_clip
+
+    import tgems
+
+    if not (path / "config.json").exists():
+        words = tuple(WORDS) + tuple(w for c in tgems.load_dataset("scenes:test:10").classes for w in c.split())
+        make_tiny_clip(path, layers=12, width=768, heads=12, mlp=3072, patch=32, image_size=224, projection=512,
+                       text_layers=2, text_width=128, text_heads=2, max_length=16, resize=224, seed=0, words=words)
+    return str(path)
+
+
+class PlainCLIP:
+    """The plain HF pipeline as a predictor: get_image_features on every layer, cosine with the class texts."""
+
+    def __init__(self, bb, labels):
+        import torch
+
+        self.bb, self.labels = bb, list(labels)
+        with torch.no_grad():
+            t = bb.encode_text(self.labels)
+        self.text = torch.nn.functional.normalize(t.float(), dim=-1)
+        self.scale = float(bb.model.logit_scale.exp())
+
+    def predict(self, images):
+        import torch
+
+        with torch.no_grad():
+            px = self.bb.preprocess(images)
+            z = self.bb.model.get_image_features(pixel_values=px)
+            z = z if isinstance(z, torch.Tensor) else z.pooler_output
+            probs = (self.scale * torch.nn.functional.normalize(z.float(), dim=-1) @ self.text.T).softmax(-1)
+        idx = probs.argmax(1).numpy()
+        n, L = len(images), self.bb.num_layers
+        return SimpleNamespace(labels=[self.labels[i] for i in idx], indices=idx, probs=probs.numpy(),
+                               exit_layers=np.full(n, L), flops=np.full(n, float(self.bb.flops_full())),
+                               flops_ratio=np.ones(n))
+
+
+def timed_job(predictor, data, out, args, settings):
+    from tgems.batch import run_job
+
+    t = time.perf_counter()
+    s = run_job(predictor, data, out, batch_size=args.batch_size, workers=args.workers, settings=settings,
+                progress=False)
+    dt = time.perf_counter() - t
+    return s["images"] / dt, s
+
+
+def rss_child(argv):
+    """Subprocess: one `tgems classify` job with the embedded model; prints its peak RSS in MB."""
+    data, out = argv
+    from tgems.batch import run_command
+
+    summary, code = run_command(data=f"folder:{data}", out=out, labels_file=str(Path(out).parent / "labels.txt"),
+                                workers=2, batch_size=64, quiet=True)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"images": summary["images"], "rss_mb": peak_kb / 1024}))
+
+
+def measure_rss(work: Path, n: int) -> float:
+    import tgems
+
+    data = make_jpegs(work / f"scenes32_{n}", n, None, seed=1)
+    labels = work / "labels.txt"
+    labels.write_text("\n".join(tgems.load_dataset("scenes:test:10").classes))
+    out = work / f"rss_out_{n}"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    res = subprocess.run([sys.executable, __file__, "--_rss-child", data, str(out)], capture_output=True, text=True,
+                         check=True)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["images"] == n, got
+    return round(got["rss_mb"], 1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=2000, help="224 px JPEGs for the throughput cases")
+    p.add_argument("--n-big", type=int, default=20000, help="images of the big memory case")
+    p.add_argument("--rss-n", type=int, default=None, help="images of the small memory case (default: --n)")
+    p.add_argument("--n-embedded", type=int, default=None, help="scenes JPEGs for the embedded case (default: --n)")
+    p.add_argument("--n-calib", type=int, default=300, help="images for the sample profiles and calibration")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--work", default="results/batch_bench", help="scratch folder (gitignored)")
+    p.add_argument("--skip", default="", help="comma-separated cases to skip: plain,tgems,ray,embedded,rss")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--_rss-child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._rss_child:
+        return rss_child(args._rss_child)
+    import shutil
+
+    import torch
+
+    import tgems
+    from tgems.batch import ClassifierSpec, write_json_atomic
+
+    skip = set(filter(None, args.skip.split(",")))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    res = {"n": args.n, "batch_size": args.batch_size, "workers": args.workers, "threads": torch.get_num_threads(),
+           "cpus": os.cpu_count()}
+
+    t = time.perf_counter()
+    data = "folder:" + make_jpegs(work / f"jpeg224_{args.n}", args.n, 224)
+    log(f"{args.n} JPEGs at 224 px ready ({time.perf_counter() - t:.0f} s)")
+    bb = tgems.load_backbone(vit_b32(work / "vit_b32"))
+    calib = tgems.load_dataset(f"scenes:calib:{args.n_calib}", seed=0)
+    t = time.perf_counter()
+    from tgems.features import extract_features
+
+    feats = extract_features(bb, calib, rates=False, progress=False)  # once, for profiles, Jumper and calibration
+    # sample profiles (k images per class): a T-GEM fit is not needed to measure speed
+    clf = tgems.EarlyExitClassifier.from_samples(bb, calib, k=4, feats=feats)
+    clf = clf.calibrate(feats, budget=0.5, use_labels=False)
+    log(f"ViT-B/32-shaped classifier built and calibrated at budget 0.5 ({time.perf_counter() - t:.0f} s)")
+    settings = {"bench": "vit_b32", "n_calib": args.n_calib}
+
+    def case(name, fn):
+        if name in skip:
+            return
+        shutil.rmtree(work / f"out_{name}", ignore_errors=True)
+        t0 = time.perf_counter()
+        try:
+            res.update(fn())
+        except Exception as e:  # one failing case should not hide the others
+            res[name] = None
+            res[f"{name}_error"] = f"{type(e).__name__}: {e}"
+        log(f"{name}: {res.get(name)} img/s ({time.perf_counter() - t0:.0f} s)")
+
+    def plain():
+        ips, _ = timed_job(PlainCLIP(bb, clf.labels), data, work / "out_plain", args, {**settings, "plain": 1})
+        return {"plain": round(ips, 1)}
+
+    def tg():
+        ips, s = timed_job(clf, data, work / "out_tgems", args, settings)
+        return {"tgems": round(ips, 1), "flops_ratio": round(s["flops_ratio"], 4),
+                "tgems_mean_exit_layer": round(s["mean_exit_layer"], 3)}
+
+    def ray_case():
+        import ray
+
+        from tgems.integrations.ray import run_ray_job
+
+        saved = work / "vit_b32_classifier"
+        shutil.rmtree(saved, ignore_errors=True)
+        clf.save(saved)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            t0 = time.perf_counter()
+            s = run_ray_job(ClassifierSpec(classifier=str(saved)), data, work / "out_ray", batch_size=args.batch_size,
+                            concurrency=2, progress=False)
+            return {"ray": round(s["images"] / (time.perf_counter() - t0), 1)}
+        finally:
+            ray.shutdown()
+
+    def embedded():
+        n = args.n_embedded or args.n
+        edata = "folder:" + make_jpegs(work / f"scenes32_{n}", n, None, seed=1)
+        labels = tgems.load_dataset("scenes:test:10").classes
+        spec = ClassifierSpec(labels=labels, budget=0.5, calib="scenes:calib:2000").check()
+        eclf = spec.build()
+        ips, s = timed_job(eclf, edata, work / "out_embedded", args, spec.settings())
+        return {"embedded": round(ips, 1), "embedded_flops_ratio": round(s["flops_ratio"], 4), "n_embedded": n}
+
+    def rss():
+        return {"rss_mb_2000": measure_rss(work, args.rss_n or args.n), "rss_mb_20000": measure_rss(work, args.n_big),
+                "rss_n": args.rss_n or args.n, "rss_n_big": args.n_big}
+
+    case("plain", plain)
+    case("tgems", tg)
+    case("ray", ray_case)
+    case("embedded", embedded)
+    case("rss", rss)
+    if res.get("plain") and res.get("tgems"):
+        res["tgems_over_plain"] = round(res["tgems"] / res["plain"], 3)
+    if res.get("ray") and res.get("tgems"):
+        res["ray_over_tgems"] = round(res["ray"] / res["tgems"], 3)
+    if res.get("rss_mb_2000") and res.get("rss_mb_20000"):
+        res["rss_big_over_small"] = round(res["rss_mb_20000"] / res["rss_mb_2000"], 3)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        write_json_atomic(args.json, res)
+
+
+if __name__ == "__main__":
+    main()
