@@ -150,9 +150,9 @@ def cmd_eval(args):
                       max_drop=args.max_drop, delta=args.delta, log=_log(args))
     print(format_table(report["results"], report["num_layers"]))
     if budgets:
-        print(summary_line(report["results"], 0.5 if 0.5 in budgets else budgets[0]))
+        print(summary_line(report["results"], 0.5 if 0.5 in budgets else budgets[0], report.get("warnings")))
     else:
-        print(max_drop_line(report["results"], args.max_drop, args.delta))
+        print(max_drop_line(report["results"], args.max_drop, args.delta, report.get("warnings")))
     if args.json:
         write_json(args.json, report)
     if args.plot:
@@ -225,7 +225,7 @@ def cmd_demo(args):
                       progress=_progress(args), device=args.device, dtype=args.dtype, log=_log(args))
     print(format_table(report["results"], report["num_layers"]))
     print(guarantee_line(report["guarantee"]))
-    print(summary_line(report["results"], 0.5))
+    print(summary_line(report["results"], 0.5, report.get("warnings")))
     if args.json:
         write_json(args.json, report)
     return 0
@@ -290,8 +290,15 @@ def _tau(value: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other tgems error (argparse prints the usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"tgems: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tgems", description="Text-Guided Exit Modules for CLIP image encoders")
+    p = _Parser(prog="tgems", description="Text-Guided Exit Modules for CLIP image encoders")
     p.add_argument("--version", action="version", version=f"tgems {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -467,8 +474,12 @@ def _quiet_libraries():
 def _warnings_as_lines():
     """tgems' own warnings (unknown label words, look-alike labels) as one `tgems: warning:` line each, not
     Python's two-line format; shown even with --quiet, which silences progress, not problems."""
+    seen = set()
+
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"tgems: warning: {message}", file=sys.stderr, flush=True)
+        if str(message) not in seen:  # the same label check runs once per classifier built
+            seen.add(str(message))
+            print(f"tgems: warning: {message}", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")

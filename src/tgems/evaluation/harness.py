@@ -5,10 +5,13 @@ test suite checks this), and throughput is measured by running the engine itself
 """
 from __future__ import annotations
 
+import copy
+import os
 import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from tgems.calibration import simulate
 from tgems.classifier import EarlyExitClassifier
@@ -34,15 +37,106 @@ def analytic_flops(backbone, depth: torch.Tensor, candidates: list[int], head_fl
             + visited.double() * (backbone.flops_readout() + head_flops))
 
 
+SPREAD_LIMIT = 1.3  # max/min images per second above this: the timing is not to be trusted
+LOAD_LIMIT = 0.5  # 1-minute load average above this many per core: the machine was busy
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def measure_throughputs(backbone, pixels: torch.Tensor, policies: list, repeats: int = 5, batch_size: int = 256,
+                        progress: bool = False) -> list[dict]:
+    """Images/second of the engine for each policy on the same batch, timed round-robin (repeat r runs
+    every policy once, starting one further along each round) so a busy spell hits all methods alike
+    rather than whichever happened to run then. Per policy: images_per_second (median), ips_min, ips_max,
+    and the machine's 1-minute load before / after and its core count, to judge the numbers by."""
+    from tqdm.auto import tqdm
+
+    if not policies:
+        return []
+    for pol in policies:  # warm-up
+        run_early_exit(backbone, pixels[: min(len(pixels), 32)], pol, batch_size=batch_size)
+    before = _load()
+    times = [[] for _ in policies]
+    n = len(policies)
+    with tqdm(total=repeats * n, desc="timing", disable=not progress, leave=False) as bar:
+        for r in range(repeats):
+            for i in [(r + k) % n for k in range(n)]:
+                t = time.perf_counter()
+                run_early_exit(backbone, pixels, policies[i], batch_size=batch_size)
+                times[i].append(time.perf_counter() - t)
+                bar.update(1)
+    load = [before, _load()]
+    out = []
+    for ts in times:
+        ips = len(pixels) / np.asarray(ts)
+        out.append({"images_per_second": round(float(np.median(ips)), 1), "ips_min": round(float(ips.min()), 1),
+                    "ips_max": round(float(ips.max()), 1), "load": load, "cores": _cores(), "repeats": repeats})
+    return out
+
+
 def measure_throughput(backbone, pixels: torch.Tensor, policy, repeats: int = 5, batch_size: int = 256) -> float:
-    """Median images/second of the engine with this policy on a fixed batch."""
-    run_early_exit(backbone, pixels[: min(len(pixels), 32)], policy, batch_size=batch_size)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run_early_exit(backbone, pixels, policy, batch_size=batch_size)
-        times.append(time.perf_counter() - t)
-    return float(len(pixels) / np.median(times))
+    """Median images/second of the engine with one policy on a fixed batch."""
+    return measure_throughputs(backbone, pixels, [policy], repeats, batch_size)[0]["images_per_second"]
+
+
+def timing_doubts(record: dict) -> list[str]:
+    """Why a timed record's images/second cannot be trusted: a wide spread between repeats, or a busy machine."""
+    out = []
+    lo, hi = record.get("ips_min"), record.get("ips_max")
+    if lo and hi and hi / lo > SPREAD_LIMIT:
+        out.append(f"repeats spread {hi / lo:.2f}x")
+    cores, load = record.get("cores"), [x for x in (record.get("load") or []) if x is not None]
+    if cores and load and max(load) > LOAD_LIMIT * cores:
+        out.append(f"load {max(load):.1f} on {cores} cores")
+    return out
+
+
+MIN_EVAL_IMAGES = 8  # per split (test, calibration): fewer make every percentage a coin toss
+DEGENERATE_SHARE = 0.9  # the full model giving one class to this share of the test images: degenerate data
+
+
+def check_eval_data(test, calib) -> None:
+    """Refuse evaluation data that cannot say anything, before any work: test images of fewer than two
+    classes (100 % on one class is no result), or fewer than MIN_EVAL_IMAGES test or calibration images."""
+    present = np.unique(np.asarray(test.labels))
+    if len(present) < 2:
+        which = f" ('{test.classes[int(present[0])]}')" if len(present) else ""
+        raise TGEMError(f"the test images of {test.name} are all of one class{which}: accuracy on one class says "
+                        f"nothing about early exit; evaluate on images of at least two classes")
+    for what, d in (("test", test), ("calibration", calib)):
+        if len(d) < MIN_EVAL_IMAGES:
+            raise TGEMError(f"{len(d)} {what} image(s) are too few to evaluate on (at least {MIN_EVAL_IMAGES} "
+                            f"each for test and calibration; give more images or --calib SPEC)")
+
+
+def data_warnings(full_preds: torch.Tensor, classes: list[str], n_calib: int) -> list[dict]:
+    """Report warnings about the data: the full model predicting one class for almost every test image
+    (degenerate data or labels: accuracy and speed-up then measure nothing), and few images."""
+    out = []
+    counts = torch.bincount(full_preds.cpu(), minlength=len(classes))
+    top = int(counts.argmax())
+    share = float(counts[top]) / max(1, len(full_preds))
+    if share >= DEGENERATE_SHARE:
+        out.append({"kind": "degenerate", "share": round(share, 4), "class": classes[top],
+                    "message": f"the full model predicts '{classes[top]}' for {100 * share:.1f}% of the "
+                               f"{len(full_preds)} test images: the data or the labels are degenerate"})
+    n = len(full_preds)
+    if n < 100 or n_calib < 100:
+        out.append({"kind": "few_images", "message": f"{n} test and {n_calib} calibration images: accuracies "
+                                                     f"carry about +-{100 / np.sqrt(n):.0f} points of sampling error"})
+    return out
 
 
 class Recorder:
@@ -69,6 +163,7 @@ class Recorder:
                 "flops_ratio": round(float(flops[mt].mean() / full_flops), 5),
                 "images_per_second": None if ips is None else round(ips, 1),
                 "n": int(m.sum()), **self._vs_static(preds, depth, mt, budget), **extra})
+        return self.results[-len(self.masks):]
 
     def _vs_static(self, preds, depth, m, budget) -> dict:
         """Accuracy minus static truncation at the same mean depth (interpolated between the two fixed
@@ -93,6 +188,7 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
     Calibration matches the calibration images to the test label set by class text; test classes without
     calibration images (text-only classes) are allowed: that is what the held-out split measures."""
     L = backbone.num_layers
+    check_eval_data(test, calib)
     labels = list(test.classes)
     clfs = {}
     for d in tgem_dirs:
@@ -110,19 +206,28 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
     _, ref_preds = ref.layer_predictions(ft)
     full_preds = ref_preds[:, -1]
     rec = Recorder(backbone, y, full_preds, test.sample_split())
-    timing = backbone.preprocess(test.images[:timing_n]) if speed else None
-    ips = (lambda pol: measure_throughput(backbone, timing, pol)) if speed else (lambda pol: None)
+    warns = data_warnings(full_preds, labels, len(calib))
+    for w in warns:
+        log(f"warning: {w['message']}")
+    timed = []  # (records, policy): timed together at the end, round-robin (measure_throughputs)
+
+    def time_later(records, policy):
+        if speed:
+            timed.append((records, policy))
+
     full_depth = torch.full((len(y),), L)
 
-    rec.add("full", None, full_preds, full_depth, analytic_flops(backbone, full_depth, [], exit_head_flops(ref.profiles)),
-            ips(NeverExit()))
+    time_later(rec.add("full", None, full_preds, full_depth,
+                       analytic_flops(backbone, full_depth, [], exit_head_flops(ref.profiles))), NeverExit())
 
     # static truncation with the T-GEM `cls` profiles of each candidate layer (layer L: full CLIP)
     static_layers = ref.profiles.exit_layers
     for j, k in enumerate(static_layers):
         depth = torch.full((len(y),), k)
-        rec.add("static", None, ref_preds[:, j], depth, analytic_flops(backbone, depth, [k], exit_head_flops(ref.profiles)),
-                ips(ExitAtLayer(k)) if k in (L // 4, L // 2, 3 * L // 4) else None, layer=k)
+        r = rec.add("static", None, ref_preds[:, j], depth,
+                    analytic_flops(backbone, depth, [k], exit_head_flops(ref.profiles)), layer=k)
+        if k in (L // 4, L // 2, 3 * L // 4):
+            time_later(r, ExitAtLayer(k))
     rec.static_correct = (static_layers, ref_preds.eq(y[:, None]).float())
 
     # plain truncated CLIP ("logit lens"): z_l against the raw class texts, no T-GEM, no training
@@ -146,19 +251,22 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
             feats=fs, jumper_feats=ftr if ftr is not None else fc)
     methods.update(clfs)
 
+    bar = tqdm(total=len(methods) * len(budgets) + (len(clfs) if max_drop is not None else 0),
+               desc="calibrate", disable=not progress, leave=False)
     for name, m in methods.items():
         for budget in budgets:
             if name == "probe":
                 m.calibrate_budget(fc, budget)
                 scores, lp = m.layer_predictions(ft)
                 preds, depth = simulate(scores, lp, m.exit_layers, m.tau)
-                pol, head, tau = m, m.head_flops, m.tau
+                pol, head, tau = copy.copy(m), m.head_flops, m.tau  # a copy: m's tau moves with the budget
             else:
                 c = m.calibrate(fc, budget=budget, allow_uncovered=True)
                 preds, depth = c.simulate(ft)
                 pol, head, tau = c.policy(), exit_head_flops(c.profiles), c.tau
             flops = analytic_flops(backbone, depth, pol.candidate_layers, head)
-            rec.add(name, budget, preds, depth, flops, ips(pol), tau=round(float(tau), 5))
+            time_later(rec.add(name, budget, preds, depth, flops, tau=round(float(tau), 5)), pol)
+            bar.update(1)
         log(f"  {name}: done")
 
     if max_drop is not None:
@@ -166,8 +274,18 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
             c = m.calibrate(fc, max_drop=max_drop, delta=delta, allow_uncovered=True)
             preds, depth = c.simulate(ft)
             flops = analytic_flops(backbone, depth, c.profiles.layers, exit_head_flops(c.profiles))
-            rec.add(name, None, preds, depth, flops, ips(c.policy()), tau=round(c.tau, 5), max_drop=max_drop,
-                    delta=delta, calib_ucb=round(c.calibration["ucb"], 5))
+            time_later(rec.add(name, None, preds, depth, flops, tau=round(c.tau, 5), max_drop=max_drop,
+                               delta=delta, calib_ucb=round(c.calibration["ucb"], 5)), c.policy())
+            bar.update(1)
+    bar.close()
+
+    if timed:
+        log(f"timing {len(timed)} methods round-robin on {min(len(test), timing_n)} images")
+        pixels = backbone.preprocess(test.images[:timing_n])
+        for (records, _), t in zip(timed, measure_throughputs(backbone, pixels, [p for _, p in timed],
+                                                              progress=progress)):
+            for r in records:
+                r.update(t)
 
     extras = {"exit_layers": {}, "difficulty": None}
     if budgets:
@@ -176,7 +294,8 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
         extras["exit_layers"] = {"budget": b, "layers": depth.tolist()}
         if ft.difficulty is not None:
             extras["difficulty"] = np.asarray(ft.difficulty).round(4).tolist()
-    return {"results": rec.results, "extras": extras, "features": {"test": ft, "calib": fc}, "classifiers": clfs}
+    return {"results": rec.results, "extras": extras, "features": {"test": ft, "calib": fc}, "classifiers": clfs,
+            "warnings": warns}
 
 
 def lens_predictions(z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -222,7 +341,8 @@ def make_report(backbone, model_name: str, tgem_dirs: list, test, calib, train=N
     out = run_eval(backbone, tgem_dirs, test, calib, train, shots, budgets, seed=seed, progress=progress,
                    speed=speed, max_drop=max_drop, delta=delta, log=log)
     report = {"model": model_name, "data": test.name, "num_layers": backbone.num_layers, "seed": seed,
-              "budgets": list(budgets), "results": out["results"], "extras": out["extras"]}
+              "budgets": list(budgets), "results": out["results"], "extras": out["extras"],
+              "warnings": out["warnings"]}
     if max_drop is not None:
         report["max_drop"] = {"eps": max_drop, "delta": delta, "n_calib": len(calib)}
     return report, out

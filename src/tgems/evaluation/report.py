@@ -21,13 +21,31 @@ def pick(results, method, budget=None, split="all"):
     return None
 
 
-def summary_line(results, budget: float = 0.5) -> str:
+def summary_line(results, budget: float = 0.5, warnings=None) -> str:
+    """The headline at one budget. Degenerate data (report["warnings"]) replaces the headline; a throughput
+    ratio is printed only with the reasons it cannot be trusted when the repeats spread or the machine was
+    busy (the records' ips_min / ips_max / load / cores)."""
+    from tgems.evaluation.harness import timing_doubts
+
     t, f = pick(results, "tgem_cls", budget), pick(results, "full")
     if t is None or f is None:
         return "no T-GEM result at that budget"
+    degenerate = [w for w in warnings or [] if w.get("kind") == "degenerate"]
+    if degenerate:
+        return (f"no result to report: {degenerate[0]['message']} (T-GEM at budget {budget}: accuracy "
+                f"{100 * t['accuracy']:.2f}%, full {100 * f['accuracy']:.2f}%; a speed-up on such data means nothing)")
     speed = ""
     if t["images_per_second"] and f["images_per_second"]:
-        speed = f", {t['images_per_second'] / f['images_per_second']:.2f} x measured throughput"
+        ratio = t["images_per_second"] / f["images_per_second"]
+        doubts = [f"{who} {d}" for who, r in (("T-GEM", t), ("full", f)) for d in timing_doubts(r)
+                  if d.startswith("repeats")] + sorted({d for d in timing_doubts(t) + timing_doubts(f)
+                                                        if d.startswith("load")})
+        if doubts:
+            speed = f", measured throughput not to be trusted ({'; '.join(doubts)}; median ratio {ratio:.2f} x)"
+        else:
+            speed = (f", {ratio:.2f} x measured throughput (T-GEM {t['ips_min']:.0f}-{t['ips_max']:.0f}, full "
+                     f"{f['ips_min']:.0f}-{f['ips_max']:.0f} img/s)" if "ips_min" in t and "ips_min" in f
+                     else f", {ratio:.2f} x measured throughput")
     return (f"T-GEM at budget {budget}: accuracy {100 * t['accuracy']:.2f}% (full {100 * f['accuracy']:.2f}%), "
             f"{1 / t['flops_ratio']:.2f} x fewer encoder FLOPs{speed}")
 
@@ -38,9 +56,12 @@ def guarantee_line(g: dict) -> str:
             f"(test parts of {g['n_test']}), mean {g['mean_test_layers']:.2f} layers")
 
 
-def max_drop_line(results, eps: float, delta: float) -> str:
-    """One line per T-GEM calibrated for a max drop: the promise and what the test images measured."""
+def max_drop_line(results, eps: float, delta: float, warnings=None) -> str:
+    """One line per T-GEM calibrated for a max drop: the promise and what the test images measured
+    (prefixed by the degenerate-data warning, if any: agreement on such data is trivially high)."""
+    degenerate = [w["message"] for w in warnings or [] if w.get("kind") == "degenerate"]
+    prefix = f"no result to report: {degenerate[0]}; " if degenerate else ""
     rows = [r for r in results if r.get("max_drop") == eps and r["split"] == "all"]
     parts = [f"{r['method']}: disagreement {100 * (1 - r['agreement']):.2f}% at {r['mean_layers']:.2f} layers "
              f"(FLOPs ratio {r['flops_ratio']:.3f})" for r in rows]
-    return f"max_drop {eps} with delta {delta}: " + ("; ".join(parts) or "no T-GEM result")
+    return prefix + f"max_drop {eps} with delta {delta}: " + ("; ".join(parts) or "no T-GEM result")
