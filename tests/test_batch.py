@@ -234,3 +234,22 @@ def test_core_package_does_not_import_ray():
     code = ("import sys, tgems, tgems.batch, tgems.data.streaming, tgems.integrations; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tgems_cli_classify_data_and_embed(tmp_path, capsys, imgs):
+    from tgems.cli import main as tgems_main
+
+    images, classes = imgs
+    make_folder(tmp_path / "f", images[:12], classes[:12])
+    common = ["--data", f"folder:{tmp_path / 'f'}", "--tgem", tgem_checkpoint(), "--labels", ",".join(LABELS),
+              "--workers", "0", "--quiet"]
+    assert tgems_main(["classify", *common, "--out", str(tmp_path / "c")]) == 0
+    assert tgems_main(["embed", *common, "--out", str(tmp_path / "e")]) == 0
+    c, e = read_parts(tmp_path / "c"), read_parts(tmp_path / "e")
+    assert c.num_rows == e.num_rows == 12 and "embedding" in e.column_names and "label" in c.column_names
+    assert c.column("exit_layer").equals(e.column("exit_layer"))
+    capsys.readouterr()
+    assert tgems_main(["classify", *common, "--out", str(tmp_path / "x"), str(tmp_path / "f" / "a.png")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert tgems_main(["classify", *common]) == 2  # --data without --out
+    assert "--data SPEC and --out DIR" in capsys.readouterr().err
