@@ -505,6 +505,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("tgems: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # a bug, not bad input: still one line, the traceback on request
         if os.environ.get("TGEMS_DEBUG"):
             raise

@@ -83,5 +83,7 @@ def vocabulary(model: str = "embedded", device="cpu", dtype="float32") -> tuple[
     words = known_words(bb)
     if words is None:
         return None, f"{bb.name} has a subword tokenizer ({type(bb.tokenizer).__name__}): it reads any text"
-    return words, (f"{bb.name} has a word-level tokenizer of {len(words)} words and marks; any other word "
-                   f"reads as {bb.tokenizer.unk_token}")
+    marks = [w for w in words if not any(ch.isalnum() for ch in w)]
+    words = [w for w in words if w not in marks]
+    return words, (f"{bb.name} has a word-level tokenizer of {len(words)} words (and the marks {' '.join(marks)}); "
+                   f"any other word reads as {bb.tokenizer.unk_token}")
