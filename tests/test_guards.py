@@ -211,6 +211,28 @@ def test_degenerate_data_flagged_not_celebrated(tmp_path, capsys):
     assert {"degenerate", "few_images"} <= kinds
 
 
+def test_progress_while_calibrating_and_timing_unless_quiet(tmp_path, capsys):
+    from tgems.data import load_dataset
+
+    scenes, data = load_dataset("scenes:test:600"), tmp_path / "two"
+    for c in np.unique(scenes.labels)[:2]:  # real scenes of two classes, so the data are not degenerate
+        sub = data / scenes.classes[c].replace(" ", "_")
+        sub.mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(scenes.labels == c)[:8]):
+            Image.fromarray(scenes.images[i]).save(sub / f"{j}.png")
+    argv = ["eval", "--tgem", "embedded:cls", "--data", f"folder:{data}", "--budget", "0.5"]
+    rc, out, err = run_cli(capsys, *argv, "--json", tmp_path / "e.json")
+    assert rc == 0, err
+    assert "calibrate" in err and "timing" in err  # the tqdm bars
+    timed = [r for r in json.loads((tmp_path / "e.json").read_text())["results"] if r["images_per_second"]]
+    assert {r["method"] for r in timed} == {"full", "static", "tgem_cls"}
+    assert all(r["ips_min"] <= r["images_per_second"] <= r["ips_max"] and r["repeats"] == 5 for r in timed)
+    rc, out, err = run_cli(capsys, *argv, "--quiet")
+    assert rc == 0 and err == "", err
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("T-GEM at budget 0.5") and "measured throughput" in summary, summary
+
+
 def test_scenes_report_has_no_degenerate_warning():
     import torch
 
