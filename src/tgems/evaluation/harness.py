@@ -190,11 +190,10 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
     L = backbone.num_layers
     check_eval_data(test, calib)
     labels = list(test.classes)
-    clfs = {}
-    for d in tgem_dirs:
-        clfs[f"tgem_{read_tgem_config(d)['space']}"] = EarlyExitClassifier(backbone, d, labels, templates)
-    if "tgem_cls" not in clfs:
+    dirs = {f"tgem_{read_tgem_config(d)['space']}": d for d in tgem_dirs}
+    if "tgem_cls" not in dirs:
         raise TGEMError("tgems eval needs a `cls` T-GEM checkpoint (the reference for static truncation and oracle)")
+    clfs = {name: EarlyExitClassifier(backbone, d, labels, templates) for name, d in dirs.items()}
     need_rates = "tgem_rates" in clfs
     ref = clfs["tgem_cls"]
     log(f"extracting features ({len(test)} test, {len(calib)} calibration images)")
