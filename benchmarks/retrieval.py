@@ -33,10 +33,7 @@ from tgems.data import load_dataset
 from tgems.features import extract_features
 from tgems.retrieval import EarlyExitIndex, calibrate_index, load_index_model, write_index_model
 
-try:
-    from tgems.calibration import first_exit
-except ImportError:  # the layout before the issue-11 split
-    from tgems.jumper import first_exit
+from tgems.calibration import first_exit
 
 KS = (1, 5, 10)
 
@@ -187,10 +184,7 @@ def main():
     budgets = [float(b) for b in args.budgets.split(",")]
     tgem = calib_text = None
     if args.text_guided:
-        try:
-            from tgems.tgem import load_tgem
-        except ImportError:  # the layout before the issue-11 split
-            from tgems.fit import load_tgem
+        from tgems.tgem import load_tgem
         tgem = load_tgem(args.text_guided, bb)[0]
         cdata_caps = sorted(set(json.loads((cache / f"{args.calib.replace(':', '_')}_s{args.seed}_{bb.fingerprint()}.json")
                                            .read_text())["captions"]))

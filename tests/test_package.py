@@ -43,7 +43,6 @@ ALLOWED = {("tgems.evaluation.demo", "tgems.training.fit")}
 KNOWN = {
     ("tgems.batch", "tgems"): "ClassifierSpec.build and _default_tgem reach the API through the package root",
     ("tgems.batch", "tgems.integrations.ray"): "run_job dispatches engine='ray' to the integration built on it",
-    ("tgems.retrieval", "tgems"): "build_index and search call tgems.load_backbone through the package root",
 }
 
 

@@ -14,10 +14,7 @@ from tgems.retrieval import (INDEX_FILES, NEVER, EarlyExitIndex, build_index, ca
                              rank_failures, search, write_index_model)
 from tgems.training.index_fit import IndexFitSettings, fit_index_model
 
-try:
-    from tgems.calibration import simulate, tau_grid
-except ImportError:  # the layout before the issue-11 split
-    from tgems.jumper import simulate, tau_grid
+from tgems.calibration import simulate, tau_grid
 
 QUERIES = ["a red circle", "a blue star", "a small green square", "a picture of a yellow triangle"]
 

@@ -32,10 +32,7 @@ from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
 from tgems.jumper import Jumper
 
-try:  # calibration lives in its own module since the issue-11 split
-    from tgems.calibration import calibrate_max_drop, first_exit, simulate, tau_grid
-except ImportError:  # pragma: no cover - the layout before the split
-    from tgems.jumper import calibrate_max_drop, first_exit, simulate, tau_grid
+from tgems.calibration import calibrate_max_drop, first_exit, simulate, tau_grid
 
 MODEL_FILES = ("retrieval.json", "retrieval.safetensors")
 INDEX_FILES = ("index.json", "index.safetensors")

@@ -134,7 +134,7 @@ def fit_index_model(backbone, data=None, settings: IndexFitSettings | None = Non
         uniq, inv = np.unique(np.asarray(data.captions, dtype=object).astype(str), return_inverse=True)
         cap_text = F.normalize(backbone.encode_text(list(uniq)).float(), dim=-1)
         cap_idx = torch.as_tensor(inv, dtype=torch.long)[train_idx]
-    scale = float(backbone.model.logit_scale.exp().clamp(max=100).item())
+    scale = backbone.logit_scale()
     history = _train_maps(maps, x, target, cap_idx, cap_text, scale, s, progress)
     maps.eval()
     sig, tgt = scorer_inputs(maps, z[score_idx])
