@@ -219,12 +219,14 @@ def cmd_embed(args, task="embed"):
 
 def cmd_demo(args):
     from tgems.evaluation.demo import run_demo
-    from tgems.evaluation.report import format_table, guarantee_line, summary_line
+    from tgems.evaluation.report import format_table, guarantee_line, retrieval_line, summary_line
 
     report = run_demo(args.model, args.tgem or None, args.out, n=args.n, speed=not args.no_speed, seed=args.seed,
                       progress=_progress(args), device=args.device, dtype=args.dtype, log=_log(args))
     print(format_table(report["results"], report["num_layers"]))
     print(guarantee_line(report["guarantee"]))
+    if "retrieval" in report:
+        print(retrieval_line(report["retrieval"]))
     print(summary_line(report["results"], 0.5, report.get("warnings")))
     if args.json:
         write_json(args.json, report)

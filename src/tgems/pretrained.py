@@ -7,6 +7,7 @@ from tgems.errors import TGEMError
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_MODEL = ASSETS / "embedded"
+EMBEDDED_RETRIEVAL = ASSETS / "embedded_retrieval"
 EMBEDDED_TGEMS = {"embedded:cls": ASSETS / "embedded_tgem" / "cls", "embedded:rates": ASSETS / "embedded_tgem" / "rates"}
 
 

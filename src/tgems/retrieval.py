@@ -32,6 +32,7 @@ from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
 from tgems.jumper import Jumper
 
+from tgems.calibration import NEVER_EXIT as NEVER
 from tgems.calibration import calibrate_max_drop, first_exit, simulate, tau_grid
 
 MODEL_FILES = ("retrieval.json", "retrieval.safetensors")
@@ -39,12 +40,13 @@ INDEX_FILES = ("index.json", "index.safetensors")
 MODEL_FORMAT = 1
 INDEX_FORMAT = 1
 NUM_INDEX_SIGNALS = 3  # scalar signals before the unit estimate zhat_l
-NEVER = 2.0  # a threshold no score reaches: never exit early
 
 
 def embedded_index_model_dir() -> Path:
     """The retrieval maps shipped for the embedded backbone (`tgems.training.index_fit`, seed 0)."""
-    return Path(__file__).parent / "assets" / "embedded_retrieval"
+    from tgems.pretrained import EMBEDDED_RETRIEVAL
+
+    return EMBEDDED_RETRIEVAL
 
 
 # ------------------------------------------------------------------ maps z_l -> estimate of z_L

@@ -35,6 +35,34 @@ def _ensure_tgems(bb, tgems, out: Path, seed: int, progress: bool, log) -> list:
     return dirs
 
 
+def retrieval_check(bb, ft, fc, text, budget: float = 0.6, k: int = 10) -> dict:
+    """The shipped early-exit index at a budget, on cached features: the class texts as queries over the test
+    images, precision@k (an image is relevant when it shows the query's class) against full CLIP's, and the
+    overlap of the top k with full CLIP's top k."""
+    import torch
+    import torch.nn.functional as F
+
+    from tgems.evaluation.harness import analytic_flops
+    from tgems.retrieval import calibrate_index, load_index_model
+
+    model = load_index_model("embedded:retrieval", bb).to("cpu")
+    tau, _ = calibrate_index(model, fc.z, budget=budget)
+    emb, depth = model.simulate(ft.z, tau)
+    full = F.normalize(ft.z[:, -1].float(), dim=-1)
+    q = text.float().cpu()
+    top_idx = (q @ F.normalize(emb.float(), dim=-1).t()).topk(k, dim=1).indices
+    top_full = (q @ full.t()).topk(k, dim=1).indices
+    cls = torch.arange(len(q))[:, None]
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(top_idx, top_full)]
+    flops = analytic_flops(bb, depth, model.layers, model.head_flops())
+    return {"budget": budget, "k": k, "queries": len(q), "images": len(ft),
+            "precision": round(float((ft.labels[top_idx] == cls).float().mean()), 4),
+            "precision_full": round(float((ft.labels[top_full] == cls).float().mean()), 4),
+            "overlap_full": round(float(sum(overlap) / len(overlap)), 4),
+            "mean_layers": round(float(depth.double().mean()), 3),
+            "flops_ratio": round(float(flops.mean() / bb.flops_full()), 4)}
+
+
 def run_demo(model: str = "embedded", tgems=None, out="results/demo", n: int | None = None,
              speed: bool = True, seed: int = 0, progress: bool = True, device="cpu", dtype="float32",
              log=print) -> dict:
@@ -67,6 +95,8 @@ def run_demo(model: str = "embedded", tgems=None, out="results/demo", n: int | N
         frac = 0.5
     report["guarantee"] = guarantee_study(ref, pool, eps=0.01, delta=0.1, n_splits=20, seed=seed,
                                           calib_fraction=frac)
+    if model == "embedded":
+        report["retrieval"] = retrieval_check(bb, raw["features"]["test"], raw["features"]["calib"], ref.text)
     report["data"] = "scenes:testall"
     report["tgem"] = [str(d) for d in tgems]
     report["seconds"] = round(time.time() - t0, 1)

@@ -50,6 +50,13 @@ def summary_line(results, budget: float = 0.5, warnings=None) -> str:
             f"{1 / t['flops_ratio']:.2f} x fewer encoder FLOPs{speed}")
 
 
+def retrieval_line(r: dict) -> str:
+    return (f"retrieval at budget {r['budget']} ({r['queries']} class-text queries over {r['images']} images): "
+            f"precision@{r['k']} {100 * r['precision']:.2f}% (full CLIP {100 * r['precision_full']:.2f}%), "
+            f"top-{r['k']} overlap with full CLIP {100 * r['overlap_full']:.1f}%, {r['mean_layers']:.2f} layers, "
+            f"FLOPs ratio {r['flops_ratio']:.3f}")
+
+
 def guarantee_line(g: dict) -> str:
     return (f"max_drop guarantee (eps {g['eps']}, delta {g['delta']}): disagreement <= eps on "
             f"{g['held']}/{g['n_splits']} draws of {g['n_calib']} calibration images "
