@@ -16,7 +16,7 @@ from tgems import TGEMError
 from tgems.calibration import simulate, tau_grid
 from tgems.classifier import EarlyExitClassifier
 from tgems.evaluation.harness import analytic_flops
-from tgems.jumper import NUM_SIGNALS, Jumper, exit_head_flops, jumper_signals
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, exit_head_flops, jumper_signals
 from tgems.profiles import layer_probs
 
 
@@ -102,7 +102,7 @@ def test_predict_is_independent_of_batch_size_and_order(bb, classifiers, test_da
     # so the test exercises real mixed exits whatever this barely trained model's own Jumper learned
     # (on it, one layer's score can be the same for every image)
     g = torch.Generator().manual_seed(0)
-    n, width = len(clf.profiles.layers), NUM_SIGNALS + bb.embed_dim
+    n, width = len(clf.profiles.layers), NUM_SIGNALS + bb.embed_dim + NUM_SET_SIGNALS
     clf.jumper = Jumper(torch.randn(n, width, generator=g), torch.zeros(n))
     scores, layer_preds = clf.layer_predictions(test_feats)
     layers = clf.profiles.exit_layers
@@ -123,7 +123,7 @@ def test_predict_is_independent_of_batch_size_and_order(bb, classifiers, test_da
 def test_each_goal_calibrates_and_runs_its_own_jumper_model(bb, fitted, test_data, test_feats):
     clf = make_classifier(bb, fitted, "cls", test_data.classes)
     probs = layer_probs(clf.profiles, test_feats)
-    signals = jumper_signals(probs, test_feats, clf.profiles.layers)
+    signals = jumper_signals(probs, test_feats, clf.profiles.layers, clf.profiles.text)
     by_budget = clf.calibrate(test_feats, budget=0.6, allow_uncovered=True)
     assert by_budget.policy().jumper is clf.jumper.budget
     assert torch.equal(by_budget.layer_predictions(test_feats)[0], clf.jumper.budget.scores(signals))

@@ -72,7 +72,8 @@ def test_shipped_tgems_belong_to_the_embedded_model(bb, space):
 def test_tgem_at_half_budget_on_the_engine(bb, sample, feats):
     """Calibrated for budget 0.5 on other images, T-GEM (cls) runs about half the encoder on the engine,
     with exits spread over layers, and agrees with the full model more often than static truncation at
-    the same depth (on this sample: 5.83 layers, 62.1 % against 58.2 % for static truncation at 6)."""
+    the same mean depth (static truncation mixed over the two layers around it, as the harness's vs_static
+    does); on this sample: 6.00 layers, 64.9 % against 58.2 % for static truncation at 6."""
     clf = EarlyExitClassifier(bb, "embedded:cls", sample.classes)
     clf = clf.calibrate(load_dataset("scenes:calib:600", seed=1), budget=0.5, allow_uncovered=True)
     pred = clf.predict(sample.images)
@@ -82,9 +83,11 @@ def test_tgem_at_half_budget_on_the_engine(bb, sample, feats):
     _, layer_preds = clf.layer_predictions(feats)
     full = layer_preds[:, -1].numpy()
     agreement = (pred.indices == full).mean()
-    static_depth = int(np.ceil(pred.mean_layers))
-    static_agreement = (layer_preds[:, static_depth - 1].numpy() == full).mean()
-    assert agreement > static_agreement, (agreement, static_depth, static_agreement)
+    lo = int(np.floor(pred.mean_layers))
+    f = pred.mean_layers - lo
+    static_agreement = ((1 - f) * (layer_preds[:, lo - 1].numpy() == full).mean()
+                        + f * (layer_preds[:, lo].numpy() == full).mean())
+    assert agreement > static_agreement, (agreement, pred.mean_layers, static_agreement)
 
 
 def test_demo_end_to_end(tmp_path, capsys):

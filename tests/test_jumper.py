@@ -7,19 +7,19 @@ import torch
 
 from tgem_helpers import bb, make_classifier, test_data  # noqa: F401 (fixtures)
 from tgems import TGEMError
-from tgems.jumper import NUM_SIGNALS, Jumper, fit_jumper, jumper_signals
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, fit_jumper, jumper_signals, text_neighbours
 from tgems.profiles import layer_probs
 
 
 def test_jumper_targets(bb, fitted, test_data, test_feats):
     """`agree` learns P(layer l agrees with the full model) from the confidence signals; `no_loss` learns
-    P(layer l is right or the full model is wrong) from those and z_l: where every label equals the full
-    model's prediction its target is exactly agreement; with the true labels it is another model; it
-    needs labels. `goal` holds both."""
+    P(layer l is right or the full model is wrong) from those and the label-set signals (standardised fit,
+    zero weights on z_l): where every label equals the full model's prediction its target is exactly
+    agreement; with the true labels it is another model; it needs labels. `goal` holds both."""
     clf = make_classifier(bb, fitted, "cls", test_data.classes)
     probs = layer_probs(clf.profiles, test_feats)
     preds = probs.argmax(-1)
-    signals = jumper_signals(probs, test_feats, clf.profiles.layers)
+    signals = jumper_signals(probs, test_feats, clf.profiles.layers, clf.profiles.text)
     y_agree = (preds[:, :-1] == preds[:, -1:]).float()
     full = preds[:, -1]
     as_full = dataclasses.replace(test_feats, labels=full)
@@ -27,8 +27,10 @@ def test_jumper_targets(bb, fitted, test_data, test_feats):
     assert agree.budget is None and same.budget is None
     expect = Jumper().fit(signals[..., :NUM_SIGNALS], y_agree)
     assert torch.equal(agree.weight, expect.weight) and torch.equal(agree.bias, expect.bias)
-    expect = Jumper().fit(signals, y_agree)
-    assert torch.equal(same.weight, expect.weight) and torch.equal(same.bias, expect.bias)
+    cols = list(range(NUM_SIGNALS)) + list(range(signals.shape[-1] - NUM_SET_SIGNALS, signals.shape[-1]))
+    expect = Jumper().fit(signals[..., cols], y_agree, standardize=True)
+    assert torch.equal(same.weight[..., cols], expect.weight) and torch.equal(same.bias, expect.bias)
+    assert not same.weight[..., NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
     other = fit_jumper(clf.profiles, test_feats, "no_loss")
     assert not torch.allclose(same.weight, other.weight)
     # `goal` (the default): the agreement model serves max_drop, the no-loss model budgets
@@ -54,3 +56,36 @@ def test_a_jumper_of_confidence_signals_only_reads_those(bb, fitted, test_data, 
     assert torch.equal(old.scores(signals), old.scores(signals[..., :NUM_SIGNALS]))
     assert torch.equal(old.score(2, signals[:, 2]), old.scores(signals)[:, 2])
 
+
+
+def test_label_set_signals(bb, fitted, test_data, test_feats):
+    """After z_l: cosine of the top-2 classes' texts, the top-1 text's nearest other class text, top-k
+    overlap with the previous candidate layer (0 at the first). Without text the layout is the old one."""
+    clf = make_classifier(bb, fitted, "cls", test_data.classes)
+    probs = layer_probs(clf.profiles, test_feats)
+    text = clf.profiles.text
+    old = jumper_signals(probs, test_feats, clf.profiles.layers)
+    sig = jumper_signals(probs, test_feats, clf.profiles.layers, text)
+    assert sig.shape[-1] == old.shape[-1] + NUM_SET_SIGNALS and torch.equal(sig[..., :old.shape[-1]], old)
+    top = probs[:, 1].topk(2, dim=1).indices
+    pair, nearest, overlap = sig[:, 1, -3], sig[:, 1, -2], sig[:, 1, -1]
+    assert torch.allclose(pair, (text[top[:, 0]] * text[top[:, 1]]).sum(-1), atol=1e-6)
+    cos = text @ text.T
+    cos.fill_diagonal_(-2.0)
+    assert torch.allclose(nearest, cos.max(1).values[top[:, 0]], atol=1e-6)
+    assert torch.equal(text_neighbours(text), text_neighbours(text.clone()))
+    assert (sig[:, 0, -1] == 0).all() and ((overlap >= 0) & (overlap <= 1)).all()
+    assert text_neighbours(text[:1]).tolist() == [0.0]
+
+
+def test_standardized_fit_folds_into_the_weights(bb, fitted, test_data, test_feats):
+    """Scores of a standardised fit read the raw signals: equal to scoring standardised signals with the
+    unfolded weights, up to rounding."""
+    clf = make_classifier(bb, fitted, "cls", test_data.classes)
+    sig = jumper_signals(layer_probs(clf.profiles, test_feats), test_feats, clf.profiles.layers, clf.profiles.text)
+    x = sig[..., :NUM_SIGNALS]
+    y = (x[..., 0] > x[..., 0].median()).float()
+    folded = Jumper().fit(x, y, standardize=True)
+    mu, sd = x.mean((0, 1)), x.std((0, 1)).clamp_min(1e-3)
+    plain = Jumper().fit((x - mu) / sd, y)
+    assert torch.allclose(folded.scores(x), plain.scores((x - mu) / sd), atol=1e-4)

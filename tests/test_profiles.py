@@ -9,7 +9,7 @@ from tgem_helpers import L, bb  # noqa: F401 (fixtures)
 from tgems import TGEMError
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import scenes
-from tgems.jumper import NUM_SIGNALS
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS
 from tgems.profiles import check_labels, class_embeddings, layer_probs, sample_profiles
 
 
@@ -30,9 +30,11 @@ def test_profile_and_logit_shapes(bb, L, fitted, test_feats, space):
     probs = layer_probs(prof, test_feats)
     assert probs.shape == (len(test_feats), L, C)
     assert torch.allclose(probs.sum(-1), torch.ones(len(test_feats), L), atol=1e-5)
-    # the agreement model reads the confidence signals, the budget (no-loss) model the readout z_l too
+    # the agreement model reads the confidence signals, the budget (no-loss) model the label-set signals too
+    # (after the readout z_l, whose weights it leaves at zero)
     assert jumper.weight.shape == (L - 1, NUM_SIGNALS) and jumper.bias.shape == (L - 1,)
-    assert jumper.budget.weight.shape == (L - 1, NUM_SIGNALS + bb.embed_dim)
+    assert jumper.budget.weight.shape == (L - 1, NUM_SIGNALS + bb.embed_dim + NUM_SET_SIGNALS)
+    assert not jumper.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
 
 
 @pytest.mark.parametrize("space", ["cls", "rates"])

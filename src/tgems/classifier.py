@@ -145,7 +145,7 @@ class EarlyExitClassifier:
         profiles = self.profiles.to("cpu")
         probs = layer_probs(profiles, feats)
         jumper = self.jumper.for_goal(goal or self.goal).to("cpu")
-        return jumper.scores(jumper_signals(probs, feats, profiles.layers)), probs.argmax(-1)
+        return jumper.scores(jumper_signals(probs, feats, profiles.layers, profiles.text)), probs.argmax(-1)
 
     def calibrate(self, data, budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
                   use_labels: bool = True, allow_uncovered: bool = False,

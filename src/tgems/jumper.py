@@ -15,15 +15,33 @@ from tgems.errors import TGEMError
 from tgems.profiles import ClassProfiles, layer_probs
 
 NUM_SIGNALS = 6  # the confidence signals; the unit readout z_l follows them
+NUM_SET_SIGNALS = 3  # label-set signals, after z_l (when the label set's text embeddings are given)
+TOP_K = 5  # ranking stability: overlap of the top-k classes with the previous candidate layer's
 JUMPER_TARGETS = ("goal", "agree", "no_loss")
 
 
+def text_neighbours(text: torch.Tensor) -> torch.Tensor:
+    """(C,) cosine of each class text to the nearest other class text of the label set (0 for one class)."""
+    t = text.float()
+    if t.shape[0] < 2:
+        return torch.zeros(t.shape[0], device=t.device)
+    cos = t @ t.T
+    cos.fill_diagonal_(-2.0)
+    return cos.max(1).values
+
+
 def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.Tensor,
-                 prev_z: torch.Tensor | None) -> torch.Tensor:
-    """(n, NUM_SIGNALS + D): top-1, margin, normalised entropy, agreement and prob change vs the previous
-    candidate layer, cosine of z with the previous candidate's z; then z_l / |z_l| itself, which lets
-    the Jumper learn which kinds of image are settled early. A Jumper with NUM_SIGNALS weights per layer
-    (the agreement model) reads just those."""
+                 prev_z: torch.Tensor | None, text: torch.Tensor | None = None,
+                 neighbours: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, NUM_SIGNALS + D [+ NUM_SET_SIGNALS]): top-1, margin, normalised entropy, agreement and prob
+    change vs the previous candidate layer, cosine of z with the previous candidate's z; then z_l / |z_l|
+    itself, which lets the Jumper learn which kinds of image are settled early; then, when the label set's
+    unit text embeddings `text` (C, D) and their `neighbours` (text_neighbours) are given, signals that
+    describe the label set around the prediction rather than its class identity: the cosine between the
+    top-2 classes' texts, the top-1 class text's cosine to its nearest other class text, and the overlap
+    of the top-k classes with the previous candidate layer's top-k. A Jumper model reads the first
+    `weight.shape[-1]` of them (NUM_SIGNALS: the agreement model; NUM_SIGNALS + D: budget models fit
+    before the label-set signals)."""
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     top1 = top2[:, 0]
     margin = top1 - (top2[:, 1] if top2.shape[1] > 1 else 0)
@@ -38,24 +56,41 @@ def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.
         prev_top = prev_probs.gather(1, pred[:, None])[:, 0]
         cos = F.cosine_similarity(z.float(), prev_z.float(), dim=1)
     conf = torch.stack([top1, margin, ent, agree, prev_top, cos], dim=1)
-    return torch.cat([conf, F.normalize(z.float(), dim=-1)], dim=1)
+    out = [conf, F.normalize(z.float(), dim=-1)]
+    if text is not None:
+        C = probs.shape[1]
+        k = min(TOP_K, C)
+        top = probs.topk(k, dim=1).indices
+        pred, second = top[:, 0], top[:, min(1, k - 1)]
+        t = text.float()
+        pair = (t[pred] * t[second]).sum(-1) if C > 1 else torch.zeros_like(top1)
+        if prev_probs is None:
+            overlap = torch.zeros_like(top1)
+        else:
+            prev_top_k = prev_probs.topk(k, dim=1).indices
+            overlap = (top[:, :, None] == prev_top_k[:, None, :]).any(2).float().mean(1)
+        out.append(torch.stack([pair, neighbours[pred].float(), overlap], dim=1))
+    return torch.cat(out, dim=1)
 
 
-def jumper_signals(probs: torch.Tensor, feats, layers: list[int]) -> torch.Tensor:
-    """(N, n, S) exit signals at each candidate layer on cached features (the last layer needs none)."""
+def jumper_signals(probs: torch.Tensor, feats, layers: list[int], text: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, n, S) exit signals at each candidate layer on cached features (the last layer needs none);
+    with the label set's text embeddings, the label-set signals too (see exit_signals)."""
     out, prev_p, prev_z = [], None, None
+    neighbours = None if text is None else text_neighbours(text)
     for j, l in enumerate(layers):
         z = feats.z[:, l - 1]
-        out.append(exit_signals(probs[:, j], prev_p, z, prev_z))
+        out.append(exit_signals(probs[:, j], prev_p, z, prev_z, text, neighbours))
         prev_p, prev_z = probs[:, j], z
     return torch.stack(out, 1)
 
 
 def exit_head_flops(profiles: ClassProfiles) -> float:
-    """Per row and candidate layer: scoring against C prototypes, the Jumper's signals (about 10 per class)
-    and its logistic model over them and the readout z_l (2 per input)."""
+    """Per row and candidate layer: scoring against C prototypes, the Jumper's signals (about 10 per class,
+    5 more for the top-k, 2 D for the top-2 texts' cosine) and its logistic model over them, the readout
+    z_l and the label-set signals (2 per input)."""
     C, D = profiles.num_classes, profiles.text.shape[-1]
-    return profiles.scoring_flops() + float(10 * C + 2 * (NUM_SIGNALS + D))
+    return profiles.scoring_flops() + float(15 * C + 2 * D + 2 * (NUM_SIGNALS + D + NUM_SET_SIGNALS))
 
 
 class Jumper:
@@ -80,11 +115,17 @@ class Jumper:
         return Jumper(move(self.weight), move(self.bias), self.tau,
                       None if self.budget is None else self.budget.to(device))
 
-    def fit(self, signals: torch.Tensor, target: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> "Jumper":
-        """signals (N, n, S), target (N, n) in {0, 1}: fit every layer's logistic model by L-BFGS."""
+    def fit(self, signals: torch.Tensor, target: torch.Tensor, l2: float = 1e-3, steps: int = 200,
+            standardize: bool = False) -> "Jumper":
+        """signals (N, n, S), target (N, n) in {0, 1}: fit every layer's logistic model by L-BFGS.
+        `standardize`: fit (and penalise) on signals scaled to unit variance over all layers, then fold the
+        scaling into the weights, so scoring reads the raw signals as before."""
         n = signals.shape[1]
         x = signals.float()
         y = target.float()
+        if standardize:
+            mu, sd = x.mean((0, 1)), x.std((0, 1)).clamp_min(1e-3)
+            x = (x - mu) / sd
         w = torch.zeros(n, x.shape[2], requires_grad=True)
         b = torch.zeros(n, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
@@ -98,6 +139,9 @@ class Jumper:
 
         opt.step(closure)
         self.weight, self.bias = w.detach(), b.detach()
+        if standardize:
+            self.weight = self.weight / sd
+            self.bias = self.bias - (self.weight * mu).sum(-1)
         return self
 
     def score(self, j: int, signals: torch.Tensor) -> torch.Tensor:
@@ -137,12 +181,14 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal") -> Jumper:
     full model is wrong too; it needs labels and spends the depth on images that more depth can still fix.
     `goal` (the default): both, `agree` for max_drop goals (a bound on disagreement) and `no_loss` for
     budgets; without labels it falls back to `agree`. The `agree` model reads the confidence signals only;
-    the `no_loss` model reads z_l too."""
+    the `no_loss` model reads the label-set signals too (not z_l, whose weights are zero: a readout-based
+    model learned which images of the fit's classes settle early, and did not transfer to text-only classes;
+    see docs/design.md), fit on standardised signals."""
     check_jumper_target(target)
     profiles = profiles.to("cpu")
     probs = layer_probs(profiles, feats)
     preds = probs.argmax(-1)
-    signals = jumper_signals(probs, feats, profiles.layers)
+    signals = jumper_signals(probs, feats, profiles.layers, profiles.text)
     labelled = bool((feats.labels >= 0).all())
     if target == "no_loss" and not labelled:
         raise TGEMError("the no_loss Jumper target needs labelled images")
@@ -152,7 +198,13 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal") -> Jumper:
     if target == "agree" or not labelled:
         return agree
     labels = feats.labels[:, None]
-    no_loss = Jumper().fit(signals, ((preds[:, :-1] == labels) | (preds[:, -1:] != labels)).float())
+    width = signals.shape[-1]
+    cols = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS, width)])
+    fit = Jumper().fit(signals[..., cols], ((preds[:, :-1] == labels) | (preds[:, -1:] != labels)).float(),
+                       standardize=True)
+    weight = torch.zeros(fit.weight.shape[0], width)
+    weight[:, cols] = fit.weight
+    no_loss = Jumper(weight, fit.bias)
     if target == "no_loss":
         return no_loss
     agree.budget = no_loss

@@ -8,7 +8,7 @@ import torch
 
 from tgems.errors import TGEMError
 from tgems.features import RATES_DTYPE
-from tgems.jumper import Jumper, exit_head_flops, exit_signals
+from tgems.jumper import Jumper, exit_head_flops, exit_signals, text_neighbours
 from tgems.profiles import ClassProfiles
 
 
@@ -70,6 +70,7 @@ class JumperPolicy:
         self.needs_rates = profiles.space == "rates"
         self.head_flops = exit_head_flops(profiles)
         self._index = {l: j for j, l in enumerate(profiles.layers)}
+        self.neighbours = text_neighbours(profiles.text)  # once per label set, as jumper_signals does
         self.prev_p = self.prev_z = None
 
     def start(self, n: int):
@@ -84,10 +85,11 @@ class JumperPolicy:
         if self.prev_p is None:
             self.prev_p = torch.zeros(self.n, self.p.num_classes, device=z.device)
             self.prev_z = torch.zeros(self.n, z.shape[1], device=z.device)
+        text = self.p.text
         if j == 0:
-            sig = exit_signals(probs, None, z, None)
+            sig = exit_signals(probs, None, z, None, text, self.neighbours)
         else:
-            sig = exit_signals(probs, self.prev_p[rows], z, self.prev_z[rows])
+            sig = exit_signals(probs, self.prev_p[rows], z, self.prev_z[rows], text, self.neighbours)
         self.prev_p[rows] = probs
         self.prev_z[rows] = z.float()
         exit_now = self.jumper.score(j, sig) >= self.tau

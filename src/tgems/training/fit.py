@@ -159,7 +159,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     jumper = fit_jumper(profiles, jfeats, s.jumper_target)
     probs = layer_probs(profiles, jfeats)
     preds = probs.argmax(-1)
-    scores = jumper.for_goal("budget").scores(jumper_signals(probs, jfeats, layers))
+    scores = jumper.for_goal("budget").scores(jumper_signals(probs, jfeats, layers, profiles.text))
     jumper.tau = calibrate_budget(scores, preds, profiles.exit_layers, L, s.default_budget)
     per_layer = [{"layer": l, "accuracy": round((preds[:, j] == jfeats.labels).float().mean().item(), 4),
                   "agreement": round((preds[:, j] == preds[:, -1]).float().mean().item(), 4)}
