@@ -207,6 +207,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="draw of the test and calibration images")
     ap.add_argument("--xfit-epochs", type=int, default=30)
     ap.add_argument("--variants", default="all", help="comma-separated variant names (default all)")
+    ap.add_argument("--baseline", default="embedded:cls",
+                    help="checkpoint whose budget Jumper is the `shipped` baseline (the modules are always "
+                         "embedded:cls's); e.g. the pre-issue-12 one: mkdir old && git show dcb9e24^:src/tgems/"
+                         "assets/embedded_tgem/cls/tgem.json > old/tgem.json (and tgem.safetensors)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -306,9 +310,10 @@ def main():
     if not need_x:
         names = [n for n in names if "xfit" not in V[n][0]]
 
-    # shipped baseline (library scores = the checkpoint's budget model on conf+z)
-    jb = shipped.for_goal("budget")
-    s_ship_t, s_ship_c = jb.scores(pick(tab_t, "conf+z")), jb.scores(pick(tab_c, "conf+z"))
+    # baseline: a checkpoint's budget model on the library's signal layout (conf, z_l, the 3 label-set signals)
+    jb = load_tgem(args.baseline, bb)[1].for_goal("budget")
+    lib = lambda tab: torch.cat([tab["conf"], tab["z"], tab["desc"][..., :3]], -1)
+    s_ship_t, s_ship_c = jb.scores(lib(tab_t)), jb.scores(lib(tab_c))
     no_loss = (lp[:, :-1] == y[:, None]) | (full != y)[:, None]
 
     results, aucs = [], []
@@ -364,7 +369,7 @@ def main():
     print(f"\ntotal {time.time() - t0:.0f} s")
     if args.json:
         write_json(args.json, {"test": "scenes:testall", "calib": "scenes:calib", "seed": args.seed,
-                               "tgem": "embedded:cls", "budgets": list(BUDGETS), "layers": layers,
+                               "tgem": "embedded:cls", "baseline": args.baseline, "budgets": list(BUDGETS), "layers": layers,
                                "xfit_epochs": args.xfit_epochs, "results": results, "auc": aucs,
                                "seconds": round(time.time() - t0, 1)})
 
