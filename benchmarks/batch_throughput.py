@@ -171,7 +171,8 @@ def main():
     import torch
 
     import tgems
-    from tgems.batch import ClassifierSpec, write_json_atomic
+    from tgems.batch import ClassifierSpec
+    from tgems.io import write_json
 
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.work)
@@ -272,7 +273,7 @@ def main():
         res["rss_big_over_small"] = round(res["rss_mb_20000"] / res["rss_mb_2000"], 3)
     print(json.dumps(res, indent=1))
     if args.json:
-        write_json_atomic(args.json, res)
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":

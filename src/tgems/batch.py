@@ -25,7 +25,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tgems.backbones import as_dtype
 from tgems.errors import TGEMError
+from tgems.io import write_json
+from tgems.pipeline import read_labels
+from tgems.pretrained import tgem_path
+from tgems.profiles import check_labels
 
 TASKS = ("classify", "embed")
 TOP_K = 5
@@ -140,19 +145,11 @@ def _hash_dir(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _default_tgem() -> str:
-    import tgems
-
-    return str(Path(tgems.__file__).parent / "assets" / "embedded_tgem" / "cls")
+DEFAULT_TGEM = "embedded:cls"
 
 
 def _check_labels(labels) -> list[str]:
-    labels = [str(t).strip() for t in (labels or [])]
-    if not labels or any(not t for t in labels):
-        raise TGEMError("give the class texts (--labels \"a cat,a dog\" or --labels-file FILE)")
-    if len(set(labels)) != len(labels):
-        dup = next(t for t in labels if labels.count(t) > 1)
-        raise TGEMError(f"class text '{dup}' is given twice")
+    labels = check_labels([str(t).strip() for t in (labels or [])])
     if len(labels) < 2:
         raise TGEMError("give at least two class texts")
     return labels
@@ -191,8 +188,8 @@ class ClassifierSpec:
             raise TGEMError("--budget/--max-drop need --calib SPEC (held-out images to calibrate on)")
         if self.tau is not None and (self.budget is not None or self.max_drop is not None):
             raise TGEMError("--tau sets the threshold directly; it cannot be combined with --budget/--max-drop")
-        tgem = str(self.tgem or _default_tgem())
-        if ":" not in tgem and not Path(tgem).exists():  # "embedded:cls"-style names are the library's to resolve
+        tgem = tgem_path(self.tgem or DEFAULT_TGEM)
+        if not tgem.exists():
             raise TGEMError(f"T-GEM checkpoint {tgem} does not exist")
         return self
 
@@ -204,9 +201,9 @@ class ClassifierSpec:
             d = {k: d[k] for k in keep}
             d["classifier_hash"] = _hash_dir(Path(self.classifier))
             return d
-        d["tgem"] = str(self.tgem or _default_tgem())
-        if Path(d["tgem"]).exists():
-            d["tgem_hash"] = _hash_dir(Path(d["tgem"]))
+        d["tgem"] = str(self.tgem or DEFAULT_TGEM)
+        if tgem_path(d["tgem"]).exists():
+            d["tgem_hash"] = _hash_dir(tgem_path(d["tgem"]))
         if Path(self.model).is_dir():
             d["model_hash"] = _hash_dir(Path(self.model))
         return d
@@ -215,19 +212,10 @@ class ClassifierSpec:
         """The library's own builder (tgems.pipeline.build_classifier), as `tgems classify` uses it."""
         from tgems.pipeline import build_classifier
 
-        return build_classifier(self.model, self.tgem or _default_tgem(), self.labels, classifier=self.classifier,
+        return build_classifier(self.model, self.tgem or DEFAULT_TGEM, self.labels, classifier=self.classifier,
                                 calib=self.calib, budget=self.budget, max_drop=self.max_drop, delta=self.delta,
                                 tau=self.tau, label_free=self.label_free, seed=self.seed, device=self.device,
                                 dtype=self.dtype)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in table:
-        raise TGEMError(f"unknown dtype '{name}' (use one of {', '.join(table)})")
-    return table[name]
 
 
 def describe_predictor(predictor) -> dict:
@@ -291,14 +279,6 @@ def _replace(tmp: Path, path: Path):
     os.replace(tmp, path)
 
 
-def write_json_atomic(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
-    _replace(tmp, path)
-
-
 def write_table_atomic(path, table):
     import pyarrow.parquet as pq
 
@@ -358,7 +338,7 @@ def prepare_out_dir(out: Path, job: dict, engine: str) -> dict:
             raise TGEMError(f"{out} holds another job (different {what}); use a new --out directory or delete it")
     elif any(p for p in out.iterdir() if p.name != ".tgems.lock" and not _is_tmp(p)):
         raise TGEMError(f"{out} is not empty and holds no tgems job (_job.json); use a new --out directory")
-    write_json_atomic(meta, job)
+    write_json(meta, job)
     for d in (out, out / "_errors"):
         if d.is_dir():
             for p in d.iterdir():
@@ -457,7 +437,7 @@ def finish_job(out: Path, job: dict, task: str, started: float, counts: dict) ->
         "seconds": round(seconds, 3), "images_this_run": counts.get("images", 0),
         "images_per_s": round(counts.get("images", 0) / seconds, 2) if seconds > 0 else None,
     }
-    write_json_atomic(out / "_SUCCESS", summary)
+    write_json(out / "_SUCCESS", summary)
     return summary
 
 
@@ -537,17 +517,6 @@ def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int
 # ------------------------------------------------------------------------------------- the CLI job
 
 
-def _read_labels(labels, labels_file):
-    if labels_file:
-        try:
-            return [ln.strip() for ln in Path(labels_file).read_text().splitlines() if ln.strip()]
-        except OSError as e:
-            raise TGEMError(f"cannot read labels file {labels_file}: {e.strerror}") from None
-    if isinstance(labels, str):
-        return [t.strip() for t in labels.split(",") if t.strip()]
-    return list(labels or [])
-
-
 def run_command(*, data: str, out: str, task: str = "classify", classifier: str | None = None,
                 model: str = "embedded", tgem: str | None = None, labels=None, labels_file: str | None = None,
                 budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
@@ -567,11 +536,11 @@ def run_command(*, data: str, out: str, task: str = "classify", classifier: str 
     if engine not in ("local", "ray"):
         raise TGEMError(f"unknown engine '{engine}' (use local or ray)")
     if classifier is None:
-        labels = _read_labels(labels, labels_file)
+        labels = read_labels(labels, labels_file) if labels_file or isinstance(labels, str) else list(labels or [])
     spec = ClassifierSpec(classifier=classifier, model=model, tgem=tgem, labels=labels if classifier is None else None,
                           budget=budget, max_drop=max_drop, delta=delta, calib=calib, tau=tau, label_free=label_free,
                           device=device, dtype=dtype, seed=seed).check()
-    _torch_dtype(dtype)
+    as_dtype(dtype)
     source = open_source(data, block=block, image_column=image_column, id_column=id_column)  # fails before work
     if engine == "ray":
         from tgems.integrations.ray import run_ray_job
@@ -583,7 +552,7 @@ def run_command(*, data: str, out: str, task: str = "classify", classifier: str 
         summary = run_job(predictor, source, out, task=task, batch_size=batch_size, workers=workers,
                           settings=spec.settings(), progress=not quiet)
     if json_path:
-        write_json_atomic(json_path, summary)
+        write_json(json_path, summary)
     return summary, (1 if summary["errors"] else 0)
 
 

@@ -125,7 +125,7 @@ def _run_chunk(backbone, pixels, offset, policy, readout_layers, store):
         keep = (~mask).nonzero().squeeze(1)
         if len(keep) == 0:
             return
-        h, rows = h.index_select(0, keep), rows[keep]
+        h, rows = h[keep], rows[keep]
 
 
 @torch.no_grad()

@@ -25,6 +25,8 @@ def atomic_path(path):
         yield tmp
         if tmp.is_file():
             os.chmod(tmp, _umask_mode())
+            with open(tmp, "rb") as f:  # durable before it becomes visible: a resumed job trusts what it finds
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.is_dir():
