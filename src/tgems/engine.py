@@ -1,6 +1,6 @@
 """Batched layer-by-layer early-exit inference with per-sample compute accounting.
 
-Rows that exit at a candidate layer are dropped from the batch (index_select),
+Rows that exit at a candidate layer are dropped from the batch (indexing by the rows that stay),
 so later blocks run on fewer rows: the wall-clock saving follows the FLOPs saving.
 
 An exit policy is any object with `candidate_layers` (sorted ints in 1..L; L is
