@@ -341,3 +341,16 @@ def test_bad_tau_refused_in_one_line(tau, png, tmp_path, capsys):
                            "--json", tmp_path / "o.json")
     assert "--tau" in assert_one_line_error(rc, err)
     assert out == "" and not (tmp_path / "o.json").exists()
+
+
+def test_timing_doubts_discount_the_runs_own_threads_and_flag_a_small_cpu_share():
+    """On a 2-core machine the timed runs' own 2 threads put the load average near 2: that alone is no
+    reason to doubt them; other processes taking CPU from them (a low CPU share) is."""
+    from tgems.evaluation.harness import timing_doubts
+
+    quiet = _timed(100, 95, 105, load=(2.2, 2.4), cores=2, threads=2, cpu_share=0.97)
+    assert timing_doubts(quiet) == []
+    busy = _timed(100, 95, 105, load=(2.2, 2.4), cores=2, threads=2, cpu_share=0.5)
+    assert timing_doubts(busy) == ["the timed runs got 50% of their 2 threads' CPU"]
+    assert timing_doubts(_timed(100, 95, 105, load=(4.5, 4.0), cores=2, threads=2, cpu_share=0.97)) == \
+        ["load 4.5 on 2 cores"]

@@ -38,7 +38,8 @@ def analytic_flops(backbone, depth: torch.Tensor, candidates: list[int], head_fl
 
 
 SPREAD_LIMIT = 1.3  # max/min images per second above this: the timing is not to be trusted
-LOAD_LIMIT = 0.5  # 1-minute load average above this many per core: the machine was busy
+LOAD_LIMIT = 0.5  # 1-minute load average, less the timed runs' own threads, above this many per core: busy
+CPU_SHARE_LIMIT = 0.75  # timed runs that got less of their threads' CPU than this were sharing the machine
 
 
 def _cores() -> int:
@@ -68,21 +69,25 @@ def measure_throughputs(backbone, pixels: torch.Tensor, policies: list, repeats:
     for pol in policies:  # warm-up
         run_early_exit(backbone, pixels[: min(len(pixels), 32)], pol, batch_size=batch_size)
     before = _load()
-    times = [[] for _ in policies]
+    threads = torch.get_num_threads()
+    times, shares = [[] for _ in policies], [[] for _ in policies]
     n = len(policies)
     with tqdm(total=repeats * n, desc="timing", disable=not progress, leave=False) as bar:
         for r in range(repeats):
             for i in [(r + k) % n for k in range(n)]:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 run_early_exit(backbone, pixels, policies[i], batch_size=batch_size)
-                times[i].append(time.perf_counter() - t)
+                wall = time.perf_counter() - t
+                times[i].append(wall)
+                shares[i].append((time.process_time() - c) / (wall * threads))
                 bar.update(1)
     load = [before, _load()]
     out = []
-    for ts in times:
+    for ts, sh in zip(times, shares):
         ips = len(pixels) / np.asarray(ts)
         out.append({"images_per_second": round(float(np.median(ips)), 1), "ips_min": round(float(ips.min()), 1),
-                    "ips_max": round(float(ips.max()), 1), "load": load, "cores": _cores(), "repeats": repeats})
+                    "ips_max": round(float(ips.max()), 1), "load": load, "cores": _cores(), "threads": threads,
+                    "cpu_share": round(float(np.median(sh)), 3), "repeats": repeats})
     return out
 
 
@@ -98,8 +103,12 @@ def timing_doubts(record: dict) -> list[str]:
     if lo and hi and hi / lo > SPREAD_LIMIT:
         out.append(f"repeats spread {hi / lo:.2f}x")
     cores, load = record.get("cores"), [x for x in (record.get("load") or []) if x is not None]
-    if cores and load and max(load) > LOAD_LIMIT * cores:
+    own = record.get("threads") or 0  # the timed runs' own threads count in the load average too
+    if cores and load and max(load) - own > LOAD_LIMIT * cores:
         out.append(f"load {max(load):.1f} on {cores} cores")
+    share = record.get("cpu_share")
+    if share is not None and share < CPU_SHARE_LIMIT:
+        out.append(f"the timed runs got {100 * share:.0f}% of their {own} threads' CPU")
     return out
 
 

@@ -39,7 +39,7 @@ def summary_line(results, budget: float = 0.5, warnings=None) -> str:
         ratio = t["images_per_second"] / f["images_per_second"]
         doubts = [f"{who} {d}" for who, r in (("T-GEM", t), ("full", f)) for d in timing_doubts(r)
                   if d.startswith("repeats")] + sorted({d for d in timing_doubts(t) + timing_doubts(f)
-                                                        if d.startswith("load")})
+                                                        if d.startswith(("load", "the timed"))})
         if doubts:
             speed = f", measured throughput not to be trusted ({'; '.join(doubts)}; median ratio {ratio:.2f} x)"
         else:
