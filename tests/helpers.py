@@ -71,3 +71,25 @@ def make_tiny_clip(path, *, layers=4, width=32, heads=2, mlp=None, patch=8, imag
     CLIPImageProcessor(size={"shortest_edge": resize or image_size},
                        crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
+
+
+def run_cli(capsys, *argv):
+    """tgems.cli.main(argv) -> (exit code, stdout, stderr); argparse exits are returned as codes too."""
+    from tgems.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse: --version, usage errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err):
+    """A failed command: non-zero exit, no traceback, exactly one `tgems: error:` line on stderr."""
+    assert rc not in (0, None), err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert lines[0].startswith("tgems: error:"), lines[0]
+    return lines[0]

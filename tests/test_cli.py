@@ -16,29 +16,11 @@ from PIL import Image
 
 from tgems import __version__
 from tgems.cli import main
+from helpers import assert_one_line_error, run_cli
 
 SWEEP = [0.3, 0.4, 0.5, 0.6, 0.7]
 RECORD_KEYS = {"method", "budget", "split", "accuracy", "agreement", "mean_layers", "flops_ratio",
                "images_per_second"}
-
-
-def run_cli(capsys, *argv):
-    """main(argv) -> (exit code, stdout, stderr); argparse exits are returned as codes too."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse: --version, usage errors
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err):
-    assert rc not in (0, None), err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert lines[0].startswith("tgems: error:"), lines[0]
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -13,29 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tgems.cli import main
 from tgems.errors import TGEMError
+from helpers import assert_one_line_error, run_cli
 
 DIGITS = ["zero", "one", "two", "three"]
-
-
-def run_cli(capsys, *argv):
-    """main(argv) -> (exit code, stdout, stderr); argparse exits are returned as codes too."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err):
-    assert rc not in (0, None), err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert lines[0].startswith("tgems: error:"), lines[0]
-    return lines[0]
 
 
 def _write_folder(root, classes, per_class, seed=0):

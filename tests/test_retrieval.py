@@ -15,6 +15,7 @@ from tgems.retrieval import (INDEX_FILES, NEVER, EarlyExitIndex, build_index, ca
 from tgems.training.index_fit import IndexFitSettings, fit_index_model
 
 from tgems.calibration import simulate, tau_grid
+from helpers import run_cli
 
 QUERIES = ["a red circle", "a blue star", "a small green square", "a picture of a yellow triangle"]
 
@@ -200,25 +201,14 @@ def test_build_and_search_calls(tiny_clip_dir, tiny_backbone, model, tmp_path):
         search(out, "a red circle", k=0, model=str(tiny_clip_dir))
 
 
-def _cli(capsys, *argv):
-    from tgems.cli import main
-
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_cli_index_and_search(tiny_clip_dir, tiny_clip_factory, tiny_backbone, model, tmp_path, capsys):
     mdir = write_index_model(tmp_path / "model", model, tiny_backbone)
     out, js = tmp_path / "index", tmp_path / "index.json"
-    rc, stdout, err = _cli(capsys, "index", "--model", tiny_clip_dir, "--tgem", mdir, "--data", "scenes:test:30",
+    rc, stdout, err = run_cli(capsys, "index", "--model", tiny_clip_dir, "--tgem", mdir, "--data", "scenes:test:30",
                            "--out", out, "--budget", "0.75", "--n-calib", "30", "--quiet", "--json", js)
     assert rc == 0, err
     assert "indexed 30 images" in stdout and json.loads(js.read_text())["images"] == 30
-    rc, stdout, err = _cli(capsys, "search", "--index", out, "a red circle", "--k", "3", "--json", tmp_path / "s.json")
+    rc, stdout, err = run_cli(capsys, "search", "--index", out, "a red circle", "--k", "3", "--json", tmp_path / "s.json")
     assert rc == 0, err
     lines = stdout.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("1\tscenes:test:")
@@ -235,7 +225,7 @@ def test_cli_index_and_search(tiny_clip_dir, tiny_clip_factory, tiny_backbone, m
            ("index", "--model", other, "--tgem", mdir, "--data", "scenes:test:10", "--out", tmp_path / "o2"),
            ("index", "--model", tiny_clip_dir, "--tgem", mdir, "--data", "scenes:test:10", "--out", keep)]
     for argv in bad:
-        rc, stdout, err = _cli(capsys, *argv, "--json", tmp_path / "bad.json")
+        rc, stdout, err = run_cli(capsys, *argv, "--json", tmp_path / "bad.json")
         assert rc != 0 and len(err.strip().splitlines()) == 1 and err.startswith("tgems: error:"), (argv, err)
         assert not (tmp_path / "bad.json").exists() and not (tmp_path / "o2").exists()
     assert sorted(p.name for p in keep.iterdir()) == ["x.txt"]
