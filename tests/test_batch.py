@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +12,8 @@ import pytest
 from stream_helpers import (LABELS, decoded, encode, make_folder, make_parquet, make_shards, read_parts,
                             scene_images, tgem_checkpoint, truncated_jpeg)
 
-from tgems.batch import ClassifierSpec, main, run_command, run_job
+from tgems.batch import ClassifierSpec, run_command, run_job
+from tgems.cli import main
 from tgems.errors import TGEMError
 
 N = 60

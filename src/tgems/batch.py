@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tgems.backbones import as_dtype
@@ -580,29 +580,6 @@ def add_stream_arguments(p: argparse.ArgumentParser, required: bool = True):
     p.add_argument("--block", type=int, help="folder: files per output part (default 1000)")
 
 
-def add_batch_arguments(p: argparse.ArgumentParser, task: str):
-    """Every option of a streamed job, for `python -m tgems.batch`."""
-    add_stream_arguments(p)
-    p.add_argument("--classifier", help="a saved classifier directory (instead of --model/--tgem/--labels)")
-    p.add_argument("--model", default="embedded")
-    p.add_argument("--tgem", default=None, help="T-GEM checkpoint (default: the embedded cls checkpoint)")
-    p.add_argument("--labels", help='comma-separated class texts, e.g. "a red circle,a blue star"')
-    p.add_argument("--labels-file", help="one class text per line")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--budget", type=float, help="calibrate for this compute budget on --calib")
-    g.add_argument("--max-drop", type=float, help="calibrate for this maximum drop on --calib")
-    p.add_argument("--delta", type=float, default=0.1)
-    p.add_argument("--calib", help="calibration data spec (e.g. scenes:calib)")
-    p.add_argument("--label-free", action="store_true", help="calibrate on agreement with the full model")
-    p.add_argument("--tau", type=float, help="exit threshold (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(task=task)
-
-
 def cmd_batch(args) -> int:
     """argparse namespace -> job; prints one summary line (and one error line when inputs failed)."""
     if not args.data or not args.out:
@@ -621,34 +598,3 @@ def cmd_batch(args) -> int:
         print(f"tgems: error: {summary['errors']} inputs could not be read (listed with their reason in "
               f"{Path(summary['out']) / 'errors.parquet'})", file=sys.stderr)
     return code
-
-
-def main(argv=None) -> int:
-    """`python -m tgems.batch classify|embed ...` until the main CLI carries these commands."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:  # transformers' weight-loading bars are noise here, as in the main CLI
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-    p = argparse.ArgumentParser(prog="python -m tgems.batch")
-    sub = p.add_subparsers(dest="command", required=True)
-    for task in TASKS:
-        add_batch_arguments(sub.add_parser(task), task)
-    args = p.parse_args(argv)
-    try:
-        return cmd_batch(args)
-    except TGEMError as e:
-        print(f"tgems: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tgems: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    from tgems.batch import main as _main  # the imported module, not __main__: its classes travel to Ray workers
-
-    sys.exit(_main())

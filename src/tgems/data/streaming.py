@@ -22,7 +22,6 @@ import queue
 import re
 import tarfile
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
