@@ -2,7 +2,6 @@
 projection ("logit lens"); zero-shot scores are a softmax over logit_scale * cosine."""
 from __future__ import annotations
 
-
 from tgems.backbones.base import Backbone, features
 from tgems.backbones.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
