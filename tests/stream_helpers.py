@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 LABELS = ["a red circle", "a blue star", "a green heart", "a yellow square", "a purple ring", "a orange cross"]
@@ -100,3 +101,16 @@ def truncated_jpeg(img) -> bytes:
 
 __all__ = ["LABELS", "tgem_checkpoint", "scene_images", "make_folder", "make_shards", "make_parquet", "read_parts",
            "decoded", "truncated_jpeg", "encode", "np"]
+
+
+@pytest.fixture(scope="module")
+def spec():
+    """The job's classifier spec: the shipped embedded model and T-GEM over LABELS."""
+    from tgems.batch import ClassifierSpec
+
+    return ClassifierSpec(tgem=tgem_checkpoint(), labels=list(LABELS)).check()
+
+
+@pytest.fixture(scope="module")
+def clf(spec):
+    return spec.build()

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from stream_helpers import (LABELS, decoded, encode, make_folder, make_parquet, make_shards, read_parts,
+from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
+                            LABELS, decoded, encode, make_folder, make_parquet, make_shards, read_parts,
                             scene_images, tgem_checkpoint, truncated_jpeg)
 
 from tgems.batch import ClassifierSpec, run_command, run_job
@@ -17,16 +18,6 @@ from tgems.cli import main
 from tgems.errors import TGEMError
 
 N = 60
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return ClassifierSpec(tgem=tgem_checkpoint(), labels=list(LABELS)).check()
-
-
-@pytest.fixture(scope="module")
-def clf(spec):
-    return spec.build()
 
 
 @pytest.fixture(scope="module")

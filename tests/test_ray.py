@@ -12,21 +12,12 @@ except ImportError:  # only the missing extra skips: CI installs it
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from stream_helpers import (LABELS, encode, make_folder, read_parts, scene_images, tgem_checkpoint,
+from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
+                            LABELS, encode, make_folder, read_parts, scene_images, tgem_checkpoint,
                             truncated_jpeg)
 
-from tgems.batch import ClassifierSpec, run_command, run_job
+from tgems.batch import run_command, run_job
 from tgems.integrations.ray import TGEMPredictor, run_ray_job
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return ClassifierSpec(tgem=tgem_checkpoint(), labels=list(LABELS)).check()
-
-
-@pytest.fixture(scope="module")
-def clf(spec):
-    return spec.build()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import argparse
 import fcntl
 import hashlib
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from tgems.backbones import as_dtype
 from tgems.errors import TGEMError
-from tgems.io import write_json
+from tgems.io import atomic_path, commit, is_tmp, tmp_path, write_json
 from tgems.pipeline import read_labels
 from tgems.pretrained import tgem_path
 from tgems.profiles import check_labels
@@ -265,27 +264,11 @@ def describe_predictor(predictor) -> dict:
 # ------------------------------------------------------------------------------------- files
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _is_tmp(p: Path) -> bool:
-    return p.name.startswith(".") and p.name.endswith(".tmp")
-
-
-def _replace(tmp: Path, path: Path):
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_table_atomic(path, table):
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    tmp = _tmp_name(path)
-    pq.write_table(table, tmp)
-    _replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 @contextmanager
@@ -336,13 +319,13 @@ def prepare_out_dir(out: Path, job: dict, engine: str) -> dict:
         if old.get("fingerprint") != job["fingerprint"]:
             what = ", ".join(_diff(old.get("settings", {}), job["settings"])[:4]) or "settings"
             raise TGEMError(f"{out} holds another job (different {what}); use a new --out directory or delete it")
-    elif any(p for p in out.iterdir() if p.name != ".tgems.lock" and not _is_tmp(p)):
+    elif any(p for p in out.iterdir() if p.name != ".tgems.lock" and not is_tmp(p)):
         raise TGEMError(f"{out} is not empty and holds no tgems job (_job.json); use a new --out directory")
     write_json(meta, job)
     for d in (out, out / "_errors"):
         if d.is_dir():
             for p in d.iterdir():
-                if _is_tmp(p):  # left by a killed run
+                if is_tmp(p):  # left by a killed run
                     p.unlink()
     return job
 
@@ -487,7 +470,7 @@ def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int
                     pending_rows += table.num_rows
                 if pending_rows >= ROW_GROUP or (chunk.last and pending):
                     if writer is None:
-                        tmp = _tmp_name(out / part_name(chunk.shard.index))
+                        tmp = tmp_path(out / part_name(chunk.shard.index))
                         writer = pq.ParquetWriter(tmp, schema)
                     writer.write_table(pa.concat_tables(pending))
                     pending, pending_rows = [], 0
@@ -497,12 +480,12 @@ def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int
                 if chunk.last:
                     path = out / part_name(chunk.shard.index)
                     if writer is None:
-                        tmp = _tmp_name(path)
+                        tmp = tmp_path(path)
                         writer = pq.ParquetWriter(tmp, schema)
                     writer.close()
                     writer = None
                     _write_shard_errors(out, chunk.shard, errors)  # before the part: the part commits the shard
-                    _replace(tmp, path)
+                    commit(tmp, path)
                     errors = []
                     counts["written"] += 1
         finally:

@@ -15,19 +15,35 @@ def _umask_mode(base: int = 0o666) -> int:
     return base & ~mask
 
 
+def tmp_path(path) -> Path:
+    """The temporary sibling a write goes to before it is renamed onto `path`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def is_tmp(p: Path) -> bool:
+    """A temporary left by a write that never finished (a killed run)."""
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def commit(tmp: Path, path) -> None:
+    """Make a finished temporary file durable, give it the usual permissions, rename it onto `path`."""
+    if tmp.is_file():
+        os.chmod(tmp, _umask_mode())
+        with open(tmp, "rb") as f:  # durable before it becomes visible: a resumed job trusts what it finds
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary sibling path; rename it onto `path` when the block succeeds, remove it otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmp_path(path)
     try:
         yield tmp
-        if tmp.is_file():
-            os.chmod(tmp, _umask_mode())
-            with open(tmp, "rb") as f:  # durable before it becomes visible: a resumed job trusts what it finds
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
