@@ -214,9 +214,7 @@ def _write_dir(path, files, header: dict, tensors: dict, what: str) -> Path:
     from tgems.io import atomic_dir
 
     path = Path(path)
-    if path.exists() and not (path.is_dir() and ((path / files[0]).is_file() or not any(path.iterdir()))):
-        raise TGEMError(f"{path} exists and is not a {what}; refusing to replace it")
-    with atomic_dir(path, files[0]) as tmp:
+    with atomic_dir(path, files[0], f"a {what}") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / files[1]))
         header = {**header, "sha256": _sha256(tmp / files[1])}
         (tmp / files[0]).write_text(json.dumps(header, indent=1))
