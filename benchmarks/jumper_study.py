@@ -7,12 +7,18 @@ cached-feature arithmetic plus one small threshold search. Per split (seen, held
 
 - `static`: fixed-layer exit with the T-GEM profiles at mean depth budget * L (per-image mix of the two
   layers around it, as the harness's vs_static does).
-- `shipped`: the checkpoint's budget Jumper (no-loss model, signals + z_l), one tau calibrated on calib
+- `shipped`: the `--tgem` checkpoint's budget Jumper (the no-loss model), one tau calibrated on calib
   (`calibrate(budget=b, allow_uncovered=True)`), simulated on test.
 - `agree_jumper` (variant): the checkpoint's agreement model (label-set-free confidence signals only, no
   z_l) used for the budget goal, one tau calibrated on calib the same way.
 - `per_layer_tau` (variant): the shipped budget Jumper's scores with one threshold per candidate layer,
   found by coordinate ascent on calib accuracy under the budget (start: the shipped single tau).
+- `confidence` (baseline): exit at the first candidate layer whose T-GEM top-1 probability reaches one
+  tau (image-side confidence only, no Jumper), calibrated the same way.
+- `branchy` (baseline: BranchyNet / Shallow-Deep Networks): per-layer linear probes on the unit readout z_l,
+  trained with labels on `scenes:train` (the fit's images, seen classes only: held-out classes have no
+  images to train a probe on), exit when the probe's top-1 probability reaches one tau; the last layer is
+  the full CLIP's zero-shot head. Calibrated the same way.
 - `oracle_agree`: knows, per image, c_i = the first candidate layer whose prediction equals the full
   model's (L if none). It gives as many images as the depth allows their agreeing exit, cheapest c_i first;
   the others exit at layer 1 (the cheapest). Mean depth <= budget * L; above sum c_i / N it is the full
@@ -42,6 +48,7 @@ import tgems
 from tgems.calibration import calibrate_budget, first_exit, simulate
 from tgems.features import LayerFeatures
 from tgems.io import write_json
+from tgems.profiles import layer_probs
 
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
 SPLITS = ("seen", "heldout")
@@ -156,6 +163,55 @@ def per_layer_taus(scores, preds, layers, L, budget, labels, tau0, sweeps: int =
     return taus
 
 
+def probe_heads(feats: LayerFeatures, layers: list[int], num_classes: int, l2: float = 1e-4,
+                steps: int = 100) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per candidate layer, a multinomial logistic probe (W, b) on the unit readout, fit by L-BFGS on
+    labelled images (the BranchyNet / SDN exit heads, trained with labels instead of text)."""
+    heads = []
+    y = feats.labels
+    for l in layers:
+        x = torch.nn.functional.normalize(feats.z[:, l - 1].float(), dim=-1)
+        w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+        b = torch.zeros(num_classes, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        heads.append((w.detach(), b.detach()))
+    return heads
+
+
+def cached_probes(feats: LayerFeatures, layers: list[int], num_classes: int, path: Path):
+    """probe_heads, kept as safetensors (they depend on the backbone and its training images only)."""
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        t = load_file(str(path))
+        if t["layers"].tolist() == list(layers):
+            return [(t[f"w{l}"], t[f"b{l}"]) for l in layers]
+    heads = probe_heads(feats, layers, num_classes)
+    out = {"layers": torch.as_tensor(layers)}
+    for l, (w, b) in zip(layers, heads):
+        out[f"w{l}"], out[f"b{l}"] = w.contiguous(), b.contiguous()
+    save_file(out, str(path))
+    return heads
+
+
+def probe_predictions(heads, feats: LayerFeatures, layers: list[int], full: torch.Tensor):
+    """(top-1 probability (N, n), predictions (N, n + 1)) of the probes; the last column is `full`."""
+    conf, preds = [], []
+    for (w, b), l in zip(heads, layers):
+        p = (torch.nn.functional.normalize(feats.z[:, l - 1].float(), dim=-1) @ w + b).softmax(-1).max(-1)
+        conf.append(p.values)
+        preds.append(p.indices)
+    return torch.stack(conf, 1), torch.cat([torch.stack(preds, 1), full[:, None]], 1)
+
+
 def simulate_taus(scores, preds, layers, taus):
     n = scores.shape[1]
     hit = scores >= taus[None]
@@ -207,6 +263,16 @@ def main():
     cs_budget, clp = clf.layer_predictions(fc, "budget")
     cs_agree, _ = clf.layer_predictions(fc, "max_drop")
 
+    # baselines: image-side confidence of the T-GEM profiles; BranchyNet-style probes trained with labels
+    conf_t = layer_probs(clf.profiles, ft)[:, :-1].max(-1).values
+    conf_c = layer_probs(clf.profiles, fc)[:, :-1].max(-1).values
+    ftr, _ = cached_features(bb, "scenes:train", 0, args.model)
+    assert ftr.classes == ft.classes == fc.classes
+    heads = cached_probes(ftr, layers[:-1], len(ft.classes), CACHE / f"{args.model}_probes.safetensors")
+    br_t, br_lp = probe_predictions(heads, ft, layers[:-1], full)
+    br_c, br_clp = probe_predictions(heads, fc, layers[:-1], clp[:, -1])
+    print(f"baselines ready ({time.time() - t0:.0f} s)", flush=True)
+
     results = []
 
     def add(policy, budget, split, preds, depth, **extra):
@@ -240,6 +306,10 @@ def main():
         # variant B: per-layer thresholds on the shipped budget scores
         taus = per_layer_taus(cs_budget, clp, layers, L, b, cal_labels, c.tau)
         p_b, d_b = simulate_taus(s_budget, lp, layers, taus)
+        tau_c = calibrate_budget(conf_c, clp, layers, L, b, cal_labels)
+        p_c, d_c = simulate(conf_t, lp, layers, tau_c)
+        tau_br = calibrate_budget(br_c, br_clp, layers, L, b, cal_labels)
+        p_br, d_br = simulate(br_t, br_lp, layers, tau_br)
         for s, m in masks.items():
             st = static_at(correct[m], layers, D)
             # static: a per-image mix, so there are no predictions; record the expected figures directly
@@ -255,6 +325,8 @@ def main():
             add("shipped", b, s, p_ship, d_ship, tau=round(c.tau, 5))
             add("agree_jumper", b, s, p_a, d_a, tau=round(tau_a, 5))
             add("per_layer_tau", b, s, p_b, d_b, taus=[round(float(t), 4) for t in taus])
+            add("confidence", b, s, p_c, d_c, tau=round(tau_c, 5))
+            add("branchy", b, s, p_br, d_br, tau=round(tau_br, 5))
             for name, target in (("oracle_agree", full), ("oracle_correct", y)):
                 po, do = oracle(lp[m], target[m], layers, D)
                 pf = full.clone()
@@ -273,7 +345,8 @@ def main():
                                   "mean_layers": round(float(do.float().mean()), 4)}
         sat[f"{s}_full"] = {"accuracy": round(float(correct[m, -1].mean()), 5), "mean_layers": float(L)}
 
-    pols = ("static", "shipped", "agree_jumper", "per_layer_tau", "oracle_agree", "oracle_correct")
+    pols = ("static", "shipped", "agree_jumper", "per_layer_tau", "confidence", "branchy", "oracle_agree",
+            "oracle_correct")
     print(f"\n{'split':<8}{'budget':>6}" + "".join(f"{p:>16}" for p in pols) + "   (acc % / closed fraction; layers)")
     for s in SPLITS:
         for b in BUDGETS:
@@ -284,13 +357,14 @@ def main():
                 line += f"{100 * r['accuracy']:.1f} {cf:>5} {r['mean_layers']:.1f}".rjust(16)
             print(line)
     print(f"\n{'split':<8}{'budget':>6}{'shipped vs static':>20}" + "".join(f"{p + ' vs shipped':>26}" for p in
-                                                                    ("agree_jumper", "per_layer_tau")))
+                                                                    ("agree_jumper", "per_layer_tau", "confidence",
+                                                                     "branchy")))
     for s in SPLITS:
         for b in BUDGETS:
             get = lambda p: next(r for r in results if r["policy"] == p and r["split"] == s and r["budget"] == b)
             sh = get("shipped")
             line = f"{s:<8}{b:>6.1f}" + f"{100 * sh['vs_static']:+.2f}±{100 * sh['vs_static_se']:.2f}".rjust(20)
-            for p in ("agree_jumper", "per_layer_tau"):
+            for p in ("agree_jumper", "per_layer_tau", "confidence", "branchy"):
                 r = get(p)
                 line += f"{100 * r['vs_shipped']:+.2f}±{100 * r['vs_shipped_se']:.2f}".rjust(26)
             print(line)

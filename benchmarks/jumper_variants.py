@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tgems  # noqa: E402
@@ -46,7 +47,7 @@ from tgems.calibration import calibrate_budget, simulate  # noqa: E402
 from tgems.io import write_json  # noqa: E402
 from tgems.jumper import Jumper  # noqa: E402
 from tgems.profiles import check_readable_labels  # noqa: E402
-from tgems.tgem import load_tgem  # noqa: E402
+from tgems.tgem import TGEM, load_tgem  # noqa: E402
 from tgems.training.fit import FitSettings, fit_tgem  # noqa: E402
 
 CACHE = Path("results/jumper_variants")
@@ -260,9 +261,11 @@ def main():
         halves = [np.sort(halves[:len(halves) // 2]), np.sort(halves[len(halves) // 2:])]
         data = None
         for h, cls in enumerate(halves):
-            path = CACHE / f"xfit_h{h}_e{args.xfit_epochs}.pt"
+            path = CACHE / f"xfit_h{h}_e{args.xfit_epochs}.safetensors"
             if path.is_file():
-                mod = torch.load(path, weights_only=False)
+                mod = TGEM(layers[:-1], L, bb.embed_dim, bb.embed_dim, "cls")
+                mod.load_state_dict(load_file(str(path)))
+                mod.eval()
             else:
                 if data is None:
                     data = tgems.load_dataset("scenes:train", seed=0)
@@ -270,7 +273,7 @@ def main():
                 s = FitSettings(space="cls", epochs=args.xfit_epochs, jumper_fraction=0.02, seed=0)
                 tt = time.time()
                 mod, _, _ = fit_tgem(bb, data.subset(idx), s, templates=templates, feats=ftr.subset(idx), progress=False)
-                torch.save(mod, path)
+                save_file({k: v.contiguous() for k, v in mod.state_dict().items()}, str(path))
                 print(f"cross-fit half {h}: {len(idx)} images, {time.time() - tt:.0f} s", flush=True)
             xfit_logits.append(all_logits(mod.profiles(seen_text, bb).to("cpu"), fj))
 

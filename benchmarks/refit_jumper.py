@@ -1,7 +1,9 @@
 """Refit only the Jumper of a T-GEM checkpoint with the current `fit_jumper`, on the same images `tgems fit`
 set aside for it, keeping the exit modules G_l (and, unless --all, the agreement model that max_drop goals
 use) bit for bit. Used when the Jumper's recipe changes and the modules do not (issue 12): it isolates the
-change, and costs the features of the Jumper's images (20 % of the fit data) instead of a full fit.
+change, and costs the features of the Jumper's images (20 % of the fit data) instead of a full fit. It
+does not cross-fit (that needs the half-class modules of a full `tgems fit`): the budget model it makes is
+the `--no-cross-fit` one.
 
 The Jumper images are fit_tgem's: a permutation of the fit data by `settings.seed`, the first
 `jumper_fraction` of it; labels remapped to the classes present, class texts with the checkpoint's templates.

@@ -30,6 +30,8 @@ TITLES = {
     "regularizer": "Rate-based regularizer on and off",
     "seeds": "T-GEM minus static truncation over fit seeds",
     "targets": "T-GEM against the baselines at the same budget (read off a demo report)",
+    "jumper_seeds": "The Jumper over fit seeds and image draws (issue 12 targets)",
+    "jumper_study": "The Jumper in isolation on cached features",
 }
 ORDER = list(TITLES)
 SPLITS = ("all", "seen", "heldout")
@@ -302,6 +304,69 @@ def fmt_targets(rec: dict) -> str:
                      "lens, same depth", "16-shot", "probe", "minus full"], rows, "llrrrrrrrrr"))
 
 
+JUMPER_POLICIES = ("static", "shipped", "per_layer_tau", "agree_jumper", "confidence", "branchy", "oracle_agree",
+                   "oracle_correct")
+
+
+def fmt_jumper_study(rec: dict) -> str:
+    """Accuracy per policy, split and budget, with the share of the static-to-oracle distance closed; then
+    the Jumper's per-layer AUC."""
+    d = rec["data"]
+    res = d.get("results") or []
+    budgets = d.get("budgets") or sorted({r["budget"] for r in res})
+    by = {(r["policy"], r["split"], r["budget"]): r for r in res}
+    pols = [p for p in JUMPER_POLICIES if any(k[0] == p for k in by)]
+    rows = []
+    for sp in ("seen", "heldout"):
+        for p in pols:
+            cells = []
+            for b in budgets:
+                r = by.get((p, sp, b))
+                if r is None:
+                    cells.append("")
+                    continue
+                cf = r.get("closed_fraction")
+                if (r.get("oracle_agree_same_depth") or 0) - (r.get("static_same_depth") or 0) < 0.01:
+                    cf = None  # under a point from static to the oracle: the share is noise
+                cells.append(f"{pct(r['accuracy'], 1)} ({num(r['mean_layers'], 1)})"
+                             + ("" if cf is None or p in ("static", "oracle_agree") else f" {cf:+.2f}"))
+            rows.append([SPLIT_NAMES.get(sp, sp), p] + cells)
+    auc = d.get("auc") or []
+    auc_rows = [[r["layer"]] + [num(r.get(k), 3) for k in ("seen_no_loss_auc", "heldout_no_loss_auc", "seen_agree_auc",
+                                                            "heldout_agree_auc")] for r in auc]
+    return (f"T-GEM `{d.get('tgem')}` on `{d.get('test')}` (draw {d.get('seed')}), calibrated on `{d.get('calib')}`. "
+            f"`shipped` is that checkpoint's budget Jumper; `static` exits at a fixed depth; `confidence` thresholds "
+            f"the T-GEM top-1 probability; `branchy` thresholds per-layer linear probes trained with labels on the "
+            f"seen classes (BranchyNet / SDN); the oracles know where the prediction equals the full model's (agree) "
+            f"or is right (correct). Cells: accuracy % (mean layers) and the share of the distance from static to "
+            f"the agreement oracle the policy closes at its own depth (left out where that distance is under a "
+            f"point).\n\n"
+            + table(["split", "policy"] + [f"budget {b:g}" for b in budgets], rows, "ll" + "r" * len(budgets))
+            + "\n\nPer-layer AUC of the budget model for \"exiting here costs nothing\" and of the agreement model "
+              "for \"equals the full model\":\n\n"
+            + table(["layer", "no-loss seen", "no-loss held-out", "agree seen", "agree held-out"], auc_rows))
+
+
+def fmt_jumper_seeds(rec: dict) -> str:
+    d = rec["data"]
+    rows = []
+    for r in d.get("rows") or []:
+        rows.append([SPLIT_NAMES.get(r["split"], r["split"]), f"{r['budget']:g}",
+                     f"{pct(r['accuracy_mean'], 1)} ({pct(r['accuracy_min'], 1)} .. {pct(r['accuracy_max'], 1)})",
+                     pct(r["agreement_mean"], 1), num(r["mean_layers"]), pct(r["static_mean"], 1),
+                     f"{100 * r['vs_static_mean']:+.2f} ({r['runs_ahead_of_static_2se']}/{r['runs']})",
+                     pct(r["confidence_mean"], 1), f"{100 * r['vs_confidence_mean']:+.2f}",
+                     pct(r["branchy_mean"], 1), f"{100 * r['vs_branchy_mean']:+.2f}", pct(r["oracle_agree_mean"], 1),
+                     "" if "target" not in r else f"{pct(r['target'], 1)} ({r['runs_meeting_target']}/{r['runs']})"])
+    return (f"{len(d.get('tgems') or [])} T-GEM fits (seeds) x image draws {d.get('draws')}; each run is "
+            f"`benchmarks/jumper_study.py`. Accuracy %, mean over runs (min .. max); \"minus static\" in points with "
+            f"the runs ahead by more than two paired standard errors; the baselines' columns are their accuracy and "
+            f"the Jumper minus them.\n\n"
+            + table(["split", "budget", "Jumper acc %", "agreement %", "mean layers", "static %",
+                     "minus static (runs > 2 s.e.)", "confidence %", "minus conf.", "BranchyNet %", "minus Branchy",
+                     "agree oracle %", "target (runs met)"], [r for r in rows], "ll" + "r" * 11))
+
+
 def fmt_generic(rec: dict) -> str:
     """Scalars as a list, each list of flat records as a table; anything else as JSON."""
     d = rec["data"]
@@ -327,7 +392,8 @@ def fmt_generic(rec: dict) -> str:
 
 FORMATTERS = {"demo": fmt_report, "eval": fmt_report, "engine_speed": fmt_engine_speed,
               "zero_shot_layers": fmt_zero_shot_layers, "guarantee": fmt_guarantee,
-              "regularizer": fmt_regularizer, "seeds": fmt_seeds, "targets": fmt_targets}
+              "regularizer": fmt_regularizer, "seeds": fmt_seeds, "targets": fmt_targets,
+              "jumper_study": fmt_jumper_study, "jumper_seeds": fmt_jumper_seeds}
 
 
 def kind_of(rec: dict) -> str:

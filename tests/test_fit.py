@@ -12,7 +12,8 @@ from tgem_helpers import L, bb, train  # noqa: F401 (fixtures)
 from tgems import TGEMError
 from tgems.profiles import class_embeddings
 from tgems.tgem import save_tgem
-from tgems.training.fit import FitSettings, fit_tgem
+from tgems.jumper import NUM_SIGNALS
+from tgems.training.fit import FitSettings, class_halves, fit_tgem
 
 
 def test_fit_refuses_an_unknown_jumper_target_before_training(bb, train, train_feats):
@@ -98,3 +99,33 @@ def test_fit_leaves_the_callers_settings_as_given(bb, train, train_feats):
     assert info["settings"]["layers"] == [1, 3] and 0 < info["settings"]["soft_tau"] < 1
     again = fit_tgem(bb, train, s, feats=train_feats, progress=False)[2]
     assert again["settings"] == info["settings"]
+
+
+def test_class_halves_split_every_class_once():
+    a, b = class_halves(9, seed=0)
+    assert sorted(a.tolist() + b.tolist()) == list(range(9)) and len(a) == 4
+    assert [h.tolist() for h in class_halves(9, seed=0)] == [a.tolist(), b.tolist()]
+    assert [h.tolist() for h in class_halves(9, seed=1)] != [a.tolist(), b.tolist()]
+
+
+def test_cross_fit_trains_two_half_class_models_for_the_budget_jumper(bb, train, train_feats, fitted):
+    """The default fit trains two more T-GEMs, each on the training images of one half of the classes, and
+    the budget Jumper learns from them (so it reads z_l); without cross-fitting its z_l weights are zero and
+    the exit modules and the agreement model are the same."""
+    D = bb.embed_dim
+    tgem, jumper, info = fitted["cls"]
+    halves = info["cross_fit"]
+    assert len(halves) == 2 and not set(halves[0]["classes"]) & set(halves[1]["classes"])
+    assert sorted(halves[0]["classes"] + halves[1]["classes"]) == sorted(info["train_classes"])
+    assert sum(h["num_train"] for h in halves) == info["num_train"]
+    assert jumper.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + D].any()
+    plain_tgem, plain, plain_info = fit_tgem(bb, train, FitSettings(space="cls", epochs=2, cross_fit=False),
+                                             feats=train_feats, progress=False)
+    assert plain_info["cross_fit"] is None and not plain_info["settings"]["cross_fit"]
+    assert not plain.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + D].any()
+    assert torch.equal(plain.weight, jumper.weight)
+    assert all(torch.equal(a, b) for a, b in zip(plain_tgem.state_dict().values(), tgem.state_dict().values()))
+    assert not torch.equal(plain.budget.weight, jumper.budget.weight)
+    agree_only = fit_tgem(bb, train, FitSettings(space="cls", epochs=1, jumper_target="agree"), feats=train_feats,
+                          progress=False)[2]
+    assert agree_only["cross_fit"] is None  # nothing would use the half-models

@@ -12,10 +12,10 @@ from tgems.profiles import layer_probs
 
 
 def test_jumper_targets(bb, fitted, test_data, test_feats):
-    """`agree` learns P(layer l agrees with the full model) from the confidence signals; `no_loss` learns
-    P(layer l is right or the full model is wrong) from those and the label-set signals (standardised fit,
-    zero weights on z_l): where every label equals the full model's prediction its target is exactly
-    agreement; with the true labels it is another model; it needs labels. `goal` holds both."""
+    """`agree` learns P(layer l agrees with the full model), `no_loss` P(layer l is right or the full model
+    is wrong), both from the confidence and label-set signals (standardised fit, zero weights on z_l):
+    where every label equals the full model's prediction the no-loss target is exactly agreement; with the
+    true labels it is another model; it needs labels. `goal` holds both."""
     clf = make_classifier(bb, fitted, "cls", test_data.classes)
     probs = layer_probs(clf.profiles, test_feats)
     preds = probs.argmax(-1)
@@ -25,12 +25,11 @@ def test_jumper_targets(bb, fitted, test_data, test_feats):
     as_full = dataclasses.replace(test_feats, labels=full)
     agree, same = fit_jumper(clf.profiles, test_feats, "agree"), fit_jumper(clf.profiles, as_full, "no_loss")
     assert agree.budget is None and same.budget is None
-    expect = Jumper().fit(signals[..., :NUM_SIGNALS], y_agree)
-    assert torch.equal(agree.weight, expect.weight) and torch.equal(agree.bias, expect.bias)
     cols = list(range(NUM_SIGNALS)) + list(range(signals.shape[-1] - NUM_SET_SIGNALS, signals.shape[-1]))
     expect = Jumper().fit(signals[..., cols], y_agree, standardize=True)
-    assert torch.equal(same.weight[..., cols], expect.weight) and torch.equal(same.bias, expect.bias)
-    assert not same.weight[..., NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
+    for model in (agree, same):
+        assert torch.equal(model.weight[..., cols], expect.weight) and torch.equal(model.bias, expect.bias)
+        assert not model.weight[..., NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
     other = fit_jumper(clf.profiles, test_feats, "no_loss")
     assert not torch.allclose(same.weight, other.weight)
     # `goal` (the default): the agreement model serves max_drop, the no-loss model budgets
@@ -44,6 +43,26 @@ def test_jumper_targets(bb, fitted, test_data, test_feats):
     assert fallback.budget is None and torch.equal(fallback.weight, agree.weight)
     with pytest.raises(TGEMError, match="unknown Jumper target"):
         fit_jumper(clf.profiles, test_feats, "accuracy")
+
+
+def test_cross_fitted_profiles_train_the_no_loss_model_on_every_set(bb, fitted, test_data, test_feats):
+    """With cross-fitted profiles the no-loss model is fit on the images scored by each set of modules (rows
+    stacked, labels repeated) and reads every signal, z_l included; the agreement model is unchanged."""
+    clf = make_classifier(bb, fitted, "cls", test_data.classes)
+    other = make_classifier(bb, fitted, "rates", test_data.classes).profiles
+    plain = fit_jumper(clf.profiles, test_feats)
+    crossed = fit_jumper(clf.profiles, test_feats, cross=[other])
+    assert torch.equal(crossed.weight, plain.weight)
+    assert crossed.budget.weight[..., NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
+    rows = []
+    for prof in (clf.profiles, other):
+        probs = layer_probs(prof, test_feats)
+        rows.append((jumper_signals(probs, test_feats, prof.layers, prof.text), probs.argmax(-1)))
+    x = torch.cat([r[0] for r in rows])
+    p = torch.cat([r[1] for r in rows])
+    y = test_feats.labels.repeat(2)[:, None]
+    expect = Jumper().fit(x, (p[:, :-1] == y) | (p[:, -1:] != y), standardize=True)
+    assert torch.equal(crossed.budget.weight, expect.weight) and torch.equal(crossed.budget.bias, expect.bias)
 
 
 def test_a_jumper_of_confidence_signals_only_reads_those(bb, fitted, test_data, test_feats):

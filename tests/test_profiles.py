@@ -30,11 +30,13 @@ def test_profile_and_logit_shapes(bb, L, fitted, test_feats, space):
     probs = layer_probs(prof, test_feats)
     assert probs.shape == (len(test_feats), L, C)
     assert torch.allclose(probs.sum(-1), torch.ones(len(test_feats), L), atol=1e-5)
-    # the agreement model reads the confidence signals, the budget (no-loss) model the label-set signals too
-    # (after the readout z_l, whose weights it leaves at zero)
-    assert jumper.weight.shape == (L - 1, NUM_SIGNALS) and jumper.bias.shape == (L - 1,)
-    assert jumper.budget.weight.shape == (L - 1, NUM_SIGNALS + bb.embed_dim + NUM_SET_SIGNALS)
-    assert not jumper.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
+    # the agreement model reads the confidence and label-set signals (zero weights on the readout z_l between
+    # them); the cross-fitted budget (no-loss) model reads z_l too
+    width = NUM_SIGNALS + bb.embed_dim + NUM_SET_SIGNALS
+    assert jumper.weight.shape == (L - 1, width) and jumper.bias.shape == (L - 1,)
+    assert not jumper.weight[:, NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
+    assert jumper.budget.weight.shape == (L - 1, width)
+    assert jumper.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
 
 
 @pytest.mark.parametrize("space", ["cls", "rates"])

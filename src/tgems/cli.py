@@ -128,7 +128,7 @@ def cmd_fit(args):
     log = _log(args)
     s = FitSettings(space=args.space, layers=args.layers, hidden=args.hidden, epochs=args.epochs,
                     lam=args.lam, r_target=args.r_target, soft_tau=args.soft_tau, jumper_target=args.jumper_target,
-                    seed=args.seed)
+                    cross_fit=not args.no_cross_fit, seed=args.seed)
     info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
                         progress=_progress(args))
     for row in info["per_layer_holdout"]:
@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the exit score estimates: agreement with the full model (label-free), that "
                         "exiting costs no accuracy (needs labels), or per goal: the first for max_drop, the "
                         "second for budgets (the default)")
+    f.add_argument("--no-cross-fit", action="store_true",
+                   help="fit the budget Jumper on the main modules only (about half the fit time; it then "
+                        "transfers less well to classes known only by text)")
     placement(f)
     common(f)
     f.set_defaults(func=cmd_fit)

@@ -173,38 +173,52 @@ def check_jumper_target(target: str) -> None:
         raise TGEMError(f"unknown Jumper target '{target}' (choose from {', '.join(JUMPER_TARGETS)})")
 
 
-def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal") -> Jumper:
+def _training_set(profiles: ClassProfiles, feats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signals (N, n, S), predictions (N, n + 1)) of one set of exit modules on cached features."""
+    profiles = profiles.to("cpu")
+    probs = layer_probs(profiles, feats)
+    return jumper_signals(probs, feats, profiles.layers, profiles.text), probs.argmax(-1)
+
+
+def _fit_on(signals: torch.Tensor, target: torch.Tensor, cols: torch.Tensor) -> Jumper:
+    """A Jumper fit on standardised signal columns `cols`, zero weights on the others."""
+    fit = Jumper().fit(signals[..., cols], target.float(), standardize=True)
+    weight = torch.zeros(fit.weight.shape[0], signals.shape[-1])
+    weight[:, cols] = fit.weight
+    return Jumper(weight, fit.bias)
+
+
+def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list[ClassProfiles] = ()) -> Jumper:
     """Fit the Jumper's per-layer logistic models on cached features (labels index the profiles' classes).
 
     `agree`: s_l estimates P(the layer-l prediction equals the full model's), needs no labels. `no_loss`:
     s_l estimates P(exiting at l costs no accuracy against the full model), i.e. layer l is right or the
     full model is wrong too; it needs labels and spends the depth on images that more depth can still fix.
     `goal` (the default): both, `agree` for max_drop goals (a bound on disagreement) and `no_loss` for
-    budgets; without labels it falls back to `agree`. The `agree` model reads the confidence signals only;
-    the `no_loss` model reads the label-set signals too (not z_l, whose weights are zero: a readout-based
-    model learned which images of the fit's classes settle early, and did not transfer to text-only classes;
-    see docs/design.md), fit on standardised signals."""
+    budgets; without labels it falls back to `agree`. Both read the confidence and label-set signals, fit
+    on standardised signals. `cross`: profiles of the same classes from cross-fitted modules (each trained
+    on part of the classes, see `training.fit.fit_tgem`); the no-loss model then learns from these images
+    scored by every set of modules, and reads z_l too. Otherwise z_l weights are zero: fit on the modules'
+    own classes only, a readout-based model learned which images of those classes settle early, and did
+    not transfer to text-only classes (docs/design.md)."""
     check_jumper_target(target)
-    profiles = profiles.to("cpu")
-    probs = layer_probs(profiles, feats)
-    preds = probs.argmax(-1)
-    signals = jumper_signals(probs, feats, profiles.layers, profiles.text)
+    signals, preds = _training_set(profiles, feats)
     labelled = bool((feats.labels >= 0).all())
     if target == "no_loss" and not labelled:
         raise TGEMError("the no_loss Jumper target needs labelled images")
+    width = signals.shape[-1]
+    readable = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS, width)])
     agree = None
     if target != "no_loss":
-        agree = Jumper().fit(signals[..., :NUM_SIGNALS], (preds[:, :-1] == preds[:, -1:]).float())
+        agree = _fit_on(signals, preds[:, :-1] == preds[:, -1:], readable)
     if target == "agree" or not labelled:
         return agree
-    labels = feats.labels[:, None]
-    width = signals.shape[-1]
-    cols = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS, width)])
-    fit = Jumper().fit(signals[..., cols], ((preds[:, :-1] == labels) | (preds[:, -1:] != labels)).float(),
-                       standardize=True)
-    weight = torch.zeros(fit.weight.shape[0], width)
-    weight[:, cols] = fit.weight
-    no_loss = Jumper(weight, fit.bias)
+    if cross:
+        sets = [(signals, preds)] + [_training_set(p, feats) for p in cross]
+        signals, preds = torch.cat([x for x, _ in sets]), torch.cat([p for _, p in sets])
+    labels = feats.labels.repeat(len(cross) + 1)[:, None]
+    no_loss = _fit_on(signals, (preds[:, :-1] == labels) | (preds[:, -1:] != labels),
+                      torch.arange(width) if cross else readable)
     if target == "no_loss":
         return no_loss
     agree.budget = no_loss

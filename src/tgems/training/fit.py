@@ -38,6 +38,7 @@ class FitSettings:
     jumper_fraction: float = 0.2  # part of the data held out of G_l training to fit the Jumper
     default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
     jumper_target: str = "goal"  # what the Jumper's score estimates: see fit_jumper
+    cross_fit: bool = True  # the budget Jumper also learns from two half-class T-GEMs (see fit_tgem)
     seed: int = 0
 
 
@@ -53,7 +54,7 @@ def _soft_exit_terms(logits, ce, final_ce, layers, num_layers, s: FitSettings):
     return r, weighted
 
 
-def _train_modules(tgem: TGEM, x, y, cap_idx, cap_text, class_text, final_ce, s: FitSettings, progress):
+def _train_modules(tgem: TGEM, x, y, cap_idx, cap_text, class_text, final_ce, s: FitSettings, progress, desc):
     layers = tgem.layers
     opt = torch.optim.AdamW(tgem.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     g = torch.Generator().manual_seed(s.seed)
@@ -62,7 +63,7 @@ def _train_modules(tgem: TGEM, x, y, cap_idx, cap_text, class_text, final_ce, s:
     # OneCycleLR divides by zero when pct_start * total_steps == 1 (10 steps in all with 0.1)
     pct_start = 0.1 if total != 10 else 0.2
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=pct_start)
-    bar = tqdm(total=total, desc=f"fit T-GEM ({tgem.space})", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     history = []
     for epoch in range(s.epochs):
         perm = torch.randperm(len(y), generator=g)
@@ -97,17 +98,50 @@ def _train_modules(tgem: TGEM, x, y, cap_idx, cap_text, class_text, final_ce, s:
     return history
 
 
+def _fit_modules(backbone, x, y, class_text, final_logits, cap_idx, cap_text, s: FitSettings, progress,
+                 seed: int, desc: str):
+    """G_l for every candidate layer, trained on readouts x (N, n, F) with labels y indexing class_text.
+    Returns (tgem, settings with soft_tau filled in, history)."""
+    final_ce = F.cross_entropy(final_logits, y, reduction="none")
+    if s.soft_tau is None:
+        # where "confident" lies depends on the number of classes and the logit scale: take the full
+        # model's median top-1 probability on the training images, so the soft exits (and with them
+        # the regularizer) neither vanish nor fire everywhere
+        s = replace(s, soft_tau=round(float(final_logits.softmax(-1).max(-1).values.median()), 4))
+    torch.manual_seed(seed)
+    out_dim = backbone.embed_dim if s.space == "cls" else backbone.mlp_dim
+    tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden)
+    if s.space == "rates":
+        tgem.center.copy_(x.float().mean(0))
+    history = _train_modules(tgem, x, y, cap_idx, cap_text, class_text, final_ce, replace(s, seed=seed), progress,
+                             desc)
+    tgem.eval()
+    return tgem, s, history
+
+
+def class_halves(num_classes: int, seed: int) -> list[np.ndarray]:
+    """Two disjoint, sorted halves of the class indices 0 .. num_classes - 1 (a seeded shuffle)."""
+    perm = np.random.default_rng(seed + 1).permutation(num_classes)
+    return [np.sort(perm[:num_classes // 2]), np.sort(perm[num_classes // 2:])]
+
+
 def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None, feats: LayerFeatures | None = None,
              progress: bool = True):
     """Train T-GEMs (G_l for each candidate layer) and the Jumper on a captioned/labelled dataset.
 
-    Returns (tgem, jumper, info). Only the classes present in `data` are used for training."""
+    The Jumper is fit on images held out of G_l's training (`jumper_fraction`). With `cross_fit` (the
+    default, at least 4 classes and a budget Jumper), two more T-GEMs are trained, each on the images of
+    one half of the classes; the budget Jumper learns from the held-out images scored by the main modules
+    and by each half-model on all classes, so half of its examples come from classes that model knows only
+    by their text, as a label set never seen in fitting is at inference (docs/design.md). This costs about
+    one more module fit. Returns (tgem, jumper, info). Only the classes present in `data` are used."""
     L = backbone.num_layers
     s = settings or FitSettings()
     layers = sorted(set(s.layers or range(1, L)))
     if not layers or layers[0] < 1 or layers[-1] >= L:
         raise TGEMError(f"candidate layers must lie in 1..{L - 1} (the last layer is always an exit)")
     s = replace(s, layers=layers)  # the caller's settings stay as given
+    given_soft_tau = s.soft_tau
     check_jumper_target(s.jumper_target)
     if s.soft_tau is not None and not 0 < s.soft_tau < 1:
         raise TGEMError(f"soft_tau must lie in (0, 1), got {s.soft_tau}")
@@ -118,7 +152,6 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
                         f"(a one-class problem has nothing to decide)")
     classes = [data.classes[i] for i in present]
     class_text = check_readable_labels(backbone, classes, templates).cpu()  # refused before any work
-    torch.manual_seed(s.seed)
     if feats is None:
         feats = extract_features(backbone, data, rates=s.space == "rates", progress=progress, desc="cache features")
     remap = torch.full((len(data.classes),), -1, dtype=torch.long)
@@ -129,34 +162,39 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     perm = rng.permutation(len(y_all))
     n_j = int(round(len(perm) * s.jumper_fraction))
     jump_idx, train_idx = np.sort(perm[:n_j]), np.sort(perm[n_j:])
+    ti = torch.as_tensor(train_idx)
 
-    out_dim = backbone.embed_dim if s.space == "cls" else backbone.mlp_dim
-    tgem = TGEM(layers, L, backbone.embed_dim, out_dim, s.space, s.hidden)
     x_all = feats.space(s.space)[:, [l - 1 for l in layers]]
-    if s.space == "rates":
-        tgem.center.copy_(x_all[train_idx].float().mean(0))
     final_logits = backbone.zero_shot_logits(feats.z[:, -1], class_text).cpu()
-    final_ce = F.cross_entropy(final_logits, y_all, reduction="none")
-    if s.soft_tau is None:
-        # where "confident" lies depends on the number of classes and the logit scale: take the full
-        # model's median top-1 probability on the training images, so the soft exits (and with them
-        # the regularizer) neither vanish nor fire everywhere
-        ti = torch.as_tensor(train_idx)
-        s = replace(s, soft_tau=round(float(final_logits[ti].softmax(-1).max(-1).values.median()), 4))
-
     cap_idx = cap_text = None
     if data.captions is not None:
         uniq, inv = np.unique(np.asarray(data.captions, dtype=object).astype(str), return_inverse=True)
         cap_text = F.normalize(backbone.encode_text(list(uniq)).float().cpu(), dim=-1)
-        cap_idx = torch.as_tensor(inv, dtype=torch.long)[torch.as_tensor(train_idx)]
-    ti = torch.as_tensor(train_idx)
-    history = _train_modules(tgem, x_all[ti], y_all[ti], cap_idx, cap_text, class_text, final_ce[ti], s, progress)
-    tgem.eval()
+        cap_idx = torch.as_tensor(inv, dtype=torch.long)
+    tgem, s, history = _fit_modules(backbone, x_all[ti], y_all[ti], class_text, final_logits[ti],
+                                    None if cap_idx is None else cap_idx[ti], cap_text, s, progress, s.seed,
+                                    f"fit T-GEM ({s.space})")
 
     profiles = tgem.profiles(class_text, backbone).to("cpu")
     jfeats = feats.subset(jump_idx)
     jfeats.labels = y_all[torch.as_tensor(jump_idx)]
-    jumper = fit_jumper(profiles, jfeats, s.jumper_target)
+    cross, cross_info = [], None
+    if s.cross_fit and s.jumper_target != "agree" and len(present) >= 4:
+        cross_info = []
+        for h, half in enumerate(class_halves(len(present), s.seed)):
+            hi = ti[torch.as_tensor(np.isin(y_all[ti].numpy(), half))]
+            hmap = torch.full((len(present),), -1, dtype=torch.long)
+            hmap[torch.as_tensor(half)] = torch.arange(len(half))
+            h_text = class_text[torch.as_tensor(half)]
+            h_tgem, _, h_hist = _fit_modules(backbone, x_all[hi], hmap[y_all[hi]], h_text,
+                                             final_logits[hi][:, torch.as_tensor(half)],
+                                             None if cap_idx is None else cap_idx[hi], cap_text,
+                                             replace(s, soft_tau=given_soft_tau), progress, s.seed + 1 + h,
+                                             f"cross-fit T-GEM {h + 1}/2 ({s.space})")
+            cross.append(h_tgem.profiles(class_text, backbone).to("cpu"))
+            cross_info.append({"classes": [classes[i] for i in half], "num_train": len(hi),
+                               "final_loss": h_hist[-1]["loss"] if h_hist else None})
+    jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross)
     probs = layer_probs(profiles, jfeats)
     preds = probs.argmax(-1)
     scores = jumper.for_goal("budget").scores(jumper_signals(probs, jfeats, layers, profiles.text))
@@ -165,7 +203,8 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
                   "agreement": round((preds[:, j] == preds[:, -1]).float().mean().item(), 4)}
                  for j, l in enumerate(profiles.exit_layers)]
     info = {"settings": asdict(s), "templates": templates, "train_classes": classes, "history": history,
-            "num_train": len(train_idx), "num_jumper": len(jump_idx), "per_layer_holdout": per_layer}
+            "num_train": len(train_idx), "num_jumper": len(jump_idx), "per_layer_holdout": per_layer,
+            "cross_fit": cross_info}
     return tgem, jumper, info
 
 
