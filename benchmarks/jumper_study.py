@@ -57,20 +57,24 @@ CACHE = Path("results/jumper_study")
 
 # ----------------------------------------------------------------------------- feature cache
 
-def cached_features(bb, spec: str, seed: int, model: str) -> tuple[LayerFeatures, np.ndarray]:
-    """(features, per-image split names) for a dataset spec, extracted once and kept as safetensors."""
+def cached_features(bb, spec: str, seed: int, model: str, rates: bool = False) -> tuple[LayerFeatures, np.ndarray]:
+    """(features, per-image split names) for a dataset spec, extracted once and kept as safetensors
+    (with the activation rates when `rates`, for T-GEMs of the rates space)."""
     from safetensors.torch import load_file, save_file
 
-    path = CACHE / f"{model}_{spec.replace(':', '-')}_s{seed}.safetensors"
+    path = CACHE / f"{model}_{spec.replace(':', '-')}_s{seed}{'_rates' if rates else ''}.safetensors"
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
         t, m = load_file(str(path)), json.loads(meta.read_text())
-        return (LayerFeatures(t["z"], None, t["labels"], m["difficulty"] and np.asarray(m["difficulty"]), m["classes"]),
-                np.asarray(m["splits"], dtype=object))
+        return (LayerFeatures(t["z"], t.get("rates"), t["labels"], m["difficulty"] and np.asarray(m["difficulty"]),
+                              m["classes"]), np.asarray(m["splits"], dtype=object))
     data = tgems.load_dataset(spec, seed=seed)
-    f = tgems.extract_features(bb, data, desc=spec)
+    f = tgems.extract_features(bb, data, rates=rates, desc=spec)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"z": f.z.contiguous(), "labels": f.labels.contiguous()}, str(path))
+    out = {"z": f.z.contiguous(), "labels": f.labels.contiguous()}
+    if rates:
+        out["rates"] = f.rates.contiguous()
+    save_file(out, str(path))
     meta.write_text(json.dumps({"classes": f.classes, "splits": data.sample_split().tolist(),
                                 "difficulty": None if f.difficulty is None else np.asarray(f.difficulty).tolist()}))
     return f, data.sample_split()
@@ -234,8 +238,11 @@ def main():
     t0 = time.time()
     bb = tgems.load_backbone(args.model)
     ft, split_t = cached_features(bb, args.test, args.seed, args.model)
-    fc, _ = cached_features(bb, args.calib, args.seed, args.model)
     clf = tgems.EarlyExitClassifier(bb, args.tgem, ft.classes)
+    rates = clf.profiles.space == "rates"
+    if rates:
+        ft, split_t = cached_features(bb, args.test, args.seed, args.model, rates=True)
+    fc, _ = cached_features(bb, args.calib, args.seed, args.model, rates=rates)
     L, layers = bb.num_layers, clf.profiles.exit_layers
     y = ft.labels
     s_budget, lp = clf.layer_predictions(ft, "budget")

@@ -15,6 +15,8 @@ What varies (each variant = training data x signals x target x scorer):
   `xfit` = cross-fitted: two T-GEMs fit (same recipe) on the training images of one half of the seen classes
   each; the Jumper images are scored by each half-model on all 52 seen classes, so half of them belong to
   classes that model only knows by text (as held-out classes do at test); `ship+xfit`: both;
+  `ship+xfit+xother`: and each half-model's scores of the G_l-training images of the other half's classes
+  (images and classes it never saw: 8,000 more text-only examples per half-model);
   `epi` suffix: episodic label sets, each Jumper image scored against random class subsets (sizes 8 .. 52,
   containing its class), several draws per image.
 - signals: `conf` the 6 confidence signals, `z` the unit readout z_l, `desc` label-set-describing signals:
@@ -253,7 +255,7 @@ def main():
     lg_ship = all_logits(prof_seen, fj)
 
     # cross-fitted half-models: T-GEMs on the training images of one half of the seen classes each
-    xfit_logits = []
+    xfit_logits, xother = [], []
     need_x = args.variants == "all" or "xfit" in args.variants
     if need_x:
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -270,23 +272,33 @@ def main():
                 if data is None:
                     data = tgems.load_dataset("scenes:train", seed=0)
                 idx = train_idx[np.isin(ftr.labels.numpy()[train_idx], cls)]
-                s = FitSettings(space="cls", epochs=args.xfit_epochs, jumper_fraction=0.02, seed=0)
+                s = FitSettings(space="cls", epochs=args.xfit_epochs, jumper_fraction=0.02, cross_fit=False, seed=0)
                 tt = time.time()
                 mod, _, _ = fit_tgem(bb, data.subset(idx), s, templates=templates, feats=ftr.subset(idx), progress=False)
                 save_file({k: v.contiguous() for k, v in mod.state_dict().items()}, str(path))
                 print(f"cross-fit half {h}: {len(idx)} images, {time.time() - tt:.0f} s", flush=True)
             xfit_logits.append(all_logits(mod.profiles(seen_text, bb).to("cpu"), fj))
+            other = train_idx[~np.isin(ftr.labels.numpy()[train_idx], cls)]  # never seen by this half-model
+            fo = ftr.subset(other)
+            xother.append((all_logits(mod.profiles(seen_text, bb).to("cpu"), fo), fo.z, remap[fo.labels]))
 
     def training(data: str, episodic: int):
         sets = []
         if data in ("ship", "ship+xfit"):
             sets += build_sets(lg_ship, fj.z, layers, seen_text, yj, episodic, 11)
-        if data in ("xfit", "ship+xfit"):
+        if data in ("xfit", "ship+xfit", "ship+xfit+xother"):
             for h, lg in enumerate(xfit_logits):
                 sets += build_sets(lg, fj.z, layers, seen_text, yj, episodic, 12 + h)
+        if data == "ship+xfit+xother":
+            sets += build_sets(lg_ship, fj.z, layers, seen_text, yj, episodic, 11)
+            for h, (lg, z, yo) in enumerate(xother):
+                sets += build_sets(lg, z, layers, seen_text, yo, episodic, 14 + h)
         return concat_tables(sets)
 
     V = {  # name: (data, episodic draws, signals, target, scorer)
+        "ship+xfit+xother_conf+desc+z_nl": ("ship+xfit+xother", 0, "conf+desc+z", "nl", lambda: LR(1e-3)),
+        "ship+xfit+xother_conf+desc_nl_mlp": ("ship+xfit+xother", 0, "conf+desc", "nl", lambda: MLP()),
+        "ship+xfit+xother_conf+desc+z_nl_mlp": ("ship+xfit+xother", 0, "conf+desc+z", "nl", lambda: MLP(hidden=64)),
         "ship_refit": ("ship", 0, "conf+z", "nl", lambda: LRRaw()),
         "conf_nl": ("ship", 0, "conf", "nl", lambda: LR(1e-3)),
         "conf+desc_nl": ("ship", 0, "conf+desc", "nl", lambda: LR(1e-3)),

@@ -40,8 +40,8 @@ def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.
     describe the label set around the prediction rather than its class identity: the cosine between the
     top-2 classes' texts, the top-1 class text's cosine to its nearest other class text, and the overlap
     of the top-k classes with the previous candidate layer's top-k. A Jumper model reads the first
-    `weight.shape[-1]` of them (NUM_SIGNALS: the agreement model; NUM_SIGNALS + D: budget models fit
-    before the label-set signals)."""
+    `weight.shape[-1]` of them (NUM_SIGNALS: agreement models fit before issue 12; NUM_SIGNALS + D: budget
+    models fit before the label-set signals; all: current models)."""
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     top1 = top2[:, 0]
     margin = top1 - (top2[:, 1] if top2.shape[1] > 1 else 0)
