@@ -358,13 +358,20 @@ def fmt_jumper_seeds(rec: dict) -> str:
                      pct(r["confidence_mean"], 1), f"{100 * r['vs_confidence_mean']:+.2f}",
                      pct(r["branchy_mean"], 1), f"{100 * r['vs_branchy_mean']:+.2f}", pct(r["oracle_agree_mean"], 1),
                      "" if "target" not in r else f"{pct(r['target'], 1)} ({r['runs_meeting_target']}/{r['runs']})"])
+        if "vs_against_mean" in r:
+            rows[-1].append(f"{100 * r['vs_against_mean']:+.2f} ± {100 * (r['vs_against_sd'] or 0):.2f} "
+                            f"({r['runs_ahead_of_against']}/{r['runs']}; {num(r['against_layers'])} layers)")
+    against = bool(rows) and len(rows[0]) > 13
     return (f"{len(d.get('tgems') or [])} T-GEM fits (seeds) x image draws {d.get('draws')}; each run is "
             f"`benchmarks/jumper_study.py`. Accuracy %, mean over runs (min .. max); \"minus static\" in points with "
             f"the runs ahead by more than two paired standard errors; the baselines' columns are their accuracy and "
             f"the Jumper minus them.\n\n"
             + table(["split", "budget", "Jumper acc %", "agreement %", "mean layers", "static %",
                      "minus static (runs > 2 s.e.)", "confidence %", "minus conf.", "BranchyNet %", "minus Branchy",
-                     "agree oracle %", "target (runs met)"], [r for r in rows], "ll" + "r" * 11))
+                     "agree oracle %", "target (runs met)"] + (["minus --against (runs ahead)"] if against else []),
+                    rows, "ll" + "r" * (12 if against else 11))
+            + ("" if not against else f"\n\n`--against`: {', '.join(d.get('against') or [])}, paired by position "
+               f"with the checkpoints above (same images); mean ± sd of the accuracy difference over the runs."))
 
 
 def fmt_generic(rec: dict) -> str:
