@@ -265,6 +265,7 @@ def test_save_load_round_trip(bb, fitted, test_data, test_feats, tmp_path, space
         assert back.labels == cal.labels and back.templates == cal.templates
         assert back.calibration == cal.calibration and back.goal == cal.goal and back.tau == cal.tau
         assert back.profiles.layers == cal.profiles.layers and back.profiles.space == space
+        assert back.config == {"space": space}  # built from TGEM modules: no checkpoint data or settings to keep
         # the Jumper model of the goal survives (budget goals run the no-loss model, max_drop the agreement one)
         assert torch.equal(back.policy().jumper.weight, cal.policy().jumper.weight)
         for x, y in zip(cal.simulate(test_feats), back.simulate(test_feats)):

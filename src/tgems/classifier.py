@@ -57,7 +57,9 @@ class EarlyExitClassifier:
                  profiles: ClassProfiles | None = None, calibration: dict | None = None):
         self.backbone = backbone
         self.config = {}
-        if tgem is not None and not isinstance(tgem, TGEM):
+        if isinstance(tgem, TGEM):
+            self.config = {"space": tgem.space}  # what a save can tell of modules that came without a checkpoint
+        elif tgem is not None:
             tgem, jumper, self.config = load_tgem(tgem, backbone)
         if jumper is None:
             raise TGEMError("an early-exit classifier needs a Jumper (load a T-GEM checkpoint, or give jumper=)")
