@@ -36,8 +36,7 @@ def work(tmp_path_factory, trained_clip_dir, tiny_clip_dir):
     for space, out in (("cls", root / "tgem_cls"), ("rates", root / "tgem_rates")):
         argv = ["fit", "--model", str(model_a), "--data", "scenes:train:400", "--out", str(out), "--epochs", "1",
                 "--quiet", "--space", space]
-        if space == "cls":
-            argv += ["--json", str(fit_json)]
+        argv += ["--json", str(fit_json)] if space == "cls" else ["--no-cross-fit"]
         codes.append(main(argv))
     assert codes == [0, 0]
     return {"root": root, "model_a": model_a, "model_b": model_b, "tgem_cls": root / "tgem_cls",
@@ -128,6 +127,10 @@ def test_fit_writes_checkpoint_and_json(work):
     assert [r["layer"] for r in info["per_layer_holdout"]] == [1, 2, 3, 4]
     assert info["num_train"] + info["num_jumper"] == 400
     assert info["fit_seconds"] >= 0
+    # cls was cross-fitted (the default): two half-class module sets; rates was fit with --no-cross-fit
+    assert info["settings"]["cross_fit"] and len(info["cross_fit"]) == 2
+    rates = json.loads((work["tgem_rates"] / "tgem.json").read_text())
+    assert not rates["settings"]["cross_fit"] and rates["cross_fit"] is None
 
 
 def test_fit_jumper_target(work, tmp_path, capsys):
