@@ -3,6 +3,7 @@ soft exits, determinism, step counts, the caller's settings left alone. On the s
 (tests/conftest.py)."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from tgems import TGEMError
 from tgems.profiles import class_embeddings
 from tgems.tgem import save_tgem
 from tgems.jumper import NUM_SIGNALS
-from tgems.training.fit import FitSettings, class_halves, fit_tgem
+from tgems.training.fit import FitSettings, class_halves, cross_fit_halves, fit_tgem
 
 
 def test_fit_refuses_an_unknown_jumper_target_before_training(bb, train, train_feats):
@@ -106,6 +107,10 @@ def test_class_halves_split_every_class_once():
     assert sorted(a.tolist() + b.tolist()) == list(range(9)) and len(a) == 4
     assert [h.tolist() for h in class_halves(9, seed=0)] == [a.tolist(), b.tolist()]
     assert [h.tolist() for h in class_halves(9, seed=1)] != [a.tolist(), b.tolist()]
+    # cross-fitting needs 4 classes, each with training images
+    assert [h.tolist() for h in cross_fit_halves(np.arange(9).repeat(2), 9, seed=0)] == [a.tolist(), b.tolist()]
+    assert cross_fit_halves(np.arange(3).repeat(5), 3, seed=0) is None
+    assert cross_fit_halves(np.array([0, 1, 2, 4, 5, 6, 7, 8]), 9, seed=0) is None  # class 3 has none
 
 
 def test_cross_fit_trains_two_half_class_models_for_the_budget_jumper(bb, train, train_feats, fitted):
@@ -129,3 +134,11 @@ def test_cross_fit_trains_two_half_class_models_for_the_budget_jumper(bb, train,
     agree_only = fit_tgem(bb, train, FitSettings(space="cls", epochs=1, jumper_target="agree"), feats=train_feats,
                           progress=False)[2]
     assert agree_only["cross_fit"] is None  # nothing would use the half-models
+
+
+def test_cross_fit_is_skipped_and_said_with_fewer_than_four_classes(bb, train, train_feats):
+    keep = np.flatnonzero(np.isin(train.labels, np.unique(train.labels)[:3]))
+    _, jumper, info = fit_tgem(bb, train.subset(keep), FitSettings(space="cls", epochs=1),
+                               feats=train_feats.subset(keep), progress=False)
+    assert info["cross_fit"] is None and "fewer than 4 classes" in info["cross_fit_skipped"]
+    assert not jumper.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()

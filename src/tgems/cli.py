@@ -131,6 +131,8 @@ def cmd_fit(args):
                     cross_fit=not args.no_cross_fit, seed=args.seed)
     info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
                         progress=_progress(args))
+    if info.get("cross_fit_skipped"):
+        log(f"cross-fitting skipped: {info['cross_fit_skipped']}")
     for row in info["per_layer_holdout"]:
         log(f"  layer {row['layer']:>2}: accuracy {100 * row['accuracy']:6.2f}%  agreement {100 * row['agreement']:6.2f}%")
     log(f"saved T-GEM ({args.space}) to {args.out} in {info['fit_seconds']} s")

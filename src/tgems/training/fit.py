@@ -125,12 +125,21 @@ def class_halves(num_classes: int, seed: int) -> list[np.ndarray]:
     return [np.sort(perm[:num_classes // 2]), np.sort(perm[num_classes // 2:])]
 
 
+def cross_fit_halves(train_labels: np.ndarray, num_classes: int, seed: int) -> list[np.ndarray] | None:
+    """The class halves for cross-fitting, or None when it cannot run: fewer than 4 classes, or a class
+    without training images (all of its images went to the Jumper's share), which would leave a half-model
+    with a class it never trained on."""
+    if num_classes < 4 or len(np.unique(train_labels)) < num_classes:
+        return None
+    return class_halves(num_classes, seed)
+
+
 def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None, feats: LayerFeatures | None = None,
              progress: bool = True):
     """Train T-GEMs (G_l for each candidate layer) and the Jumper on a captioned/labelled dataset.
 
     The Jumper is fit on images held out of G_l's training (`jumper_fraction`). With `cross_fit` (the
-    default, at least 4 classes and a budget Jumper), two more T-GEMs are trained, each on the images of
+    default, a budget Jumper, and at least 4 classes, each with training images), two more T-GEMs are trained, each on the images of
     one half of the classes; the budget Jumper learns from the held-out images scored by the main modules
     and by each half-model on all classes, so half of its examples come from classes that model knows only
     by their text, as a label set never seen in fitting is at inference (docs/design.md). This costs about
@@ -179,9 +188,10 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     jfeats = feats.subset(jump_idx)
     jfeats.labels = y_all[torch.as_tensor(jump_idx)]
     cross, cross_info = [], None
-    if s.cross_fit and s.jumper_target != "agree" and len(present) >= 4:
+    halves = cross_fit_halves(y_all[ti].numpy(), len(present), s.seed)
+    if s.cross_fit and s.jumper_target != "agree" and halves is not None:
         cross_info = []
-        for h, half in enumerate(class_halves(len(present), s.seed)):
+        for h, half in enumerate(halves):
             hi = ti[torch.as_tensor(np.isin(y_all[ti].numpy(), half))]
             hmap = torch.full((len(present),), -1, dtype=torch.long)
             hmap[torch.as_tensor(half)] = torch.arange(len(half))
@@ -205,6 +215,9 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     info = {"settings": asdict(s), "templates": templates, "train_classes": classes, "history": history,
             "num_train": len(train_idx), "num_jumper": len(jump_idx), "per_layer_holdout": per_layer,
             "cross_fit": cross_info}
+    if s.cross_fit and s.jumper_target != "agree" and halves is None:
+        info["cross_fit_skipped"] = ("fewer than 4 classes, or a class without training images: the budget Jumper "
+                                     "was fit on the main modules only")
     return tgem, jumper, info
 
 
