@@ -15,6 +15,7 @@ What varies (each variant = training data x signals x target x scorer):
   `xfit` = cross-fitted: two T-GEMs fit (same recipe) on the training images of one half of the seen classes
   each; the Jumper images are scored by each half-model on all 52 seen classes, so half of them belong to
   classes that model only knows by text (as held-out classes do at test); `ship+xfit`: both;
+  `--folds K` (K > 2): K models instead, each trained on all seen classes but one fold of them;
   `ship+xfit+xother`: and each half-model's scores of the G_l-training images of the other half's classes
   (images and classes it never saw: 8,000 more text-only examples per half-model);
   `epi` suffix: episodic label sets, each Jumper image scored against random class subsets (sizes 8 .. 52,
@@ -209,6 +210,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="draw of the test and calibration images")
     ap.add_argument("--xfit-epochs", type=int, default=30)
+    ap.add_argument("--folds", type=int, default=2,
+                    help="cross-fitting folds of the seen classes: 2 = two half-class models (the library's); K > 2 = "
+                         "K models, each trained on all classes but one fold")
     ap.add_argument("--variants", default="all", help="comma-separated variant names (default all)")
     ap.add_argument("--baseline", default="embedded:cls",
                     help="checkpoint whose budget Jumper is the `shipped` baseline (the modules are always "
@@ -259,11 +263,17 @@ def main():
     need_x = args.variants == "all" or "xfit" in args.variants
     if need_x:
         CACHE.mkdir(parents=True, exist_ok=True)
-        halves = np.random.default_rng(1).permutation(present)
-        halves = [np.sort(halves[:len(halves) // 2]), np.sort(halves[len(halves) // 2:])]
+        order = np.random.default_rng(1).permutation(present)
+        if args.folds == 2:  # model h trains on half h
+            halves = [np.sort(order[:len(order) // 2]), np.sort(order[len(order) // 2:])]
+            names = [f"xfit_h{h}_e{args.xfit_epochs}" for h in range(2)]
+        else:  # model f trains on every class but those of fold f
+            folds = np.array_split(order, args.folds)
+            halves = [np.sort(np.setdiff1d(order, f)) for f in folds]
+            names = [f"xfit_k{args.folds}_f{f}_e{args.xfit_epochs}" for f in range(args.folds)]
         data = None
         for h, cls in enumerate(halves):
-            path = CACHE / f"xfit_h{h}_e{args.xfit_epochs}.safetensors"
+            path = CACHE / f"{names[h]}.safetensors"
             if path.is_file():
                 mod = TGEM(layers[:-1], L, bb.embed_dim, bb.embed_dim, "cls")
                 mod.load_state_dict(load_file(str(path)))
@@ -276,9 +286,9 @@ def main():
                 tt = time.time()
                 mod, _, _ = fit_tgem(bb, data.subset(idx), s, templates=templates, feats=ftr.subset(idx), progress=False)
                 save_file({k: v.contiguous() for k, v in mod.state_dict().items()}, str(path))
-                print(f"cross-fit half {h}: {len(idx)} images, {time.time() - tt:.0f} s", flush=True)
+                print(f"cross-fit model {h}: {len(idx)} images, {time.time() - tt:.0f} s", flush=True)
             xfit_logits.append(all_logits(mod.profiles(seen_text, bb).to("cpu"), fj))
-            other = train_idx[~np.isin(ftr.labels.numpy()[train_idx], cls)]  # never seen by this half-model
+            other = train_idx[~np.isin(ftr.labels.numpy()[train_idx], cls)]  # never seen by this model
             fo = ftr.subset(other)
             xother.append((all_logits(mod.profiles(seen_text, bb).to("cpu"), fo), fo.z, remap[fo.labels]))
 
@@ -292,7 +302,7 @@ def main():
         if data == "ship+xfit+xother":
             sets += build_sets(lg_ship, fj.z, layers, seen_text, yj, episodic, 11)
             for h, (lg, z, yo) in enumerate(xother):
-                sets += build_sets(lg, z, layers, seen_text, yo, episodic, 14 + h)
+                sets += build_sets(lg, z, layers, seen_text, yo, episodic, 12 + len(xother) + h)
         return concat_tables(sets)
 
     V = {  # name: (data, episodic draws, signals, target, scorer)
@@ -385,7 +395,7 @@ def main():
     if args.json:
         write_json(args.json, {"test": "scenes:testall", "calib": "scenes:calib", "seed": args.seed,
                                "tgem": "embedded:cls", "baseline": args.baseline, "budgets": list(BUDGETS), "layers": layers,
-                               "xfit_epochs": args.xfit_epochs, "results": results, "auc": aucs,
+                               "xfit_epochs": args.xfit_epochs, "folds": args.folds, "results": results, "auc": aucs,
                                "seconds": round(time.time() - t0, 1)})
 
 
