@@ -46,6 +46,7 @@ import torch
 
 import tgems
 from tgems.calibration import calibrate_budget, first_exit, simulate
+from tgems.evaluation.baselines import ProbeExits
 from tgems.features import LayerFeatures
 from tgems.io import write_json
 from tgems.profiles import layer_probs
@@ -168,10 +169,12 @@ def per_layer_taus(scores, preds, layers, L, budget, labels, tau0, sweeps: int =
 
 
 def probe_heads(feats: LayerFeatures, layers: list[int], num_classes: int, l2: float = 1e-4,
-                steps: int = 100) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per candidate layer, a multinomial logistic probe (W, b) on the unit readout, fit by L-BFGS on
-    labelled images (the BranchyNet / SDN exit heads, trained with labels instead of text)."""
-    heads = []
+                steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per candidate layer, a multinomial logistic probe on the unit readout, fit by L-BFGS on labelled images
+    (the BranchyNet / SDN exit heads, trained with labels instead of text): (weight (n, D, C), bias (n, C)),
+    the layout of `evaluation.baselines.ProbeExits`. Fit to convergence, they are stronger than the demo's
+    `fit_probes` (Adam, a fixed number of epochs)."""
+    ws, bs = [], []
     y = feats.labels
     for l in layers:
         x = torch.nn.functional.normalize(feats.z[:, l - 1].float(), dim=-1)
@@ -186,8 +189,9 @@ def probe_heads(feats: LayerFeatures, layers: list[int], num_classes: int, l2: f
             return loss
 
         opt.step(closure)
-        heads.append((w.detach(), b.detach()))
-    return heads
+        ws.append(w.detach())
+        bs.append(b.detach())
+    return torch.stack(ws), torch.stack(bs)
 
 
 def cached_probes(feats: LayerFeatures, layers: list[int], num_classes: int, path: Path):
@@ -197,23 +201,10 @@ def cached_probes(feats: LayerFeatures, layers: list[int], num_classes: int, pat
     if path.is_file():
         t = load_file(str(path))
         if t["layers"].tolist() == list(layers):
-            return [(t[f"w{l}"], t[f"b{l}"]) for l in layers]
-    heads = probe_heads(feats, layers, num_classes)
-    out = {"layers": torch.as_tensor(layers)}
-    for l, (w, b) in zip(layers, heads):
-        out[f"w{l}"], out[f"b{l}"] = w.contiguous(), b.contiguous()
-    save_file(out, str(path))
-    return heads
-
-
-def probe_predictions(heads, feats: LayerFeatures, layers: list[int], full: torch.Tensor):
-    """(top-1 probability (N, n), predictions (N, n + 1)) of the probes; the last column is `full`."""
-    conf, preds = [], []
-    for (w, b), l in zip(heads, layers):
-        p = (torch.nn.functional.normalize(feats.z[:, l - 1].float(), dim=-1) @ w + b).softmax(-1).max(-1)
-        conf.append(p.values)
-        preds.append(p.indices)
-    return torch.stack(conf, 1), torch.cat([torch.stack(preds, 1), full[:, None]], 1)
+            return t["weight"], t["bias"]
+    w, b = probe_heads(feats, layers, num_classes)
+    save_file({"layers": torch.as_tensor(layers), "weight": w.contiguous(), "bias": b.contiguous()}, str(path))
+    return w, b
 
 
 def simulate_taus(scores, preds, layers, taus):
@@ -275,9 +266,10 @@ def main():
     conf_c = layer_probs(clf.profiles, fc)[:, :-1].max(-1).values
     ftr, _ = cached_features(bb, "scenes:train", 0, args.model)
     assert ftr.classes == ft.classes == fc.classes
-    heads = cached_probes(ftr, layers[:-1], len(ft.classes), CACHE / f"{args.model}_probes.safetensors")
-    br_t, br_lp = probe_predictions(heads, ft, layers[:-1], full)
-    br_c, br_clp = probe_predictions(heads, fc, layers[:-1], clp[:, -1])
+    w, b = cached_probes(ftr, layers[:-1], len(ft.classes), CACHE / f"{args.model}_probe_heads.safetensors")
+    probes = ProbeExits(w, b, clf.profiles)
+    br_t, br_lp = probes.layer_predictions(ft)
+    br_c, br_clp = probes.layer_predictions(fc)
     print(f"baselines ready ({time.time() - t0:.0f} s)", flush=True)
 
     results = []
