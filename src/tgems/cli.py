@@ -409,11 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tgems.batch import add_stream_arguments
 
+    def classifier_source(sp):
+        """A classifier from --model/--tgem/--labels and a goal or --tau, or a saved one (--classifier)."""
+        labelled(sp)
+        sp.add_argument("--classifier", help="a saved calibrated classifier (from tgems calibrate)")
+        goal(sp)
+        sp.add_argument("--tau", type=_tau, help="exit threshold in [0, 2] (default: the checkpoint's; 2 never exits)")
+
     c = sub.add_parser("classify", help="label image files, or stream --data SPEC to sharded parquet in --out DIR")
-    labelled(c)
-    c.add_argument("--classifier", help="a saved calibrated classifier (from tgems calibrate)")
-    goal(c)
-    c.add_argument("--tau", type=_tau, help="exit threshold in [0, 2] (default: the checkpoint's; 2 never exits)")
+    classifier_source(c)
     c.add_argument("--jsonl", action="store_true", help="one JSON record per line")
     c.add_argument("images", nargs="*")
     add_stream_arguments(c, required=False)
@@ -422,10 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_classify)
 
     em = sub.add_parser("embed", help="stream --data SPEC to parquet in --out DIR: the embedding each image exits with")
-    labelled(em)
-    em.add_argument("--classifier", help="a saved calibrated classifier (from tgems calibrate)")
-    goal(em)
-    em.add_argument("--tau", type=_tau, help="exit threshold in [0, 2] (default: the checkpoint's; 2 never exits)")
+    classifier_source(em)
     add_stream_arguments(em)
     placement(em)
     common(em)
