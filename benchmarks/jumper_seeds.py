@@ -32,7 +32,9 @@ TARGETS = {"seen": 0.680, "heldout": 0.377}
 SPLITS = ("seen", "heldout")
 
 
-def run_study(tgem: str, draw: int, out: Path) -> dict:
+def run_study(tgem: str, draw: int, cache: Path) -> dict:
+    """jumper_study.py's JSON for a checkpoint and draw, run once and kept under `cache`."""
+    out = cache / (f"{Path(tgem).name or tgem}".replace(":", "-") + f"_draw{draw}.json")
     if not out.is_file():
         cmd = [sys.executable, str(HERE / "jumper_study.py"), "--tgem", tgem, "--seed", str(draw), "--json", str(out)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -55,12 +57,9 @@ def main():
     runs = []
     for i, tg in enumerate(args.tgems):
         for d in args.draws:
-            tag = f"{Path(tg).name or tg}".replace(":", "-") + f"_draw{d}"
-            run = {"tgem": tg, "draw": d, "study": run_study(tg, d, cache / f"{tag}.json")}
+            run = {"tgem": tg, "draw": d, "study": run_study(tg, d, cache)}
             if args.against:
-                other = args.against[i]
-                tag = f"{Path(other).name or other}".replace(":", "-") + f"_draw{d}"
-                run["against"] = run_study(other, d, cache / f"{tag}.json")
+                run["against"] = run_study(args.against[i], d, cache)
             runs.append(run)
             print(f"{tg} draw {d}: done ({time.time() - t0:.0f} s)", flush=True)
 
