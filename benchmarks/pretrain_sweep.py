@@ -20,12 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from tgems.backbones.hf_clip import CLIPBackbone
 from tgems.io import write_json
 from tgems.training.pretrain import PRESETS, make_recipe, pretrain, train_step
-from tgems.profiles import class_embeddings
+from tgems.training.zero_shot import ZeroShot
 
 P4W64 = dict(patch_size=4, hidden_size=64, num_attention_heads=2, intermediate_size=256)
 P4W96 = dict(patch_size=4, hidden_size=96, num_attention_heads=3, intermediate_size=384)
@@ -48,28 +46,6 @@ VARIANTS = {
 }
 # the sweep ran when the preset had 4,200 steps; pinned so that a variant names the same run today
 VARIANTS = {name: {"steps": 4200, **v} for name, v in VARIANTS.items()}
-
-
-class ZeroShot:
-    """Zero-shot top-1 of a training CLIPModel on scenes:testall, seen and held-out classes apart,
-    through the same backbone code as `benchmarks/zero_shot_layers.py`."""
-
-    def __init__(self, device: str):
-        from tgems.data import load_dataset, scenes
-
-        self.data = load_dataset("scenes:testall")
-        self.templates, self.device = scenes.PROMPT_TEMPLATES, device
-        self.labels = torch.as_tensor(self.data.labels)
-        self.split = self.data.sample_split()
-
-    def __call__(self, model, tokenizer) -> dict:
-        bb = CLIPBackbone("pretraining", None, model, tokenizer, None, self.device, torch.float32)
-        text = class_embeddings(bb, self.data.classes, self.templates)
-        img = torch.cat([bb.encode_image(bb.preprocess(self.data.images[i:i + 512]))
-                         for i in range(0, len(self.data), 512)])
-        preds = (F.normalize(img, dim=-1) @ text.t()).argmax(1).cpu()
-        hit = (preds == self.labels).numpy()
-        return {s: round(float(hit[self.split == s].mean()), 4) for s in ("seen", "heldout")}
 
 
 def run_variant(name: str, args) -> dict:

@@ -115,7 +115,8 @@ def cmd_pretrain(args):
 
     info = pretrain(args.out, preset=args.preset, data=args.data, seed=args.seed, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, resume=not args.no_resume, progress=_progress(args),
-                    threads=args.threads, device=args.device, workers=args.workers)
+                    threads=args.threads, device=args.device, workers=args.workers,
+                    eval_every=args.eval_every)
     _log(args)(f"saved {args.out} ({info['train_seconds']:.0f} s, {info['samples_seen']} samples)")
     if args.json:
         write_json(args.json, info)
@@ -353,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default: cpu)")
     pt.add_argument("--workers", type=int, default=1,
                     help="processes that make batches ahead of the training step (default: 1; 0 = inline)")
+    pt.add_argument("--eval-every", type=int, default=0,
+                    help="zero-shot top-1 on scenes:testall every N steps, kept in pretrain.json (default: off)")
     pt.add_argument("--no-resume", action="store_true")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)

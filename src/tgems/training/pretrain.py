@@ -240,12 +240,14 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
              steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
              ckpt_every: int = 250, resume: bool = True, keep_checkpoint: bool = False,
              progress: bool = True, threads: int | None = None, device: str = "cpu", workers: int = 0,
-             overrides: dict | None = None, callback=None, callback_every: int = 0) -> dict:
+             overrides: dict | None = None, callback=None, callback_every: int = 0,
+             eval_every: int = 0) -> dict:
     """Train a CLIP from scratch and save a standard HF directory at `out`; returns the run's record.
 
     `overrides` replaces recipe fields (see `make_recipe`); `callback(step, model, tokenizer)` is
     called every `callback_every` steps and at the end, with the model in eval mode (for learning
-    curves). `device` and `workers` change speed only, not the batches; workers are started with
+    curves). `eval_every` > 0 measures zero-shot top-1 on scenes:testall (seen / held-out) every
+    that many steps and at the end, kept in the record's `zero_shot` curve. `device` and `workers` change speed only, not the batches; workers are started with
     `spawn`, so a script that sets workers > 0 must call this under `if __name__ == "__main__":`."""
     as_device(device)
     if workers < 0:
@@ -266,6 +268,19 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
 
     ckpt = out / "checkpoint"
     start, log, elapsed = 0, [], 0.0
+    curve = []
+    if eval_every:
+        from tgems.training.zero_shot import ZeroShot
+
+        zero_shot, user_callback, user_every = ZeroShot(str(device)), callback, callback_every
+
+        def callback(step, model, tokenizer):
+            if step % eval_every == 0 or step == recipe.steps:
+                curve.append({"step": step, "time_s": round(time.time() - t0, 1), **zero_shot(model, tokenizer)})
+                tqdm.write(f"step {step}: zero-shot seen {curve[-1]['seen']:.4f} held-out {curve[-1]['heldout']:.4f}")
+            if user_callback and user_every and (step % user_every == 0 or step == recipe.steps):
+                user_callback(step, model, tokenizer)
+        callback_every = math.gcd(eval_every, callback_every) if callback_every else eval_every
     if resume and (ckpt / "state.json").exists():
         state = json.loads((ckpt / "state.json").read_text())
         if state["recipe"] != asdict(recipe) or state["seed"] != seed or state["data"] != data:
@@ -273,6 +288,7 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
         model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
         _load_optimizer(opt, ckpt / "optimizer.safetensors")
         start, log, elapsed = state["step"], state["log"], state["elapsed_s"]
+        curve[:] = state.get("zero_shot", [])
 
     model.train()
     t0 = time.time() - elapsed
@@ -301,13 +317,14 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
                       str(ckpt / "model.safetensors"))
             _save_optimizer(opt, ckpt / "optimizer.safetensors")
             (ckpt / "state.json").write_text(json.dumps(
-                {"step": step + 1, "log": log, "elapsed_s": time.time() - t0, "recipe": asdict(recipe),
+                {"step": step + 1, "log": log, "zero_shot": curve, "elapsed_s": time.time() - t0, "recipe": asdict(recipe),
                  "seed": seed, "data": data}))
     model.eval().cpu()
     info = {"preset": preset, "data": data, "seed": seed, "recipe": asdict(recipe),
             "train_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(), "device": str(device),
-            "samples_seen": recipe.steps * recipe.batch_size, "log": log,
-            "command": f"tgems pretrain --preset {preset} --data {data} --seed {seed} --workers {workers} --out {out}"}
+            "samples_seen": recipe.steps * recipe.batch_size, "log": log, "zero_shot": curve,
+            "command": f"tgems pretrain --preset {preset} --data {data} --seed {seed} --workers {workers}"
+                       + (f" --eval-every {eval_every}" if eval_every else "") + f" --out {out}"}
     _write_model(model, tokenizer, recipe, out, info)
     if not keep_checkpoint:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
