@@ -20,6 +20,8 @@ class _SchedulerCollector:
                                 labels=["model", "layer"])
         inflight = GaugeMetricFamily("tgems_rows_inflight", "Rows past layer 0, not yet answered", labels=["model"])
         waiting = GaugeMetricFamily("tgems_rows_waiting", "Rows waiting to enter layer 0", labels=["model"])
+        cancelled = CounterMetricFamily("tgems_rows_cancelled", "Rows dropped because their client left",
+                                        labels=["model"])
         flops = CounterMetricFamily("tgems_flops", "Encoder FLOPs of answered rows", labels=["model"])
         saved = CounterMetricFamily("tgems_flops_saved", "Full-encoder FLOPs minus FLOPs run, answered rows",
                                     labels=["model"])
@@ -43,6 +45,7 @@ class _SchedulerCollector:
                     occ.add_metric([name, layer], st["rows"][d] / (st["steps"][d] * s.B))
             inflight.add_metric([name], n_in)
             waiting.add_metric([name], n_wait)
+            cancelled.add_metric([name], st["cancelled"])
             flops.add_metric([name], st["flops"])
             saved.add_metric([name], st["flops_full"] - st["flops"])
             audit_n.add_metric([name], a["n"])
@@ -51,7 +54,7 @@ class _SchedulerCollector:
                 audit_ucb.add_metric([name], a["ucb"])
             if a["max_drop"] is not None:
                 audit_eps.add_metric([name], a["max_drop"])
-        yield from (steps, rows, occ, inflight, waiting, flops, saved, audit_n, audit_k, audit_ucb, audit_eps)
+        yield from (steps, rows, occ, inflight, waiting, cancelled, flops, saved, audit_n, audit_k, audit_ucb, audit_eps)
 
 
 class Metrics:

@@ -2,6 +2,7 @@
 flight (uvicorn's graceful shutdown), drain the scheduler queues (the app's lifespan) and exit 0."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from tgems.errors import TGEMError
@@ -44,7 +45,12 @@ def run_server(sources: dict, settings, log) -> int:
                             access_log=False)
     server = uvicorn.Server(config)
     log(f"tgems serve: listening on http://{settings.host}:{settings.port} (loading {', '.join(sources)})")
-    server.run()
+    # uvicorn re-raises the signal it stopped on once it is done; under this no-op a SIGTERM ends in exit 0
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if failed:
         return 2
     if not server.started:
