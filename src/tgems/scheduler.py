@@ -156,7 +156,8 @@ class DepthScheduler:
         flops = backbone
         self.flops_embed, self.flops_block, self.flops_full = (flops.flops_embed(), flops.flops_block(),
                                                                float(flops.flops_full()))
-        self.stats = {"steps": [0] * self.L, "rows": [0] * self.L, "answered": 0, "cancelled": 0,
+        self.stats = {"steps": [0] * self.L, "rows": [0] * self.L, "steps_saturated": [0] * self.L,
+                      "rows_saturated": [0] * self.L, "answered": 0, "cancelled": 0,
                       "flops": 0.0, "flops_full": 0.0, "exit_layers": [0] * (self.L + 1),
                       "errors": 0}
 
@@ -256,6 +257,7 @@ class DepthScheduler:
             d, wait = self._pick(flush)
             if d is None:
                 return wait or 0.0
+            saturated = self.sizes[0] > 0  # images still waiting to enter: the batch could have been full
             x, rows = self._take(d, min(self.B, self._admissible(d)))
             if d == 0:
                 now = time.monotonic()
@@ -276,6 +278,9 @@ class DepthScheduler:
             self._current = []
             self.stats["steps"][d] += 1
             self.stats["rows"][d] += len(rows)
+            if saturated:
+                self.stats["steps_saturated"][d] += 1
+                self.stats["rows_saturated"][d] += len(rows)
             if out is not None:
                 h, keep = out
                 self.queues[d + 1].append(_Piece(h, keep))
@@ -450,9 +455,11 @@ class DepthScheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def occupancy(self) -> list[float | None]:
-        """Mean rows per step at each depth, as a fraction of max_batch_size (None where no step ran)."""
-        return [r / (s * self.B) if s else None for s, r in zip(self.stats["steps"], self.stats["rows"])]
+    def occupancy(self, saturated: bool = False) -> list[float | None]:
+        """Mean rows per step at each depth, as a fraction of max_batch_size (None where no step ran);
+        `saturated`: only the steps taken while images were waiting to enter (not the final drain)."""
+        s = "_saturated" if saturated else ""
+        return [r / (n * self.B) if n else None for n, r in zip(self.stats["steps" + s], self.stats["rows" + s])]
 
 
 class QueueFull(TGEMError):
