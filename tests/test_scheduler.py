@@ -164,3 +164,18 @@ def test_bad_settings_are_refused(emb):
         DepthScheduler(bb, audit_rate=1.5)
     with pytest.raises(tgems.TGEMError, match="4-D"):
         DepthScheduler(bb).submit(torch.zeros(3, 32, 32), emb[2]["a"].policy(), lambda i, r: None)
+
+
+def test_every_layer_runs_full_batches_while_images_wait(emb):
+    """Under saturation (images waiting to enter) every step is a full batch, at every depth, while rows exit."""
+    bb, px, clfs = emb
+    a = clfs["a"]
+    many = torch.cat([px, px, px])
+    ref = a.predict(many)
+    sched = DepthScheduler(bb, max_batch_size=4, max_inflight=4 * bb.num_layers)
+    got = predict_rows(sched, [(many, a.policy())])[0]
+    _check_same(got, ref, a)
+    sat = sched.occupancy(saturated=True)
+    ran = [o for o in sat if o is not None]
+    assert len(ran) >= 8 and all(o == 1.0 for o in ran)
+    assert len(set(ref.exit_layers.tolist())) > 3  # rows did leave at several depths meanwhile
