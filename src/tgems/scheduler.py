@@ -347,6 +347,7 @@ class DepthScheduler:
             _, full = _split_decision(decision, len(audited))
             for j, k in enumerate(audited):
                 self._audited(rows[k], None if full is None else int(full[j].argmax()))
+        position = {k: j for j, k in enumerate(live)}
         out = []
         for k, r in enumerate(rows):
             if r.audit:
@@ -357,8 +358,7 @@ class DepthScheduler:
             if not mask[k]:
                 out.append(False)
                 continue
-            j = live.index(k)
-            probs = None if outputs is None else outputs[j].float().cpu()
+            probs = None if outputs is None else outputs[position[k]].float().cpu()
             flops = self.flops_embed + l * self.flops_block + r.visits * info.per_head
             res = RowResult(l, self.L, z[k].float().cpu(), probs, flops, flops / self.flops_full,
                             r.t_enqueue - r.t_submit)
