@@ -277,3 +277,15 @@ def test_live_audit_shows_in_models_and_metrics(saved):
 def test_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "<html" in r.text.lower() and "/v1/classify" in r.text
+
+
+@pytest.mark.parametrize("argv,reason", [
+    ([], "give at least one --classifier"),
+    (["--classifier", "/no/such/dir"], "/no/such/dir is not a directory"),
+    (["--classifier", "a=.", "--classifier", "a=."], "two classifiers named 'a'"),
+])
+def test_serve_command_refuses_bad_options_in_one_line(capsys, argv, reason):
+    from helpers import assert_one_line_error, run_cli
+
+    rc, out, err = run_cli(capsys, "serve", *argv)
+    assert reason in assert_one_line_error(rc, err)
