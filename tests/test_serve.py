@@ -289,3 +289,15 @@ def test_serve_command_refuses_bad_options_in_one_line(capsys, argv, reason):
 
     rc, out, err = run_cli(capsys, "serve", *argv)
     assert reason in assert_one_line_error(rc, err)
+
+
+def test_an_address_in_use_is_one_line(capsys, tmp_path):
+    import socket
+
+    from helpers import assert_one_line_error, run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        rc, out, err = run_cli(capsys, "serve", "--classifier", tmp_path, "--port", s.getsockname()[1])
+    assert "cannot listen on 127.0.0.1" in assert_one_line_error(rc, err)

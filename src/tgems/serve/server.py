@@ -25,6 +25,18 @@ def parse_sources(values) -> dict:
     return out
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse an address in use in one line, before minutes of loading (uvicorn would exit with its own log)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise TGEMError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def run_server(sources: dict, settings, log) -> int:
     try:
         import uvicorn
@@ -32,6 +44,7 @@ def run_server(sources: dict, settings, log) -> int:
         from tgems.serve.app import create_app
     except ImportError as e:
         raise TGEMError(f"tgems serve needs the serve extra: pip install 'tgems[serve]' ({e.name} is missing)") from None
+    _check_port(settings.host, settings.port)
     failed = []
     server = None
 
