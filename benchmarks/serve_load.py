@@ -259,7 +259,7 @@ def main():
     p.add_argument("--json")
     args = p.parse_args()
     if args.quick:
-        args.models, args.n, args.n_calib, args.batch, args.seconds, args.soak = "embedded", 256, 200, 16, 1.5, 768
+        args.models, args.n, args.n_calib, args.batch, args.seconds, args.soak = "embedded", 256, 120, 16, 1.5, 768
         args.loads, args.threads = "0.5", args.threads or 1
     args.loads = [float(x) for x in str(args.loads).split(",") if x]
     import torch
