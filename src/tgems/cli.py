@@ -261,6 +261,18 @@ def cmd_search(args):
     return 0
 
 
+def cmd_serve(args):
+    from dataclasses import replace
+
+    from tgems.serve.models import ServeSettings
+    from tgems.serve.server import parse_sources, run_server
+
+    settings = replace(ServeSettings(), **{k: getattr(args, k) for k in (
+        "host", "port", "max_batch_size", "max_wait_ms", "queue_size", "max_client_batch", "max_inflight",
+        "audit_rate", "seed", "device", "dtype", "tgem")})
+    return run_server(parse_sources(args.classifier), settings, lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
 def cmd_vocab(args):
     from tgems.pipeline import vocabulary
 
@@ -282,6 +294,18 @@ def _fraction(what):
             raise argparse.ArgumentTypeError(f"{what} must be a number in (0, 1), got '{value}'") from None
         if not 0 < x < 1:
             raise argparse.ArgumentTypeError(f"{what} must lie in (0, 1), got {x}")
+        return x
+    return parse
+
+
+def _unit_interval(what):
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number in [0, 1], got '{value}'") from None
+        if not 0 <= x <= 1:
+            raise argparse.ArgumentTypeError(f"{what} must lie in [0, 1], got {x}")
         return x
     return parse
 
@@ -466,6 +490,33 @@ def build_parser() -> argparse.ArgumentParser:
     placement(se)
     common(se)
     se.set_defaults(func=cmd_search)
+
+    from tgems.serve.models import ServeSettings
+
+    sd = ServeSettings()
+    sv = sub.add_parser("serve", help="HTTP service: classify and embed images with early exit (tgems[serve])")
+    sv.add_argument("--classifier", action="append", metavar="[NAME=]DIR",
+                    help="a saved classifier (tgems calibrate); repeat with NAME=DIR to serve several")
+    sv.add_argument("--tgem", default=sd.tgem, help="T-GEM checkpoint that gives other label sets their profiles "
+                    "(default: the shipped one on the embedded model, else only the saved labels)")
+    sv.add_argument("--host", default=sd.host, help=f"default {sd.host} (loopback only)")
+    sv.add_argument("--port", type=int, default=sd.port)
+    sv.add_argument("--max-batch-size", type=_positive_int, default=sd.max_batch_size,
+                    help="rows per block step (default %(default)s)")
+    sv.add_argument("--max-wait-ms", type=float, default=sd.max_wait_ms,
+                    help="longest a partial batch waits for more rows (default %(default)s)")
+    sv.add_argument("--max-inflight", type=_positive_int, default=sd.max_inflight,
+                    help="rows past layer 0 at once (default: max batch size x layers)")
+    sv.add_argument("--queue-size", type=_positive_int, default=sd.queue_size,
+                    help="images waiting to enter; more are refused with 429 (default %(default)s)")
+    sv.add_argument("--max-client-batch", type=_positive_int, default=sd.max_client_batch,
+                    help="images in one request; more are refused with 413 (default %(default)s)")
+    sv.add_argument("--audit-rate", type=_unit_interval("audit-rate"), default=sd.audit_rate,
+                    help="fraction of early exits also run to full depth to check the guarantee live (seeded)")
+    sv.add_argument("--quiet", action="store_true")
+    sv.add_argument("--seed", type=_seed_value, default=sd.seed)
+    placement(sv)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

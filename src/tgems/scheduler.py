@@ -1,0 +1,479 @@
+"""Depth queues: iteration-level batching for an early-exit image encoder.
+
+Exit-and-drop batching (engine.run_early_exit) runs later blocks on a shrinking batch: what the exits save
+in FLOPs a GPU loses in occupancy. Here every row waits in the queue of its depth (the number of blocks it
+has run); a step runs ONE block on up to `max_batch_size` rows of ONE depth, answers the rows that exit at
+once, and moves the survivors one queue down. New images enter at depth 0 whenever fewer than
+`max_inflight` rows are in flight, so under load every block runs on a full batch while rows exit.
+
+Which depth a step runs (`_pick`): the deepest queue that holds a full batch; otherwise, once the oldest
+waiting row has waited `max_wait_s` (or at once in flush mode), the fullest queue, ties to the deepest.
+With `max_inflight >= (L - 1) * (max_batch_size - 1) + 1` (the default, L * max_batch_size) a full
+queue always exists while the in-flight cap holds new images back, so the scheduler never stalls.
+
+Rows of one step may carry different exit policies (label sets, taus, goals): the block and readout are
+shared, then each policy decides for its own rows. A policy is any engine exit policy (engine.py); its
+per-row state is indexed by the row's slot (0 .. max_inflight - 1), so a JumperPolicy decides exactly as
+it does under `EarlyExitClassifier.predict`, and the FLOPs are counted as the engine counts them.
+
+Audit: a fraction of the rows that exit early (seeded) keep running to the last layer after they were
+answered; there the policy's full-depth prediction is compared with the answer, for a live check of a
+max-drop guarantee (see `AuditStats`).
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from tgems.calibration import clopper_pearson_upper, min_calibration_size
+from tgems.engine import _as_policy, _split_decision
+from tgems.errors import TGEMError
+
+
+@dataclass
+class RowResult:
+    """One answered row: the readout and policy outputs of its exit layer, its FLOPs and queue time."""
+
+    exit_layer: int
+    num_layers: int
+    embedding: torch.Tensor  # (D,) the readout z at the exit layer, float32 on the CPU
+    probs: torch.Tensor | None  # (C,) the policy's outputs at the exit layer (class probabilities)
+    flops: float
+    flops_ratio: float
+    queue_s: float  # from submit to the first block
+    audited: bool = False
+
+
+@dataclass
+class AuditStats:
+    """Live disagreement of audited early exits with the full model, and its (1 - delta) Clopper-Pearson
+    upper bound, against the calibrated max_drop."""
+
+    rate: float = 0.0
+    max_drop: float | None = None
+    delta: float = 0.1
+    n: int = 0
+    disagree: int = 0
+    exceeded: bool = False
+
+    @property
+    def observed(self) -> float | None:
+        return self.disagree / self.n if self.n else None
+
+    @property
+    def ucb(self) -> float | None:
+        return clopper_pearson_upper(self.disagree, self.n, self.delta) if self.n else None
+
+    @property
+    def min_n(self) -> int | None:
+        """Audits needed before the bound can lie below max_drop at all (as Learn-then-Test needs)."""
+        return min_calibration_size(self.max_drop, self.delta) if self.max_drop else None
+
+    def add(self, disagrees: bool) -> bool:
+        """Count one audit; True when the bound has just passed max_drop (with enough audits to tell)."""
+        self.n += 1
+        self.disagree += int(disagrees)
+        if self.max_drop is None or self.n < self.min_n:
+            return False
+        over = self.ucb > self.max_drop
+        crossed = over and not self.exceeded
+        self.exceeded = over
+        return crossed
+
+    def summary(self) -> dict:
+        return {"rate": self.rate, "n": self.n, "disagree": self.disagree, "observed": self.observed,
+                "ucb": self.ucb, "delta": self.delta, "max_drop": self.max_drop, "min_n": self.min_n,
+                "exceeded": self.exceeded}
+
+
+class _Row:
+    __slots__ = ("policy", "done", "tag", "t_submit", "t_enqueue", "slot", "visits", "audit", "answer",
+                 "auditable")
+
+    def __init__(self, policy, done, tag, auditable, now):
+        self.policy, self.done, self.tag, self.auditable = policy, done, tag, auditable
+        self.t_submit = self.t_enqueue = now
+        self.slot, self.visits, self.audit, self.answer = -1, 0, False, None
+
+
+@dataclass
+class _Piece:
+    """Rows that entered a queue together: their states (pixels at depth 0, hidden states below)."""
+
+    x: torch.Tensor
+    rows: list
+    t: float = field(default_factory=time.monotonic)
+
+
+class _Policy:
+    """What the scheduler keeps of a policy: its readout layers and per-row FLOPs of one exit head."""
+
+    def __init__(self, policy, backbone, capacity):
+        self.policy, layers = _as_policy(policy, backbone.num_layers)
+        self.readout = frozenset(layers)
+        self.needs_rates = bool(getattr(self.policy, "needs_rates", False))
+        self.per_head = backbone.flops_readout() + float(getattr(self.policy, "head_flops", 0.0) or 0.0)
+        if hasattr(self.policy, "start"):
+            self.policy.start(capacity)  # per-row state indexed by slot
+
+
+class DepthScheduler:
+    """Depth-queue batching of one backbone's vision tower for many exit policies at once.
+
+    `submit` is thread-safe; run the steps either in a background thread (`start` / `stop`) or in the
+    caller's (`run_until_idle`). `done(result_or_exception)` is called once per row, from the stepping
+    thread."""
+
+    def __init__(self, backbone, max_batch_size: int = 64, max_inflight: int | None = None,
+                 max_wait_s: float = 0.005, queue_size: int = 1024, audit_rate: float = 0.0,
+                 audit_max_drop: float | None = None, audit_delta: float = 0.1, seed: int = 0, log=None):
+        if max_batch_size < 1:
+            raise TGEMError(f"max_batch_size must be a positive integer, got {max_batch_size}")
+        if not 0 <= audit_rate <= 1:
+            raise TGEMError(f"audit rate must lie in [0, 1], got {audit_rate}")
+        self.backbone, self.L = backbone, backbone.num_layers
+        self.B = int(max_batch_size)
+        self.capacity = int(max_inflight or self.B * self.L)
+        if self.capacity < self.B:
+            raise TGEMError(f"max_inflight ({self.capacity}) must be at least max_batch_size ({self.B})")
+        self.max_wait_s, self.queue_size = float(max_wait_s), int(queue_size)
+        self.queues = [deque() for _ in range(self.L)]  # depth d holds rows that ran d blocks
+        self.sizes = [0] * self.L
+        self.free_slots = list(range(self.capacity - 1, -1, -1))
+        self._policies = weakref.WeakKeyDictionary()
+        self.cond = threading.Condition()
+        self._thread, self._stopping = None, False
+        self._current = []  # the rows of the step being run (cancel marks them too)
+        self.audit = AuditStats(audit_rate, audit_max_drop, audit_delta)
+        self._rng = random.Random(seed)
+        self._log = log or (lambda msg: None)
+        flops = backbone
+        self.flops_embed, self.flops_block, self.flops_full = (flops.flops_embed(), flops.flops_block(),
+                                                               float(flops.flops_full()))
+        self.stats = {"steps": [0] * self.L, "rows": [0] * self.L, "steps_saturated": [0] * self.L,
+                      "rows_saturated": [0] * self.L, "answered": 0, "cancelled": 0,
+                      "flops": 0.0, "flops_full": 0.0, "exit_layers": [0] * (self.L + 1),
+                      "errors": 0}
+
+    # ------------------------------------------------------------------ admission
+
+    @property
+    def pending(self) -> int:
+        """Rows waiting at depth 0 (not yet in flight)."""
+        return self.sizes[0]
+
+    @property
+    def inflight(self) -> int:
+        return self.capacity - len(self.free_slots)
+
+    def submit(self, pixels: torch.Tensor, policy, done, tag=None, auditable: bool = False) -> None:
+        """Queue preprocessed images (N, 3, S, S) with one exit policy; `done` is called once per row, with
+        (index in `pixels`, RowResult or exception). Refuses (TGEMError) when the depth-0 queue would hold
+        more than `queue_size` rows."""
+        self.backbone.check_pixels(pixels)
+        with self.cond:
+            if self._stopping:
+                raise TGEMError("the scheduler is shutting down")
+            if self.sizes[0] + len(pixels) > self.queue_size:
+                raise QueueFull(f"the queue is full ({self.sizes[0]} of {self.queue_size} images waiting)")
+            if policy not in self._policies:
+                self._policies[policy] = _Policy(policy, self.backbone, self.capacity)
+            now = time.monotonic()
+            rows = [_Row(policy, (lambda r, i=i: done(i, r)), tag, auditable, now) for i in range(len(pixels))]
+            self.queues[0].append(_Piece(pixels, rows, now))
+            self.sizes[0] += len(rows)
+            self.cond.notify_all()
+
+    def cancel(self, tag) -> int:
+        """Drop every row of `tag` (a request whose client left): waiting rows now, in-flight rows at their
+        next step; their slots come back. Returns the number of rows dropped now or marked."""
+        n = 0
+        with self.cond:
+            for rows in [p.rows for q in self.queues for p in q] + [self._current]:
+                for r in rows:
+                    if r.tag == tag and r.done is not None:
+                        r.done, n = None, n + 1
+            self.stats["cancelled"] += n
+            self.cond.notify_all()
+        return n
+
+    # ------------------------------------------------------------------ stepping
+
+    def _admissible(self, d):
+        return min(self.sizes[0], len(self.free_slots)) if d == 0 else self.sizes[d]
+
+    def _pick(self, flush: bool):
+        """(depth to run, seconds to wait instead): see the module docstring."""
+        sizes = [self._admissible(d) for d in range(self.L)]
+        full = [d for d in range(self.L) if sizes[d] >= self.B]
+        if full:
+            return full[-1], 0.0
+        if not any(sizes):
+            return None, None
+        if not flush:
+            oldest = min(q[0].t for d, q in enumerate(self.queues) if sizes[d])
+            wait = oldest + self.max_wait_s - time.monotonic()
+            if wait > 0:
+                return None, wait
+        best = max(range(self.L), key=lambda d: (sizes[d], d))
+        return best, 0.0
+
+    def _take(self, d, n):
+        """Up to n live rows from the front of queue d: (states, rows); cancelled rows are dropped here."""
+        q, xs, rows = self.queues[d], [], []
+        while q and len(rows) < n:
+            piece = q[0]
+            k = n - len(rows)
+            if len(piece.rows) <= k:
+                q.popleft()
+                take_x, take_rows = piece.x, piece.rows
+            else:
+                take_x, take_rows = piece.x[:k], piece.rows[:k]
+                piece.x, piece.rows = piece.x[k:], piece.rows[k:]
+            self.sizes[d] -= len(take_rows)
+            live = [i for i, r in enumerate(take_rows) if r.done is not None or r.audit]
+            for i, r in enumerate(take_rows):
+                if not (r.done is not None or r.audit) and r.slot >= 0:
+                    self.free_slots.append(r.slot)
+            if len(live) < len(take_rows):
+                take_x = take_x[torch.tensor(live, dtype=torch.long, device=take_x.device)]
+                take_rows = [take_rows[i] for i in live]
+            if take_rows:
+                xs.append(take_x)
+                rows += take_rows
+        if not rows:
+            return None, []
+        return (xs[0] if len(xs) == 1 else torch.cat(xs)), rows
+
+    def step(self, flush: bool = False) -> bool | float:
+        """Run one block on one depth. True when a step ran; otherwise the seconds to wait (0: nothing to do)."""
+        with self.cond:
+            d, wait = self._pick(flush)
+            if d is None:
+                return wait or 0.0
+            saturated = self.sizes[0] > 0  # images still waiting to enter: the batch could have been full
+            x, rows = self._take(d, min(self.B, self._admissible(d)))
+            if d == 0:
+                now = time.monotonic()
+                for r in rows:
+                    r.slot = self.free_slots.pop()
+                    r.t_enqueue = now
+            self._current = rows
+        if not rows:
+            return True
+        try:
+            out = self._run(d, x, rows)
+        except Exception as e:  # a fault in one step fails its rows, never the scheduler
+            self._fail(rows, e)
+            with self.cond:
+                self._current = []
+            return True
+        with self.cond:
+            self._current = []
+            self.stats["steps"][d] += 1
+            self.stats["rows"][d] += len(rows)
+            if saturated:
+                self.stats["steps_saturated"][d] += 1
+                self.stats["rows_saturated"][d] += len(rows)
+            if out is not None:
+                h, keep = out
+                self.queues[d + 1].append(_Piece(h, keep))
+                self.sizes[d + 1] += len(keep)
+            self.cond.notify_all()
+        return True
+
+    @torch.no_grad()
+    def _run(self, d, x, rows):
+        bb, l = self.backbone, d + 1
+        h = bb.embed(x) if d == 0 else x
+        info = [self._policies[r.policy] for r in rows]
+        read = [i for i, p in enumerate(info) if l in p.readout or l == self.L]
+        rates = None
+        if any(info[i].needs_rates for i in read):
+            h, rates = bb.block(l, h, return_rates=True)
+        else:
+            h = bb.block(l, h)
+        exits = [False] * len(rows)
+        if read:
+            idx = torch.tensor(read, dtype=torch.long, device=h.device)
+            z = bb.readout(h[idx], l)
+            groups = {}
+            for j, i in enumerate(read):
+                groups.setdefault(id(rows[i].policy), []).append(j)
+            for members in groups.values():
+                rows_j = [rows[read[j]] for j in members]
+                sel = torch.tensor(members, dtype=torch.long, device=z.device)
+                exits_j = self._decide(l, z[sel], None if rates is None else rates[idx[sel]], rows_j,
+                                       info[read[members[0]]])
+                for j, e in zip(members, exits_j):
+                    exits[read[j]] = e
+        keep = [i for i, e in enumerate(exits) if not e]
+        if l == self.L or not keep:
+            self._release(rows)
+            return None
+        self._release([r for r, e in zip(rows, exits) if e])
+        return h[torch.tensor(keep, dtype=torch.long, device=h.device)], [rows[i] for i in keep]
+
+    def _decide(self, l, z, rates, rows, info):
+        """Exit decisions of one policy's rows at layer l; answers the rows that exit. Audited rows (already
+        answered) only run on, and at the last layer compare the full model's answer with theirs."""
+        pol = info.policy
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=z.device)
+        live = [k for k, r in enumerate(rows) if not r.audit]
+        mask = torch.zeros(len(rows), dtype=torch.bool)
+        outputs = None
+        if live and (l in info.readout or l == self.L):
+            sel = torch.tensor(live, dtype=torch.long, device=z.device)
+            zl = z[sel]
+            decision = (pol.decide(l, zl, slots[sel], None if rates is None else rates[sel]) if info.needs_rates
+                        else pol.decide(l, zl, slots[sel]))
+            m, outputs = _split_decision(decision, len(live))
+            m = m.cpu()
+            if l == self.L:
+                m = torch.ones_like(m)
+            for j, k in enumerate(live):
+                mask[k] = m[j]
+        audited = [k for k, r in enumerate(rows) if r.audit]
+        if audited and l == self.L:
+            sel = torch.tensor(audited, dtype=torch.long, device=z.device)
+            decision = pol.decide(l, z[sel], slots[sel], None if rates is None else rates[sel]) \
+                if info.needs_rates else pol.decide(l, z[sel], slots[sel])
+            _, full = _split_decision(decision, len(audited))
+            for j, k in enumerate(audited):
+                self._audited(rows[k], None if full is None else int(full[j].argmax()))
+        position = {k: j for j, k in enumerate(live)}
+        out = []
+        for k, r in enumerate(rows):
+            if r.audit:
+                out.append(l == self.L)
+                continue
+            if l in info.readout or l == self.L:
+                r.visits += 1
+            if not mask[k]:
+                out.append(False)
+                continue
+            probs = None if outputs is None else outputs[position[k]].float().cpu()
+            flops = self.flops_embed + l * self.flops_block + r.visits * info.per_head
+            res = RowResult(l, self.L, z[k].float().cpu(), probs, flops, flops / self.flops_full,
+                            r.t_enqueue - r.t_submit)
+            audit = (l < self.L and r.auditable and probs is not None and self.audit.rate > 0
+                     and self._rng.random() < self.audit.rate)
+            if audit:
+                res.audited, r.audit, r.answer = True, True, int(probs.argmax())
+            self._answer(r, res)
+            out.append(not audit)
+        return out
+
+    def _answer(self, r, res):
+        with self.cond:
+            done, r.done = r.done, None
+            s = self.stats
+            s["answered"] += 1
+            s["flops"] += res.flops
+            s["flops_full"] += self.flops_full
+            s["exit_layers"][res.exit_layer] += 1
+        if done is not None:
+            try:
+                done(res)
+            except Exception:  # a caller's callback must not stop the scheduler
+                pass
+
+    def _audited(self, r, full_pred):
+        r.audit = False
+        if full_pred is None:
+            return
+        with self.cond:
+            crossed = self.audit.add(full_pred != r.answer)
+        if crossed:
+            a = self.audit
+            self._log(f"tgems serve: audit: live disagreement with the full model {a.observed:.4f} "
+                      f"({a.disagree} of {a.n} audited exits), its {1 - a.delta:.0%} upper bound {a.ucb:.4f} "
+                      f"passes the calibrated max_drop {a.max_drop}: the traffic has drifted from calibration")
+
+    def _release(self, rows):
+        with self.cond:
+            for r in rows:
+                if r.slot >= 0 and not r.audit:
+                    self.free_slots.append(r.slot)
+                    r.slot = -1
+
+    def _fail(self, rows, error):
+        with self.cond:
+            self.stats["errors"] += len(rows)
+            for r in rows:
+                r.audit = False
+                done, r.done = r.done, None
+                if r.slot >= 0:
+                    self.free_slots.append(r.slot)
+                    r.slot = -1
+                if done is not None:
+                    try:
+                        done(error)
+                    except Exception:
+                        pass
+
+    # ------------------------------------------------------------------ drivers
+
+    def busy(self) -> bool:
+        return any(self.sizes)
+
+    def run_until_idle(self) -> None:
+        """Step in this thread until nothing is queued or in flight, never waiting for more rows."""
+        while self.busy():
+            self.step(flush=True)
+
+    def start(self) -> "DepthScheduler":
+        """Step in a background thread until `stop`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tgems-depth-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                if self._stopping and not self.busy():
+                    return
+            if self.step(flush=self._stopping) is True:
+                continue
+            with self.cond:  # decided again under the lock, so a submit in between is never missed
+                d, wait = self._pick(self._stopping)
+                if d is None and not self._stopping:
+                    self.cond.wait(timeout=wait or None)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new rows, finish the ones queued and in flight, end the thread."""
+        with self.cond:
+            self._stopping = True
+            self.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def occupancy(self, saturated: bool = False) -> list[float | None]:
+        """Mean rows per step at each depth, as a fraction of max_batch_size (None where no step ran);
+        `saturated`: only the steps taken while images were waiting to enter (not the final drain)."""
+        s = "_saturated" if saturated else ""
+        return [r / (n * self.B) if n else None for n, r in zip(self.stats["steps" + s], self.stats["rows" + s])]
+
+
+class QueueFull(TGEMError):
+    """The depth-0 queue cannot take the rows now (the server answers 429)."""
+
+
+def predict_rows(scheduler: DepthScheduler, jobs) -> list[list]:
+    """Synchronous use: `jobs` = [(pixels, policy), ...]; steps in this thread; [[RowResult, ...], ...]."""
+    out = [[None] * len(px) for px, _ in jobs]
+    for k, (px, pol) in enumerate(jobs):
+        scheduler.submit(px, pol, (lambda i, r, k=k: out[k].__setitem__(i, r)), tag=k)
+    scheduler.run_until_idle()
+    for res in out:
+        for r in res:
+            if isinstance(r, Exception):
+                raise r
+    return out

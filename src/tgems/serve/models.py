@@ -1,0 +1,182 @@
+"""A served classifier: the saved classifier, the T-GEM modules that give profiles to other label sets, the
+label-set caches and one depth-queue scheduler."""
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from tgems.errors import TGEMError
+
+LABEL_CACHE_SIZE = 64  # label sets whose text embeddings and profiles stay cached (LRU)
+
+
+@dataclass
+class ServeSettings:
+    """Every serving option and its default, once (the CLI's `serve` parser reads its defaults here)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    queue_size: int = 1024
+    max_client_batch: int = 256
+    max_inflight: int | None = None  # default: max_batch_size * num_layers (see tgems.scheduler)
+    audit_rate: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    tgem: str | None = None
+
+
+def load_served(name: str, path, device: str = "cpu", dtype: str = "float32"):
+    """The classifier a server serves under `name`. One place to build it, so it can come from a predictor
+    spec (issue 19) without touching the rest of the server."""
+    from tgems.classifier import EarlyExitClassifier
+
+    return EarlyExitClassifier.load(path, device=device, dtype=dtype)
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
+
+
+class ServedModel:
+    """One named classifier behind the server: policies for any label set and goal, one scheduler."""
+
+    def __init__(self, name: str, clf, settings: ServeSettings, tgem=None, log=None):
+        from tgems.policies import NeverExit
+        from tgems.scheduler import DepthScheduler
+
+        self.name, self.clf, self.backbone = name, clf, clf.backbone
+        self.tgem = tgem
+        cal = clf.calibration
+        self.scheduler = DepthScheduler(
+            self.backbone, settings.max_batch_size, settings.max_inflight, settings.max_wait_ms / 1000,
+            settings.queue_size, settings.audit_rate, cal.get("max_drop") if cal.get("goal") == "max_drop" else None,
+            float(cal.get("delta", 0.1)), settings.seed, log)
+        self._profiles = OrderedDict()
+        self._policies = OrderedDict()
+        self._lock = threading.Lock()
+        self.never_exit = NeverExit()
+        self.default_policy = clf.policy()
+
+    # ------------------------------------------------------------------ description
+
+    @property
+    def calibrated_source(self) -> bool:
+        return self.clf.calibration.get("source") == "calibrate"
+
+    def describe(self) -> dict:
+        clf, bb, cal = self.clf, self.backbone, self.clf.calibration
+        return {"id": self.name, "object": "model", "owned_by": "tgems", "backbone": bb.name,
+                "fingerprint": bb.fingerprint(), "num_layers": bb.num_layers, "labels": clf.labels,
+                "templates": clf.templates, "space": clf.profiles.space,
+                "calibration": {k: cal.get(k) for k in ("goal", "budget", "max_drop", "delta", "tau", "source",
+                                                        "n_calib", "labels_used") if k in cal},
+                "other_label_sets": self.tgem is not None,
+                "audit": self.scheduler.audit.summary()}
+
+    def calibration_text(self) -> str:
+        cal = self.clf.calibration
+        if cal.get("goal") == "budget" and cal.get("budget") is not None:
+            return f"budget {cal['budget']}"
+        if cal.get("goal") == "max_drop" and cal.get("max_drop") is not None:
+            return f"max_drop {cal['max_drop']} (delta {cal.get('delta')})"
+        return f"no goal (tau {cal.get('tau')} from its {cal.get('source', 'checkpoint')})"
+
+    # ------------------------------------------------------------------ label sets and goals
+
+    def profiles(self, labels: tuple, templates: tuple):
+        """(profiles, warnings) of a label set; the classifier's own, or made by the T-GEM modules and
+        cached (LRU): text embeddings and profiles are computed once per label set and templates."""
+        clf = self.clf
+        if list(labels) == clf.labels and list(templates) == clf.templates:
+            return clf.profiles, []
+        key = (labels, templates)
+        with self._lock:
+            if key in self._profiles:
+                self._profiles.move_to_end(key)
+                return self._profiles[key]
+        if self.tgem is None:
+            raise TGEMError(f"model '{self.name}' serves only its own {len(clf.labels)} labels (with its "
+                            f"templates): start the server with --tgem to serve other label sets")
+        from tgems.profiles import check_readable_labels
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            text = check_readable_labels(self.backbone, list(labels), list(templates))
+        value = (self.tgem.profiles(text, self.backbone), sorted({str(w.message) for w in caught}))
+        with self._lock:
+            self._profiles[key] = value
+            while len(self._profiles) > LABEL_CACHE_SIZE:
+                self._profiles.popitem(last=False)
+        return value
+
+    def policy(self, labels=None, templates=None, budget=None, max_drop=None, tau=None):
+        """(policy, calibrated, notes, labels) for one request; a TGEMError says why a goal cannot be met."""
+        from tgems.calibration import check_tau
+        from tgems.policies import JumperPolicy
+
+        clf, cal = self.clf, self.clf.calibration
+        labels = tuple(labels or clf.labels)
+        templates = tuple(templates or clf.templates)
+        notes = []
+        given = [k for k, v in (("budget", budget), ("max_drop", max_drop), ("tau", tau)) if v is not None]
+        if len(given) > 1:
+            raise TGEMError(f"give at most one of budget, max_drop and tau, got {' and '.join(given)}")
+        if budget is not None and not (cal.get("goal") == "budget" and _same(cal.get("budget"), budget)):
+            raise TGEMError(f"model '{self.name}' was not calibrated for budget {budget} (it holds "
+                            f"{self.calibration_text()})")
+        if max_drop is not None and not (cal.get("goal") == "max_drop" and _same(cal.get("max_drop"), max_drop)):
+            raise TGEMError(f"model '{self.name}' was not calibrated for max_drop {max_drop} (it holds "
+                            f"{self.calibration_text()})")
+        own = labels == tuple(clf.labels) and templates == tuple(clf.templates)
+        if tau is not None:
+            tau = check_tau(tau)
+            notes.append("a hand-set tau: no calibrated guarantee")
+        if not own:
+            notes.append("a label set other than the calibrated one: the exits apply, the calibrated "
+                         "guarantee does not")
+        elif tau is None and not self.calibrated_source:
+            notes.append("the threshold is the T-GEM checkpoint's default, not calibrated for this label set")
+        calibrated = own and tau is None and self.calibrated_source
+        tau = clf.tau if tau is None else tau
+        if own and tau == clf.tau:
+            return self.default_policy, calibrated, notes, list(labels)
+        profiles, warned = self.profiles(labels, templates)
+        notes += warned
+        key = (labels, templates, tau)
+        with self._lock:
+            pol = self._policies.get(key)
+            if pol is None:
+                pol = JumperPolicy(profiles, clf.jumper.for_goal(clf.goal), tau)
+                self._policies[key] = pol
+                while len(self._policies) > LABEL_CACHE_SIZE:
+                    self._policies.popitem(last=False)
+            else:
+                self._policies.move_to_end(key)
+        return pol, calibrated, notes, list(labels)
+
+
+def build_served(sources: dict, settings: ServeSettings, log=None) -> dict:
+    """{name: ServedModel} from {name: classifier dir}. The T-GEM for other label sets: `settings.tgem`, or
+    the shipped one of the classifier's space when it runs on the embedded model."""
+    from tgems.tgem import load_tgem
+
+    out = {}
+    for name, path in sources.items():
+        clf = load_served(name, path, settings.device, settings.dtype)
+        spec = settings.tgem
+        if spec is None and clf.backbone.name == "embedded":
+            spec = f"embedded:{clf.profiles.space}"
+        tgem = None
+        if spec is not None:
+            tgem, jumper, _ = load_tgem(spec, clf.backbone)
+            if tgem.space != clf.profiles.space or list(tgem.layers) != list(clf.profiles.layers):
+                raise TGEMError(f"--tgem {spec} ({tgem.space}, layers {tgem.layers}) does not match classifier "
+                                f"'{name}' ({clf.profiles.space}, layers {clf.profiles.layers})")
+        out[name] = ServedModel(name, clf, settings, tgem, log)
+    return out
