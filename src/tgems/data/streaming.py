@@ -28,9 +28,8 @@ from typing import Iterator
 from urllib.parse import parse_qsl
 
 from tgems.errors import TGEMError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "image", "img")
+from tgems.jobs.lister import IMAGE_EXTENSIONS, PARQUET_IMAGE_COLUMNS, WDS_IMAGE_KEYS, list_folder
+from tgems.jobs.lister import find_image_column
 STREAM_FORMS = ("folder:DIR[?block=N]", "webdataset:PATTERN", "parquet:PATH[?image=COL&id=COL]")
 DEFAULT_BLOCK = 1000
 
@@ -118,10 +117,6 @@ def decode_records(records: list) -> list:
     return out
 
 
-def _class_text(name: str) -> str:
-    return " ".join(name.replace("_", " ").split())
-
-
 # ------------------------------------------------------------------------------------- sources
 
 
@@ -205,19 +200,7 @@ def open_source(spec: str, *, block: int | None = None, image_column: str | None
 
 def _open_folder(spec: str, path: str, block: int) -> StreamSource:
     root = Path(path).expanduser()
-    if not root.exists():
-        raise TGEMError(f"image folder {root} does not exist")
-    if not root.is_dir():
-        raise TGEMError(f"image folder {root} is not a directory")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = Path(dirpath).relative_to(root)
-        label = _class_text(rel_dir.parts[0]) if rel_dir.parts else None
-        for f in sorted(filenames):
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
-                files.append(((rel_dir / f).as_posix(), label or None))
-    files.sort(key=lambda t: t[0])
+    files = [(e.rel, e.label) for e in list_folder(root)]
     if not files:
         raise TGEMError(f"image folder {root} has no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     shards = [Shard(i, f"{root}[{files[s][0]}..{files[min(s + block, len(files)) - 1][0]}]",
@@ -306,10 +289,10 @@ def _open_parquet(spec: str, path: str, image_col: str | None, id_col: str | Non
             raise TGEMError(f"cannot read parquet file {f}: {_one_line(exc)}") from None
         names = meta.schema_arrow.names
         if image_col is None:
-            image_col = next((c for c in ("image", "jpg", "bytes", "img", "png") if c in names), None)
+            image_col = find_image_column(names)
             if image_col is None:
-                raise TGEMError(f"parquet file {f} has no image column (looked for image, jpg, bytes, img, png; "
-                                f"name it with {spec.split('?')[0]}?image=COLUMN)")
+                raise TGEMError(f"parquet file {f} has no image column (looked for "
+                                f"{', '.join(PARQUET_IMAGE_COLUMNS)}; name it with {spec.split('?')[0]}?image=COLUMN)")
         if image_col not in names:
             raise TGEMError(f"parquet file {f} has no column '{image_col}' (columns: {', '.join(names)})")
         if not id_default and id_col not in names:

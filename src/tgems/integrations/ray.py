@@ -27,8 +27,7 @@ from tgems.batch import (ClassifierSpec, _job_record, _locked, error_schema, fin
                          part_name, predict_items, prepare_out_dir, result_schema, write_table_atomic)
 from tgems.data.streaming import Item, Record, decode_records
 from tgems.errors import TGEMError
-
-IMAGE_COLUMNS = ("bytes", "image", "jpg", "img", "png")
+from tgems.jobs.lister import ID_COLUMNS, find_image_column
 
 
 def require_ray():
@@ -95,12 +94,12 @@ class TGEMPredictor:
 
     def _items(self, batch) -> list:
         cols = _column_lists(batch)
-        name = self.image_column or next((c for c in IMAGE_COLUMNS if c in cols), None)
+        name = find_image_column(list(cols), self.image_column)
         if name is None or name not in cols:
             raise TGEMError(f"no image column in the batch (columns: {', '.join(cols)}; set image_column=)")
         images = cols[name]
         n = len(images)
-        id_col = self.id_column or next((c for c in ("id", "path", "key") if c in cols), None)
+        id_col = self.id_column or next((c for c in ID_COLUMNS if c in cols), None)
         ids = [str(x) for x in cols[id_col]] if id_col else [str(i) for i in range(n)]
         labels = cols.get("source_label", [None] * n)
         errors = cols.get("error", [None] * n)
