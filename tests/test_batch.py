@@ -16,6 +16,7 @@ from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
 from tgems.batch import ClassifierSpec, run_command, run_job
 from tgems.cli import main
 from tgems.errors import TGEMError
+from tgems.jobs.runner import reader_geometry
 
 N = 60
 
@@ -41,6 +42,7 @@ def _source(kind, tmp_path, images, classes):
 @pytest.mark.parametrize("kind", ["folder", "webdataset", "parquet"])
 def test_streamed_classification_equals_in_memory_predict(kind, tmp_path, clf, spec, imgs):
     data, ids, images = _source(kind, tmp_path, *imgs)
+    assert reader_geometry(clf) == clf.backbone.transform.geometry  # the workers resize and crop
     summary = run_job(clf, data, tmp_path / "out", batch_size=16, workers=2, settings=spec.settings(),
                       progress=False)
     t = read_parts(tmp_path / "out")
@@ -61,6 +63,33 @@ def test_streamed_classification_equals_in_memory_predict(kind, tmp_path, clf, s
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["images"] == N and success["settings"]["data"] == data
     assert len(pq.read_table(tmp_path / "out" / "errors.parquet")) == 0
+
+
+def test_images_resized_and_cropped_in_the_workers_give_the_in_memory_rows(tmp_path, clf, spec, imgs):
+    """Images larger than the model's input, not square: the workers resize and crop them (the backbone's
+    own geometry), the main process normalises; rows equal predict on the full-size PIL images."""
+    from PIL import Image
+
+    images, classes = imgs
+    big = [im.resize((61 + i % 5, 45 + i % 3), Image.BICUBIC) for i, im in enumerate(images[:24])]
+    data, ids, order = _source("folder", tmp_path, big, classes[:24])
+    for task in ("classify", "embed"):
+        summary = run_job(clf, data, tmp_path / task, task=task, batch_size=8, workers=2,
+                          settings=spec.settings(), progress=False)
+        t = read_parts(tmp_path / task)
+        pred = clf.predict(order)
+        assert t.column("id").to_pylist() == ids
+        assert np.array_equal(t.column("exit_layer").to_numpy(), pred.exit_layers)
+        if task == "classify":
+            assert t.column("label").to_pylist() == pred.labels
+            np.testing.assert_allclose(t.column("probability").to_numpy(), pred.probs.max(1), atol=1e-6)
+        else:
+            emb = np.array(t.column("embedding").to_pylist(), dtype=np.float32)
+            np.testing.assert_allclose(emb, np.asarray(pred.embeddings), atol=1e-6)
+        stages = json.loads((tmp_path / task / "_SUCCESS").read_text())["stages"]
+        assert set(stages) >= {"read_s", "decode_s", "preprocess_s", "normalize_s", "encode_s", "write_s",
+                               "wait_s", "reader_wait_s"}
+        assert summary["stages"] == stages
 
 
 def test_embed_writes_the_exit_embedding(tmp_path, clf, spec, imgs):
@@ -120,6 +149,7 @@ clf = spec.build()
 
 class Slow:  # slows the job so the test can kill it between parts
     labels = clf.labels
+    backbone = clf.backbone  # so the workers preprocess, as for the classifier itself
     def predict(self, images):
         time.sleep(0.1)
         return clf.predict(images)
