@@ -188,6 +188,59 @@ def test_killed_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, clf, s
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_job_leaves_no_worker_and_no_traceback(tmp_path, imgs):
+    """SIGKILL to the job alone (not its process group): its decoding workers end by themselves, quietly."""
+    images, classes = imgs
+    pattern, _ = make_shards(tmp_path / "wds", images, per_shard=10)
+    out = tmp_path / "killed"
+    script = KILLED_JOB.format(tgem=tgem_checkpoint(), labels=list(LABELS), data=f"webdataset:{pattern}",
+                               out=str(out)).replace("workers=1", "workers=2")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (out / "part-00000.parquet").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the job wrote no part in time"
+            time.sleep(0.02)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        proc.kill()
+        try:
+            _, err = proc.communicate(timeout=60)  # end of file on stderr: every worker has closed it
+        except subprocess.TimeoutExpired:
+            err = b""
+        survivors = [pid for pid in workers if _alive(pid)]
+    finally:
+        for pid in _children(proc.pid) + [proc.pid]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert survivors == []
+    text = err.decode(errors="replace")
+    assert "Traceback" not in text and "BrokenPipe" not in text and "leaked" not in text, text[-2000:]
+
+
 def test_bad_inputs_are_listed_and_the_command_exits_non_zero(tmp_path, capsys, imgs):
     images, classes = imgs
     root = tmp_path / "f"
