@@ -220,7 +220,7 @@ def run_command(*, data: str, out: str, task: str = "classify", classifier: str 
                 calib: str | None = None, tau: float | None = None, label_free: bool = False, workers: int = 2,
                 batch_size: int = 64,
                 device: str = "cpu", dtype: str = "float32", engine: str = "local", address: str | None = None,
-                concurrency: int = 2, num_gpus: float = 0, json_path: str | None = None, quiet: bool = False,
+                concurrency: int | None = None, num_gpus: float = 0, json_path: str | None = None, quiet: bool = False,
                 seed: int = 0, image_column: str | None = None, id_column: str | None = None,
                 block: int | None = None) -> tuple[dict, int]:
     """The whole `tgems classify|embed --data SPEC --out DIR` job: returns (summary, exit code).
@@ -243,7 +243,7 @@ def run_command(*, data: str, out: str, task: str = "classify", classifier: str 
         from tgems.integrations.ray import run_ray_job
 
         summary = run_ray_job(spec, source, out, task=task, batch_size=batch_size, concurrency=concurrency,
-                              num_gpus=num_gpus, address=address, progress=not quiet)
+                              num_gpus=num_gpus, address=address, progress=not quiet, workers=workers)
     else:
         predictor = spec.build()
         summary = run_job(predictor, source, out, task=task, batch_size=batch_size, workers=workers,
@@ -270,7 +270,8 @@ def add_stream_arguments(p: argparse.ArgumentParser, required: bool = True):
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
     p.add_argument("--engine", default="local", choices=("local", "ray"), help="local (default) or Ray Data")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--concurrency", type=int, default=2, help="Ray: predictor actors (default 2)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="Ray: predictor actors (default: chosen from the cluster's CPUs, or GPUs with --num-gpus)")
     p.add_argument("--num-gpus", type=float, default=0, help="Ray: GPUs per actor (default 0)")
     p.add_argument("--image-column", help="parquet: the image-bytes column (default: image, jpg, bytes, img or png)")
     p.add_argument("--id-column", help="parquet: the id column (default: id, else FILE:ROW)")

@@ -134,7 +134,8 @@ class PartWriter:
             self.tmp.unlink()
 
 
-def finish_job(out: Path, job: dict, task: str, started: float, counts: dict, stages: dict | None = None) -> dict:
+def finish_job(out: Path, job: dict, task: str, started: float, counts: dict, stages: dict | None = None,
+               extra: dict | None = None) -> dict:
     """Totals read back from the parts (so a resumed job reports the whole job), the errors file, _SUCCESS.
 
     `stages` are this run's seconds per stage (read, decode, preprocess, encode, write, queue waits)."""
@@ -173,6 +174,7 @@ def finish_job(out: Path, job: dict, task: str, started: float, counts: dict, st
     }
     if stages is not None:
         summary["stages"] = {k: round(float(v), 3) for k, v in stages.items()}
+    summary.update(extra or {})
     write_json(out / "_SUCCESS", summary)
     return summary
 
