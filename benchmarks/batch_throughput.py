@@ -63,26 +63,31 @@ def make_jpegs(root: Path, n: int, size, seed: int = 0) -> str:
     return str(root)
 
 
-def vit_b32(path: Path) -> str:
-    """A random-init CLIP with ViT-B/32's vision tower (12 x 768, patch 32, 224 px); a small text side."""
+def vit_b32(path: Path, quick: bool = False) -> str:
+    """A random-init CLIP with ViT-B/32's vision tower (12 x 768, patch 32, 224 px); a small text side.
+    With `quick`, a 12 x 64 tower of the same input size: the stages run, nothing is measured."""
     from helpers import WORDS, make_tiny_clip
 
     import tgems
 
+    width, heads, mlp = (64, 2, 128) if quick else (768, 12, 3072)
     if not (path / "config.json").exists():
         words = tuple(WORDS) + tuple(w for c in tgems.load_dataset("scenes:test:10").classes for w in c.split())
-        make_tiny_clip(path, layers=12, width=768, heads=12, mlp=3072, patch=32, image_size=224, projection=512,
-                       text_layers=2, text_width=128, text_heads=2, max_length=16, resize=224, seed=0, words=words)
+        make_tiny_clip(path, layers=12, width=width, heads=heads, mlp=mlp, patch=32, image_size=224,
+                       projection=64 if quick else 512, text_layers=2, text_width=128, text_heads=2, max_length=16,
+                       resize=224, seed=0, words=words)
     return str(path)
 
 
 class PlainCLIP:
-    """The plain HF pipeline as a predictor: get_image_features on every layer, cosine with the class texts."""
+    """The plain HF pipeline as a predictor: get_image_features on every layer, cosine with the class texts.
+
+    It has a `backbone`, so the job's workers resize and crop for it as they do for tgems."""
 
     def __init__(self, bb, labels):
         import torch
 
-        self.bb, self.labels = bb, list(labels)
+        self.bb, self.backbone, self.labels = bb, bb, list(labels)
         with torch.no_grad():
             t = bb.encode_text(self.labels)
         self.text = torch.nn.functional.normalize(t.float(), dim=-1)
@@ -92,12 +97,12 @@ class PlainCLIP:
         import torch
 
         with torch.no_grad():
-            px = self.bb.preprocess(images)
+            px = images if isinstance(images, torch.Tensor) else self.bb.preprocess(images)
             z = self.bb.model.get_image_features(pixel_values=px)
             z = z if isinstance(z, torch.Tensor) else z.pooler_output
             probs = (self.scale * torch.nn.functional.normalize(z.float(), dim=-1) @ self.text.T).softmax(-1)
         idx = probs.argmax(1).numpy()
-        n, L = len(images), self.bb.num_layers
+        n, L = len(px), self.bb.num_layers
         return SimpleNamespace(labels=[self.labels[i] for i in idx], indices=idx, probs=probs.numpy(),
                                exit_layers=np.full(n, L), flops=np.full(n, float(self.bb.flops_full())),
                                flops_ratio=np.ones(n))
@@ -202,7 +207,7 @@ def main():
     log(f"{args.n} JPEGs at 224 px ready ({time.perf_counter() - t:.0f} s)")
     clf = bb = None
     if not vit_cases <= skip:
-        bb = tgems.load_backbone(vit_b32(work / "vit_b32"))
+        bb = tgems.load_backbone(vit_b32(work / "vit_b32", quick=args.quick))
         calib = tgems.load_dataset(f"scenes:calib:{args.n_calib}", seed=0)
         t = time.perf_counter()
         from tgems.features import extract_features

@@ -206,3 +206,9 @@ def test_quiet_silences_ray(tmp_path, local_ray):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stderr.strip() == "" and r.stdout.strip() == ""
     assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["engine"] == "ray"
+
+
+def test_no_import_circle_between_batch_and_ray():
+    """integrations/ray.py builds on tgems.jobs and the spec object it is given; it does not import tgems.batch."""
+    code = "import sys, tgems.integrations.ray; assert 'tgems.batch' not in sys.modules, 'tgems.batch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())

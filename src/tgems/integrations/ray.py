@@ -190,6 +190,8 @@ def plan_actors(cpus: float, gpus: float, concurrency: int | None, num_gpus: flo
     with the encoder), then two; with GPUs, one actor per `num_gpus` share of the GPUs. Actors never ask for
     more CPUs than the cluster has (they would wait forever)."""
     cpus = max(1, int(cpus))
+    if isinstance(concurrency, tuple):  # (min, max) as actor_pool takes it: the job uses the max
+        concurrency = concurrency[-1]
     if num_gpus:
         actors = concurrency or max(1, int(gpus // num_gpus))
         threads = max(1, min(8, cpus // actors))
