@@ -170,3 +170,30 @@ def test_an_image_smaller_than_the_crop_is_an_error_record(tmp_path):
     items, spent = prepare_records([Record("a", data=encode(scene_images(1)[0][0], "PNG"))], geometry)
     assert items[0].image is None and "smaller than the crop size 48x48" in items[0].error
     assert set(spent) == {"read_s", "decode_s", "preprocess_s"}
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_that_dies_is_one_error_line_not_a_hang(tmp_path, imgs):
+    """A worker killed from outside (say, by the kernel's OOM killer) ends the stream with a TGEMError."""
+    import os
+    import signal
+
+    images, classes = imgs
+    make_folder(tmp_path / "f", images, classes)
+    src = open_source(f"folder:{tmp_path / 'f'}?block=5")
+    chunks = stream_chunks(src, chunk_size=2, workers=1, prefetch=1)
+    first = next(chunks)
+    assert first.items
+    kids = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if (open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid())
+                    and "worker_main" in open(f"/proc/{p}/cmdline").read()):
+                kids.append(int(p))
+        except OSError:  # gone meanwhile
+            pass
+    assert len(kids) == 1
+    os.kill(kids[0], signal.SIGKILL)
+    with pytest.raises(TGEMError, match="a decoding worker stopped"):
+        for _ in chunks:
+            pass

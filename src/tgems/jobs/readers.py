@@ -144,15 +144,26 @@ class WorkerPool:
                                        env=env, close_fds=True) for _ in range(n)]
 
     def send(self, k: int, task):
-        _send(self.procs[k % len(self.procs)].stdin, task)
+        proc = self.procs[k % len(self.procs)]
+        try:
+            _send(proc.stdin, task)
+        except (BrokenPipeError, ValueError):  # ValueError: closed by close() while the job stops
+            raise self._stopped(proc) from None
 
     def recv(self, k: int):
         proc = self.procs[k % len(self.procs)]
         try:
             return _recv(proc.stdout)
         except EOFError:
-            code = proc.wait()
-            raise TGEMError(f"a decoding worker stopped (exit code {code}); rerun the job to resume it") from None
+            raise self._stopped(proc) from None
+
+    @staticmethod
+    def _stopped(proc) -> TGEMError:
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = "none yet"
+        return TGEMError(f"a decoding worker stopped (exit code {code}); rerun the job to resume it")
 
     def close(self):
         for p in self.procs:
