@@ -207,7 +207,7 @@ def main():
     log(f"{args.n} JPEGs at 224 px ready ({time.perf_counter() - t:.0f} s)")
     clf = bb = None
     if not vit_cases <= skip:
-        bb = tgems.load_backbone(vit_b32(work / "vit_b32", quick=args.quick))
+        bb = tgems.load_backbone(vit_b32(work / ("vit_quick" if args.quick else "vit_b32"), quick=args.quick))
         calib = tgems.load_dataset(f"scenes:calib:{args.n_calib}", seed=0)
         t = time.perf_counter()
         from tgems.features import extract_features
