@@ -68,6 +68,18 @@ def test_no_cluster_at_address_auto_is_one_line_and_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_a_small_job_runs_locally_without_starting_ray(tmp_path, spec, clf, capsys):
+    if ray.is_initialized():
+        pytest.skip("a Ray is already running in this process")
+    images, classes = scene_images(12)
+    rels = make_folder(tmp_path / "f", images, classes)
+    summary = run_ray_job(spec, f"folder:{tmp_path / 'f'}", tmp_path / "out", batch_size=8, workers=0, progress=True)
+    assert "running locally" in capsys.readouterr().err and not ray.is_initialized()
+    assert summary["engine"] == "local" and summary["images"] == 12
+    order = sorted(range(12), key=lambda i: rels[i])
+    assert read_parts(tmp_path / "out").column("label").to_pylist() == clf.predict([images[i] for i in order]).labels
+
+
 def test_actors_and_threads_from_the_cpus():
     assert plan_actors(2, 0, None, 0)[:2] == (2, 1)
     assert plan_actors(16, 0, None, 0)[:2] == (8, 2)

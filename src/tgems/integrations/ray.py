@@ -295,6 +295,21 @@ def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size
             settings = describe_predictor(classifier)
     if num_gpus < 0:
         raise TGEMError(f"--num-gpus must be 0 or more, got {num_gpus:g}")
+    n = source.num_items
+
+    def run_locally(actors):
+        _say(progress, f"small job ({n} images, fewer than {SMALL_JOB_BATCHES} batches of {batch_size} for each "
+                       f"of {actors} Ray actors): running locally")
+        return run_job(build_classifier(classifier), source, out_dir, task=task, batch_size=batch_size,
+                       workers=workers, settings=settings, progress=progress)
+
+    def small(actors):
+        return n is not None and n < SMALL_JOB_BATCHES * batch_size * actors
+
+    if address is None and not num_gpus and not ray.is_initialized():  # a local Ray would have these CPUs
+        actors = plan_actors(os.cpu_count() or 1, 0, concurrency, 0)[0]
+        if small(actors):
+            return run_locally(actors)  # without starting Ray at all
     started = time.perf_counter()
     connect(ray, address, quiet=not progress)  # before OUT_DIR is touched: no cluster, no _job.json
     ray_ready = time.perf_counter()
@@ -304,13 +319,8 @@ def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size
         raise TGEMError(f"--num-gpus {num_gpus:g} asks for GPUs, but the Ray cluster has {gpus:g}; "
                         f"leave out --num-gpus to run on its {cpus:g} CPUs")
     actors, threads, why = plan_actors(cpus, gpus, concurrency, num_gpus)
-    n = source.num_items
-    if n is not None and n < SMALL_JOB_BATCHES * batch_size * actors:
-        _say(progress, f"small job ({n} images, fewer than {SMALL_JOB_BATCHES} batches of {batch_size} for each "
-                       f"of {actors} Ray actors): running locally")
-        predictor = build_classifier(classifier)
-        return run_job(predictor, source, out_dir, task=task, batch_size=batch_size, workers=workers,
-                       settings=settings, progress=progress)
+    if small(actors):
+        return run_locally(actors)
     _say(progress, f"Ray: {actors} actors x {threads} threads ({why})")
     with open_job(out_dir, job_record(task, source, settings, batch_size, "ray")) as (out, job):
         todo = [s for s in source.shards if not shard_done(out, s.index)]
