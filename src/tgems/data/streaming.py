@@ -314,9 +314,9 @@ _MOVED = {"stream_chunks", "iter_items", "decode_records", "prepare_records"}
 
 def __getattr__(name):
     if name in _MOVED:
-        from tgems.jobs import readers
+        import tgems.jobs.readers
 
-        return getattr(readers, name)
+        return getattr(tgems.jobs.readers, name)
     raise AttributeError(f"module 'tgems.data.streaming' has no attribute '{name}'")
 
 

@@ -134,10 +134,8 @@ class WorkerPool:
     """`n` decoding processes; task k goes to worker k % n, and each answers in the order it was asked."""
 
     def __init__(self, n: int):
-        import tgems
-
         env = dict(os.environ)
-        src = str(Path(tgems.__file__).resolve().parent.parent)  # the workers import this very tgems
+        src = str(Path(__file__).resolve().parents[2])  # the workers import this very tgems
         env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in [env.get("PYTHONPATH")] if p])
         code = f"from tgems.jobs.readers import worker_main; worker_main({os.getpid()})"
         self.procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
