@@ -4,10 +4,14 @@ Cases, in one run on one machine, same decoding (the streaming reader with --wor
 same batch size, same writer:
   plain     the plain HF pipeline: get_image_features + zero-shot softmax, every layer
   tgems     the early-exit classifier calibrated at budget 0.5 (its measured FLOPs ratio is reported)
-  ray       the same classifier on Ray Data with 2 actors (local Ray, started before the clock)
+  ray       the same classifier on Ray actors (a local Ray with every CPU, actors and threads chosen by
+            tgems); `ray` is images per second once Ray and the actors are up, `ray_startup_s` beside it
+  plain_1080p, tgems_1080p   plain and tgems on --n-1080p JPEGs of 1920x1080 (the workers resize and crop)
   embedded  the shipped embedded model and T-GEM (budget 0.5) on `scenes` JPEGs (32 px)
 on a ViT-B/32-shaped CLIP with random weights (the decisions are meaningless, their cost is real) and
---n JPEGs at 224 px. Peak resident memory of a `tgems classify` job is measured in a fresh subprocess
+--n JPEGs at 224 px. Each case also reports its per-stage seconds (`<case>_stages`: read, decode,
+preprocess, normalize, encode, write, queue waits). `--quick` is a smoke run of every case (a minute or
+two), not a measurement. Peak resident memory of a `tgems classify` job is measured in a fresh subprocess
 on --rss-n and --rss-n-big images (embedded model, scenes JPEGs, so the big case stays cheap): the job
 streams, so the two should be about equal.
 
@@ -34,14 +38,15 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def make_jpegs(root: Path, n: int, size: int | None, seed: int = 0) -> str:
-    """n scenes images as JPEGs (upscaled to `size` px when given), in blocks of 1,000 per sub-folder."""
+def make_jpegs(root: Path, n: int, size, seed: int = 0) -> str:
+    """n scenes images as JPEGs (upscaled to `size` px, or to (width, height), when given), in blocks of 1,000
+    per sub-folder."""
     from PIL import Image
 
     import tgems
 
     root = Path(root)
-    done = root / f".done-{n}-{size}"
+    done = root / f".done-{n}-{'x'.join(map(str, size)) if isinstance(size, (tuple, list)) else size}"
     if done.exists():
         return str(root)
     step = 1000
@@ -52,32 +57,37 @@ def make_jpegs(root: Path, n: int, size: int | None, seed: int = 0) -> str:
         for i in range(len(ds)):
             img = ds.pil(i)
             if size:
-                img = img.resize((size, size), Image.BICUBIC)
+                img = img.resize(tuple(size) if isinstance(size, (tuple, list)) else (size, size), Image.BICUBIC)
             img.save(d / f"{start + i:06d}.jpg", quality=90)
     done.write_text("ok")
     return str(root)
 
 
-def vit_b32(path: Path) -> str:
-    """A random-init CLIP with ViT-B/32's vision tower (12 x 768, patch 32, 224 px); a small text side."""
+def vit_b32(path: Path, quick: bool = False) -> str:
+    """A random-init CLIP with ViT-B/32's vision tower (12 x 768, patch 32, 224 px); a small text side.
+    With `quick`, a 12 x 64 tower of the same input size: the stages run, nothing is measured."""
     from helpers import WORDS, make_tiny_clip
 
     import tgems
 
+    width, heads, mlp = (64, 2, 128) if quick else (768, 12, 3072)
     if not (path / "config.json").exists():
         words = tuple(WORDS) + tuple(w for c in tgems.load_dataset("scenes:test:10").classes for w in c.split())
-        make_tiny_clip(path, layers=12, width=768, heads=12, mlp=3072, patch=32, image_size=224, projection=512,
-                       text_layers=2, text_width=128, text_heads=2, max_length=16, resize=224, seed=0, words=words)
+        make_tiny_clip(path, layers=12, width=width, heads=heads, mlp=mlp, patch=32, image_size=224,
+                       projection=64 if quick else 512, text_layers=2, text_width=128, text_heads=2, max_length=16,
+                       resize=224, seed=0, words=words)
     return str(path)
 
 
 class PlainCLIP:
-    """The plain HF pipeline as a predictor: get_image_features on every layer, cosine with the class texts."""
+    """The plain HF pipeline as a predictor: get_image_features on every layer, cosine with the class texts.
+
+    It has a `backbone`, so the job's workers resize and crop for it as they do for tgems."""
 
     def __init__(self, bb, labels):
         import torch
 
-        self.bb, self.labels = bb, list(labels)
+        self.bb, self.backbone, self.labels = bb, bb, list(labels)
         with torch.no_grad():
             t = bb.encode_text(self.labels)
         self.text = torch.nn.functional.normalize(t.float(), dim=-1)
@@ -87,12 +97,12 @@ class PlainCLIP:
         import torch
 
         with torch.no_grad():
-            px = self.bb.preprocess(images)
+            px = images if isinstance(images, torch.Tensor) else self.bb.preprocess(images)
             z = self.bb.model.get_image_features(pixel_values=px)
             z = z if isinstance(z, torch.Tensor) else z.pooler_output
             probs = (self.scale * torch.nn.functional.normalize(z.float(), dim=-1) @ self.text.T).softmax(-1)
         idx = probs.argmax(1).numpy()
-        n, L = len(images), self.bb.num_layers
+        n, L = len(px), self.bb.num_layers
         return SimpleNamespace(labels=[self.labels[i] for i in idx], indices=idx, probs=probs.numpy(),
                                exit_layers=np.full(n, L), flops=np.full(n, float(self.bb.flops_full())),
                                flops_ratio=np.ones(n))
@@ -156,16 +166,24 @@ def main():
     p.add_argument("--rss-n", type=int, default=None, help="images of the small memory case (default: --n)")
     p.add_argument("--n-embedded", type=int, default=None, help="scenes JPEGs for the embedded case (default: --n)")
     p.add_argument("--n-calib", type=int, default=300, help="images for the sample profiles and calibration")
+    p.add_argument("--n-1080p", type=int, default=200, help="1920x1080 JPEGs for the 1080p cases")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run of every case on a few images (checks the script, measures nothing)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", default="results/batch_bench", help="scratch folder (gitignored)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of plain and tgems (best counts)")
-    p.add_argument("--skip", default="", help="comma-separated cases to skip: plain,tgems,ray,embedded,rss")
+    p.add_argument("--skip", default="",
+                   help="comma-separated cases to skip: plain,tgems,ray,plain_1080p,tgems_1080p,embedded,rss")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--_rss-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._rss_child:
         return rss_child(args._rss_child)
+    if args.quick:
+        args.n, args.n_big, args.rss_n, args.n_embedded, args.n_calib = 96, 128, 64, 64, 40
+        args.n_1080p, args.batch_size, args.repeats = 8, 16, 1
+        args.work = str(Path(args.work).with_name(Path(args.work).name + "_quick"))
     import shutil
 
     import torch
@@ -178,17 +196,18 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     res = {"n": args.n, "batch_size": args.batch_size, "workers": args.workers, "threads": torch.get_num_threads(),
-           "cpus": os.cpu_count()}
+           "cpus": os.cpu_count(), "quick": args.quick}
 
-    if {"plain", "tgems", "ray"} <= skip:  # nothing needs the ViT-B/32-shaped model
+    vit_cases = {"plain", "tgems", "ray", "plain_1080p", "tgems_1080p"}
+    if vit_cases <= skip:  # nothing needs the ViT-B/32-shaped model
         args.repeats = 0
         skip.add("ray")
     t = time.perf_counter()
     data = "folder:" + make_jpegs(work / f"jpeg224_{args.n}", args.n, 224)
     log(f"{args.n} JPEGs at 224 px ready ({time.perf_counter() - t:.0f} s)")
     clf = bb = None
-    if not {"plain", "tgems", "ray"} <= skip:
-        bb = tgems.load_backbone(vit_b32(work / "vit_b32"))
+    if not vit_cases <= skip:
+        bb = tgems.load_backbone(vit_b32(work / ("vit_quick" if args.quick else "vit_b32"), quick=args.quick))
         calib = tgems.load_dataset(f"scenes:calib:{args.n_calib}", seed=0)
         t = time.perf_counter()
         from tgems.features import extract_features
@@ -212,14 +231,24 @@ def main():
             res[f"{name}_error"] = f"{type(e).__name__}: {e}"
         log(f"{name}: {res.get(name)} img/s ({time.perf_counter() - t0:.0f} s)")
 
-    def plain():
-        ips, s = timed_job(PlainCLIP(bb, clf.labels), data, work / "out_plain", args, {**settings, "plain": 1})
-        return {"plain": round(ips, 1), "plain_per_cpu_s": s["images_per_cpu_s"]}
+    def plain(name="plain", data=data):
+        ips, s = timed_job(PlainCLIP(bb, clf.labels), data, work / f"out_{name}", args, {**settings, "plain": 1})
+        return {name: round(ips, 1), f"{name}_per_cpu_s": s["images_per_cpu_s"], f"{name}_stages": s["stages"]}
 
-    def tg():
-        ips, s = timed_job(clf, data, work / "out_tgems", args, settings)
-        return {"tgems": round(ips, 1), "flops_ratio": round(s["flops_ratio"], 4), "tgems_per_cpu_s": s["images_per_cpu_s"],
-                "tgems_mean_exit_layer": round(s["mean_exit_layer"], 3)}
+    def tg(name="tgems", data=data):
+        ips, s = timed_job(clf, data, work / f"out_{name}", args, settings)
+        out = {name: round(ips, 1), f"{name}_per_cpu_s": s["images_per_cpu_s"], f"{name}_stages": s["stages"]}
+        if name == "tgems":
+            out.update(flops_ratio=round(s["flops_ratio"], 4), tgems_mean_exit_layer=round(s["mean_exit_layer"], 3))
+        return out
+
+    def hd(fn, name):
+        def run():
+            t = time.perf_counter()
+            hd_data = "folder:" + make_jpegs(work / f"jpeg1080p_{args.n_1080p}", args.n_1080p, (1920, 1080))
+            log(f"{args.n_1080p} JPEGs at 1920x1080 ready ({time.perf_counter() - t:.0f} s)")
+            return {**fn(name, hd_data), "n_1080p": args.n_1080p}
+        return run
 
     def ray_case():
         import ray
@@ -229,12 +258,15 @@ def main():
         saved = work / "vit_b32_classifier"
         shutil.rmtree(saved, ignore_errors=True)
         clf.save(saved)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
-        try:
-            t0 = time.perf_counter()
+        try:  # run_ray_job starts a local Ray on every CPU and chooses actors and threads itself
             s = run_ray_job(ClassifierSpec(classifier=str(saved)), data, work / "out_ray", batch_size=args.batch_size,
-                            concurrency=2, progress=False)
-            return {"ray": round(s["images"] / (time.perf_counter() - t0), 1)}
+                            progress=False)
+            st = s["stages"]
+            if s["engine"] != "ray":
+                raise RuntimeError("the job was small enough to run locally; raise --n")
+            return {"ray": round(s["images"] / st["ray_run_s"], 1),
+                    "ray_startup_s": round(st["ray_startup_s"] + st["actor_startup_s"], 2), "ray_stages": st,
+                    "ray_actors": s["actors"], "ray_threads": s["threads"]}
         finally:
             ray.shutdown()
 
@@ -243,10 +275,12 @@ def main():
         edata = "folder:" + make_jpegs(work / f"scenes32_{n}", n, None, seed=1)
         labels = tgems.load_dataset("scenes:test:10").classes
         # label-free calibration: scenes:calib has no image of the 12 held-out (text-only) classes
-        spec = ClassifierSpec(labels=labels, budget=0.5, calib="scenes:calib:2000", label_free=True).check()
+        calib = f"scenes:calib:{200 if args.quick else 2000}"
+        spec = ClassifierSpec(labels=labels, budget=0.5, calib=calib, label_free=True).check()
         eclf = spec.build()
         ips, s = timed_job(eclf, edata, work / "out_embedded", args, spec.settings())
-        return {"embedded": round(ips, 1), "embedded_flops_ratio": round(s["flops_ratio"], 4), "n_embedded": n}
+        return {"embedded": round(ips, 1), "embedded_flops_ratio": round(s["flops_ratio"], 4), "n_embedded": n,
+                "embedded_stages": s["stages"]}
 
     def rss():
         return {"rss_mb_2000": measure_rss(work, args.rss_n or args.n), "rss_mb_20000": measure_rss(work, args.n_big),
@@ -261,6 +295,8 @@ def main():
                     res[k] = v
         res["repeats"] = r + 1
     case("ray", ray_case)
+    case("plain_1080p", hd(plain, "plain_1080p"))
+    case("tgems_1080p", hd(tg, "tgems_1080p"))
     case("embedded", embedded)
     case("rss", rss)
     if res.get("plain") and res.get("tgems"):
@@ -269,6 +305,8 @@ def main():
         res["tgems_over_plain_cpu"] = round(res["tgems_per_cpu_s"] / res["plain_per_cpu_s"], 3)
     if res.get("ray") and res.get("tgems"):
         res["ray_over_tgems"] = round(res["ray"] / res["tgems"], 3)
+    if res.get("plain_1080p") and res.get("tgems_1080p"):
+        res["tgems_over_plain_1080p"] = round(res["tgems_1080p"] / res["plain_1080p"], 3)
     if res.get("rss_mb_2000") and res.get("rss_mb_20000"):
         res["rss_big_over_small"] = round(res["rss_mb_20000"] / res["rss_mb_2000"], 3)
     print(json.dumps(res, indent=1))

@@ -16,6 +16,7 @@ from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
 from tgems.batch import ClassifierSpec, run_command, run_job
 from tgems.cli import main
 from tgems.errors import TGEMError
+from tgems.jobs.runner import reader_geometry
 
 N = 60
 
@@ -41,6 +42,7 @@ def _source(kind, tmp_path, images, classes):
 @pytest.mark.parametrize("kind", ["folder", "webdataset", "parquet"])
 def test_streamed_classification_equals_in_memory_predict(kind, tmp_path, clf, spec, imgs):
     data, ids, images = _source(kind, tmp_path, *imgs)
+    assert reader_geometry(clf) == clf.backbone.transform.geometry  # the workers resize and crop
     summary = run_job(clf, data, tmp_path / "out", batch_size=16, workers=2, settings=spec.settings(),
                       progress=False)
     t = read_parts(tmp_path / "out")
@@ -61,6 +63,33 @@ def test_streamed_classification_equals_in_memory_predict(kind, tmp_path, clf, s
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["images"] == N and success["settings"]["data"] == data
     assert len(pq.read_table(tmp_path / "out" / "errors.parquet")) == 0
+
+
+def test_images_resized_and_cropped_in_the_workers_give_the_in_memory_rows(tmp_path, clf, spec, imgs):
+    """Images larger than the model's input, not square: the workers resize and crop them (the backbone's
+    own geometry), the main process normalises; rows equal predict on the full-size PIL images."""
+    from PIL import Image
+
+    images, classes = imgs
+    big = [im.resize((61 + i % 5, 45 + i % 3), Image.BICUBIC) for i, im in enumerate(images[:24])]
+    data, ids, order = _source("folder", tmp_path, big, classes[:24])
+    for task in ("classify", "embed"):
+        summary = run_job(clf, data, tmp_path / task, task=task, batch_size=8, workers=2,
+                          settings=spec.settings(), progress=False)
+        t = read_parts(tmp_path / task)
+        pred = clf.predict(order)
+        assert t.column("id").to_pylist() == ids
+        assert np.array_equal(t.column("exit_layer").to_numpy(), pred.exit_layers)
+        if task == "classify":
+            assert t.column("label").to_pylist() == pred.labels
+            np.testing.assert_allclose(t.column("probability").to_numpy(), pred.probs.max(1), atol=1e-6)
+        else:
+            emb = np.array(t.column("embedding").to_pylist(), dtype=np.float32)
+            np.testing.assert_allclose(emb, np.asarray(pred.embeddings), atol=1e-6)
+        stages = json.loads((tmp_path / task / "_SUCCESS").read_text())["stages"]
+        assert set(stages) >= {"read_s", "decode_s", "preprocess_s", "normalize_s", "encode_s", "write_s",
+                               "wait_s", "reader_wait_s"}
+        assert summary["stages"] == stages
 
 
 def test_embed_writes_the_exit_embedding(tmp_path, clf, spec, imgs):
@@ -120,6 +149,7 @@ clf = spec.build()
 
 class Slow:  # slows the job so the test can kill it between parts
     labels = clf.labels
+    backbone = clf.backbone  # so the workers preprocess, as for the classifier itself
     def predict(self, images):
         time.sleep(0.1)
         return clf.predict(images)
@@ -156,6 +186,59 @@ def test_killed_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, clf, s
     assert read_parts(out).equals(read_parts(tmp_path / "whole"))
     assert resumed["images"] == reference["images"] == N
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_job_leaves_no_worker_and_no_traceback(tmp_path, imgs):
+    """SIGKILL to the job alone (not its process group): its decoding workers end by themselves, quietly."""
+    images, classes = imgs
+    pattern, _ = make_shards(tmp_path / "wds", images, per_shard=10)
+    out = tmp_path / "killed"
+    script = KILLED_JOB.format(tgem=tgem_checkpoint(), labels=list(LABELS), data=f"webdataset:{pattern}",
+                               out=str(out)).replace("workers=1", "workers=2")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (out / "part-00000.parquet").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the job wrote no part in time"
+            time.sleep(0.02)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        proc.kill()
+        try:
+            _, err = proc.communicate(timeout=60)  # end of file on stderr: every worker has closed it
+        except subprocess.TimeoutExpired:
+            err = b""
+        survivors = [pid for pid in workers if _alive(pid)]
+    finally:
+        for pid in _children(proc.pid) + [proc.pid]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert survivors == []
+    text = err.decode(errors="replace")
+    assert "Traceback" not in text and "BrokenPipe" not in text and "leaked" not in text, text[-2000:]
 
 
 def test_bad_inputs_are_listed_and_the_command_exits_non_zero(tmp_path, capsys, imgs):

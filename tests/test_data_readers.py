@@ -368,3 +368,27 @@ def test_spec_real_scenes():
     assert len(ds) == 3 and ds.images.shape[1:] == (32, 32, 3)
     with pytest.raises(TGEMError, match=", ".join(scenes.SPLITS)):
         load_dataset("scenes:nope")
+
+
+# ---------------------------------------------------------------- one listing for every folder: consumer
+
+
+def test_load_dataset_and_the_streaming_reader_list_the_same_files(tmp_path):
+    """fit / eval / calibrate (load_dataset) and batch jobs (open_source) read one folder the same way:
+    nested sub-folders and .tif files included, the same order, the same labels."""
+    from tgems.data.streaming import open_source
+
+    root = tmp_path / "imgs"
+    _png(root / "cat" / "a.png", (9, 9), (0, 0, 255))
+    _png(root / "cat" / "indoor" / "b.png", (9, 9), (0, 0, 250))  # nested: still a cat
+    Image.new("RGB", (7, 7), (1, 2, 3)).save(root / "cat" / "c.tif")
+    _png(root / "dog" / "z.png", (9, 9), (0, 255, 0))
+    Image.new("RGB", (7, 7), (3, 2, 1)).save(root / "dog" / "y.TIFF")
+    _png(root / ".hidden" / "h.png", (9, 9), (9, 9, 9))
+    (root / "dog" / "notes.txt").write_text("not an image")
+    ds = load_dataset(f"folder:{root}")
+    src = open_source(f"folder:{root}")
+    streamed = [(rel, label) for s in src.shards for rel, label in s.files]
+    assert ds.meta["files"] == [rel for rel, _ in streamed] == [
+        "cat/a.png", "cat/c.tif", "cat/indoor/b.png", "dog/y.TIFF", "dog/z.png"]
+    assert [ds.classes[i] for i in ds.labels] == [label for _, label in streamed]

@@ -5,6 +5,7 @@ from stream_helpers import (decoded, encode, make_folder, make_parquet, make_sha
 
 from tgems.data.streaming import iter_items, open_source, stream_chunks
 from tgems.errors import TGEMError
+from tgems.jobs.readers import prepare_records
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,79 @@ def test_bad_specs_fail_before_any_work(tmp_path, imgs):
         open_source(f"folder:{tmp_path}?blok=3")
     with pytest.raises(TGEMError, match="positive"):
         open_source(f"folder:{tmp_path}?block=0")
+
+
+def test_a_1080p_photo_reaches_the_main_process_as_a_model_size_array(tmp_path):
+    """The workers resize and crop with the backbone's own geometry: what crosses the process boundary is
+    the encoder's input (uint8, crop size), identical to what backbone.preprocess would have made of it."""
+    from PIL import Image
+
+    from tgems.backbones.transforms import ImageTransform
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8))
+    (tmp_path / "f").mkdir()
+    big.save(tmp_path / "f" / "photo.jpg", quality=90)
+    transform = ImageTransform({"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}, 224)
+    src = open_source(f"folder:{tmp_path / 'f'}")
+    import pickle
+
+    import tgems.jobs.readers as readers
+
+    received, real_recv = [], readers._recv
+
+    def spy(f):
+        got = real_recv(f)
+        received.append(len(pickle.dumps(got)))
+        return got
+
+    stats = {}
+    readers._recv = spy
+    try:
+        [item] = list(iter_items(src, workers=1, geometry=transform.geometry, stats=stats))
+    finally:
+        readers._recv = real_recv
+    assert len(received) == 1 and received[0] < 224 * 224 * 3 + 4096  # not the 6 MB of the full photo
+    assert isinstance(item.image, np.ndarray) and item.image.dtype == np.uint8 and item.image.shape == (224, 224, 3)
+    assert np.array_equal(item.image, transform.one_image(decoded((tmp_path / "f" / "photo.jpg").read_bytes())))
+    assert stats["decode_s"] > 0 and stats["preprocess_s"] > 0  # measured where it happened: in the worker
+    # in-process (workers=0) the same geometry gives the same array
+    [same] = list(iter_items(src, workers=0, geometry=transform.geometry))
+    assert np.array_equal(same.image, item.image)
+
+
+def test_an_image_smaller_than_the_crop_is_an_error_record(tmp_path):
+    from tgems.data.geometry import ImageGeometry
+    from tgems.data.streaming import Record
+
+    geometry = ImageGeometry("exact", (40, 40), (48, 48))
+    items, spent = prepare_records([Record("a", data=encode(scene_images(1)[0][0], "PNG"))], geometry)
+    assert items[0].image is None and "smaller than the crop size 48x48" in items[0].error
+    assert set(spent) == {"read_s", "decode_s", "preprocess_s"}
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_that_dies_is_one_error_line_not_a_hang(tmp_path, imgs):
+    """A worker killed from outside (say, by the kernel's OOM killer) ends the stream with a TGEMError."""
+    import os
+    import signal
+
+    images, classes = imgs
+    make_folder(tmp_path / "f", images, classes)
+    src = open_source(f"folder:{tmp_path / 'f'}?block=5")
+    chunks = stream_chunks(src, chunk_size=2, workers=1, prefetch=1)
+    first = next(chunks)
+    assert first.items
+    kids = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if (open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid())
+                    and "worker_main" in open(f"/proc/{p}/cmdline").read()):
+                kids.append(int(p))
+        except OSError:  # gone meanwhile
+            pass
+    assert len(kids) == 1
+    os.kill(kids[0], signal.SIGKILL)
+    with pytest.raises(TGEMError, match="a decoding worker stopped"):
+        for _ in chunks:
+            pass

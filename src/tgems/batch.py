@@ -15,118 +15,24 @@ from model / T-GEM / labels / budget, the same way here, in the CLI and in every
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import sys
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tgems.backbones import as_dtype
 from tgems.errors import TGEMError
-from tgems.io import atomic_path, commit, is_tmp, tmp_path, write_json
+from tgems.io import is_tmp, write_json
+# The reading / encoding / writing loop lives in tgems.jobs; its names stay importable from here.
+from tgems.jobs.runner import (JOB_FORMAT, _embeddings, _Progress, job_record as _job_record,  # noqa: F401
+                               predict_items, predict_table, run_job)
+from tgems.jobs.writer import (ROW_GROUP, TASKS, TOP_K, error_schema, finish_job, locked as _locked,  # noqa: F401
+                               part_name, result_schema, write_shard_errors as _write_shard_errors,
+                               write_table_atomic)
 from tgems.pipeline import read_labels
 from tgems.pretrained import tgem_path
 from tgems.profiles import check_labels
-
-TASKS = ("classify", "embed")
-TOP_K = 5
-JOB_FORMAT = 1
-ROW_GROUP = 8192
-
-
-# ------------------------------------------------------------------------------------- schemas
-
-
-def result_schema(task: str):
-    """Columns of a part file; shared by the local runner and the Ray predictor."""
-    import pyarrow as pa
-
-    head = [("id", pa.string()), ("source_label", pa.string())]
-    tail = [("exit_layer", pa.int16()), ("flops_ratio", pa.float32())]
-    if task == "classify":
-        mid = [("label", pa.string()), ("label_index", pa.int32()), ("probability", pa.float32()),
-               ("top5_labels", pa.list_(pa.string())), ("top5_probs", pa.list_(pa.float32()))]
-    elif task == "embed":
-        mid = [("embedding", pa.list_(pa.float32()))]
-    else:
-        raise TGEMError(f"unknown task '{task}' (use one of {', '.join(TASKS)})")
-    return pa.schema(head + mid + tail)
-
-
-def error_schema():
-    import pyarrow as pa
-
-    return pa.schema([("id", pa.string()), ("part", pa.string()), ("source", pa.string()), ("reason", pa.string())])
-
-
-def _embeddings(predictor, images, pred):
-    """The readout z at each image's exit layer: Prediction.embeddings when the classifier gives it,
-    else the same engine run with the classifier's own policy (older classifiers)."""
-    import numpy as np
-
-    emb = getattr(pred, "embeddings", None)
-    if emb is not None:
-        return np.asarray(emb, dtype=np.float32)
-    from tgems.engine import run_early_exit
-
-    bb = predictor.backbone
-    res = run_early_exit(bb, bb.preprocess(images), predictor.policy())
-    if not np.array_equal(res.exit_layers.numpy(), np.asarray(pred.exit_layers)):
-        raise TGEMError("internal: embedding run took other exits than predict")
-    return res.features.float().cpu().numpy()
-
-
-def predict_table(predictor, images, ids, source_labels, task: str):
-    """Run the predictor on a list of PIL images and return the part columns as a pyarrow Table."""
-    import numpy as np
-
-    import pyarrow as pa
-
-    pred = predictor.predict(images)
-    exit_layers = np.asarray(pred.exit_layers, dtype=np.int16)
-    flops_ratio = np.asarray(pred.flops_ratio, dtype=np.float32)
-    cols = {"id": pa.array([str(i) for i in ids], pa.string()),
-            "source_label": pa.array(list(source_labels), pa.string())}
-    if task == "classify":
-        probs = np.asarray(pred.probs, dtype=np.float32)
-        idx = np.asarray(pred.indices, dtype=np.int64)
-        k = min(TOP_K, probs.shape[1])
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        labels = list(predictor.labels)
-        cols.update(label=pa.array(list(pred.labels), pa.string()), label_index=pa.array(idx.astype(np.int32)),
-                    probability=pa.array(probs[np.arange(len(idx)), idx]),
-                    top5_labels=pa.array([[labels[j] for j in row] for row in order], pa.list_(pa.string())),
-                    top5_probs=pa.array(list(np.take_along_axis(probs, order, 1)), pa.list_(pa.float32())))
-    else:
-        emb = _embeddings(predictor, images, pred)
-        cols["embedding"] = pa.array(list(emb), pa.list_(pa.float32()))
-    cols.update(exit_layer=pa.array(exit_layers), flops_ratio=pa.array(flops_ratio))
-    return pa.table(cols, schema=result_schema(task))
-
-
-def predict_items(predictor, items, task: str):
-    """Decoded items (good ones) -> (table, [(id, reason)]). A batch the predictor refuses is retried image
-    by image, so one odd image (say, smaller than the crop) is an error record, not a failed job."""
-    if not items:
-        return None, []
-    images = [it.image for it in items]
-    try:
-        return predict_table(predictor, images, [it.id for it in items], [it.source_label for it in items], task), []
-    except TGEMError as e:
-        if len(items) == 1:
-            return None, [(items[0].id, f"cannot encode image: {e}")]
-    import pyarrow as pa
-
-    tables, errors = [], []
-    for it in items:
-        try:
-            tables.append(predict_table(predictor, [it.image], [it.id], [it.source_label], task))
-        except TGEMError as e:
-            errors.append((it.id, f"cannot encode image: {e}"))
-    return (pa.concat_tables(tables) if tables else None), errors
 
 
 # ------------------------------------------------------------------------------------- predictors
@@ -264,31 +170,6 @@ def describe_predictor(predictor) -> dict:
 # ------------------------------------------------------------------------------------- files
 
 
-def write_table_atomic(path, table):
-    import pyarrow.parquet as pq
-
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-@contextmanager
-def _locked(out: Path):
-    """One job per output directory at a time (the lock dies with the process, even on SIGKILL)."""
-    f = open(out / ".tgems.lock", "w")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise TGEMError(f"another tgems job is writing to {out}") from None
-        yield
-    finally:
-        f.close()
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
 def _fingerprint(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -330,173 +211,6 @@ def prepare_out_dir(out: Path, job: dict, engine: str) -> dict:
     return job
 
 
-# ------------------------------------------------------------------------------------- progress
-
-
-class _Progress:
-    """tqdm bar with images/s and the running exit-layer mix."""
-
-    def __init__(self, total, done, enabled, num_layers=None):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=done, unit="img", disable=not enabled, dynamic_ncols=True,
-                        smoothing=0.1, desc="tgems")
-        self.counts: dict[int, int] = {}
-        self.errors = 0
-
-    def update(self, n, exit_layers=None, errors=0):
-        import numpy as np
-
-        if exit_layers is not None:
-            for l, c in zip(*np.unique(exit_layers, return_counts=True)):
-                self.counts[int(l)] = self.counts.get(int(l), 0) + int(c)
-        self.errors += errors
-        total = sum(self.counts.values())
-        if total:
-            top = sorted(self.counts.items(), key=lambda kv: -kv[1])[:4]
-            mix = " ".join(f"L{l}:{100 * c / total:.0f}%" for l, c in sorted(top))
-            mean = sum(l * c for l, c in self.counts.items()) / total
-            self.bar.set_postfix_str(f"exits {mix} mean {mean:.2f} err {self.errors}", refresh=False)
-        self.bar.update(n)
-
-    def close(self):
-        self.bar.close()
-
-
-# ------------------------------------------------------------------------------------- the local runner
-
-
-def _job_record(task, source, settings, batch_size, engine):
-    return {"format": JOB_FORMAT, "task": task, "engine": engine,
-            "settings": {"data": source.spec, "input": source.manifest(), "predictor": settings,
-                         "batch_size": batch_size, "top_k": TOP_K, "task": task}}
-
-
-def _write_shard_errors(out: Path, shard, errors: list):
-    import pyarrow as pa
-
-    d = out / "_errors"
-    d.mkdir(exist_ok=True)
-    path = d / part_name(shard.index)
-    if not errors:
-        if path.exists():
-            path.unlink()
-        return
-    name = part_name(shard.index)
-    table = pa.table({"id": [e[0] for e in errors], "part": [name] * len(errors),
-                      "source": [shard.name] * len(errors), "reason": [e[1] for e in errors]}, schema=error_schema())
-    write_table_atomic(path, table)
-
-
-def finish_job(out: Path, job: dict, task: str, started: float, counts: dict) -> dict:
-    """Totals read back from the parts (so a resumed job reports the whole job), errors.parquet, _SUCCESS."""
-    import numpy as np
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    parts = sorted(out.glob("part-*.parquet"))
-    n, layer_counts, flops_sum = 0, {}, 0.0
-    for p in parts:
-        t = pq.read_table(p, columns=["exit_layer", "flops_ratio"])
-        n += t.num_rows
-        if t.num_rows:
-            layers = t.column("exit_layer").to_numpy()
-            for l, c in zip(*np.unique(layers, return_counts=True)):
-                layer_counts[int(l)] = layer_counts.get(int(l), 0) + int(c)
-            flops_sum += float(t.column("flops_ratio").to_numpy().astype(np.float64).sum())
-    err_files = sorted((out / "_errors").glob("part-*.parquet")) if (out / "_errors").is_dir() else []
-    err_tables = [pq.read_table(p) for p in err_files]
-    errors = pa.concat_tables(err_tables) if err_tables else error_schema().empty_table()
-    write_table_atomic(out / "errors.parquet", errors)
-    seconds = time.perf_counter() - started
-    summary = {
-        "task": task, "out": str(out), "engine": job["engine"], "fingerprint": job["fingerprint"],
-        "settings": job["settings"], "parts": len(parts), "parts_written": counts.get("written", 0),
-        "parts_skipped": counts.get("skipped", 0), "images": n, "errors": errors.num_rows,
-        "mean_exit_layer": (sum(l * c for l, c in layer_counts.items()) / n) if n else None,
-        "flops_ratio": flops_sum / n if n else None,
-        "exit_layers": {str(l): c for l, c in sorted(layer_counts.items())},
-        "seconds": round(seconds, 3), "images_this_run": counts.get("images", 0),
-        "images_per_s": round(counts.get("images", 0) / seconds, 2) if seconds > 0 else None,
-    }
-    write_json(out / "_SUCCESS", summary)
-    return summary
-
-
-def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int = 64, workers: int = 2,
-            prefetch: int | None = None, settings: dict | None = None, progress: bool = True,
-            source_options: dict | None = None) -> dict:
-    """Stream `data` (a spec or a StreamSource) through `predictor` into `out_dir`; resume what is there.
-
-    Returns the summary also written to ``out_dir/_SUCCESS``. `settings` describe the predictor for the
-    resume check (default: a fingerprint of the object's labels, threshold and weights).
-    """
-    from tgems.data.streaming import StreamSource, open_source, stream_chunks
-
-    if task not in TASKS:
-        raise TGEMError(f"unknown task '{task}' (use one of {', '.join(TASKS)})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TGEMError(f"batch size must be a positive integer, got {batch_size!r}")
-    source = data if isinstance(data, StreamSource) else open_source(data, **(source_options or {}))
-    out = Path(out_dir).expanduser()
-    started = time.perf_counter()
-    if out.exists() and not out.is_dir():
-        raise TGEMError(f"output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        job = prepare_out_dir(out, _job_record(task, source, settings or describe_predictor(predictor),
-                                               batch_size, "local"), "local")
-        todo = [s for s in source.shards if not (out / part_name(s.index)).is_file()]
-        skipped = len(source.shards) - len(todo)
-        todo_index = {s.index for s in todo}
-        done_items = sum(s.size or 0 for s in source.shards if s.index not in todo_index)
-        bar = _Progress(source.num_items, done_items, progress)
-        counts = {"written": 0, "skipped": skipped, "images": 0}
-        writer = tmp = None
-        pending, pending_rows, errors = [], 0, []
-        schema = result_schema(task)
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            for chunk in stream_chunks(source, todo, chunk_size=batch_size, workers=workers, prefetch=prefetch):
-                good = [it for it in chunk.items if it.error is None]
-                errors += [(it.id, it.error) for it in chunk.items if it.error is not None]
-                table, bad = predict_items(predictor, good, task)
-                errors += bad
-                if table is not None:
-                    pending.append(table)
-                    pending_rows += table.num_rows
-                if pending_rows >= ROW_GROUP or (chunk.last and pending):
-                    if writer is None:
-                        tmp = tmp_path(out / part_name(chunk.shard.index))
-                        writer = pq.ParquetWriter(tmp, schema)
-                    writer.write_table(pa.concat_tables(pending))
-                    pending, pending_rows = [], 0
-                counts["images"] += len(chunk.items)
-                bar.update(len(chunk.items), None if table is None else table.column("exit_layer").to_numpy(),
-                           len(chunk.items) - len(good) + len(bad))
-                if chunk.last:
-                    path = out / part_name(chunk.shard.index)
-                    if writer is None:
-                        tmp = tmp_path(path)
-                        writer = pq.ParquetWriter(tmp, schema)
-                    writer.close()
-                    writer = None
-                    _write_shard_errors(out, chunk.shard, errors)  # before the part: the part commits the shard
-                    commit(tmp, path)
-                    errors = []
-                    counts["written"] += 1
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-            if tmp is not None and tmp.exists():
-                tmp.unlink()
-        return finish_job(out, job, task, started, counts)
-
-
 # ------------------------------------------------------------------------------------- the CLI job
 
 
@@ -506,7 +220,7 @@ def run_command(*, data: str, out: str, task: str = "classify", classifier: str 
                 calib: str | None = None, tau: float | None = None, label_free: bool = False, workers: int = 2,
                 batch_size: int = 64,
                 device: str = "cpu", dtype: str = "float32", engine: str = "local", address: str | None = None,
-                concurrency: int = 2, num_gpus: float = 0, json_path: str | None = None, quiet: bool = False,
+                concurrency: int | None = None, num_gpus: float = 0, json_path: str | None = None, quiet: bool = False,
                 seed: int = 0, image_column: str | None = None, id_column: str | None = None,
                 block: int | None = None) -> tuple[dict, int]:
     """The whole `tgems classify|embed --data SPEC --out DIR` job: returns (summary, exit code).
@@ -529,7 +243,7 @@ def run_command(*, data: str, out: str, task: str = "classify", classifier: str 
         from tgems.integrations.ray import run_ray_job
 
         summary = run_ray_job(spec, source, out, task=task, batch_size=batch_size, concurrency=concurrency,
-                              num_gpus=num_gpus, address=address, progress=not quiet)
+                              num_gpus=num_gpus, address=address, progress=not quiet, workers=workers)
     else:
         predictor = spec.build()
         summary = run_job(predictor, source, out, task=task, batch_size=batch_size, workers=workers,
@@ -556,7 +270,8 @@ def add_stream_arguments(p: argparse.ArgumentParser, required: bool = True):
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
     p.add_argument("--engine", default="local", choices=("local", "ray"), help="local (default) or Ray Data")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--concurrency", type=int, default=2, help="Ray: predictor actors (default 2)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="Ray: predictor actors (default: chosen from the cluster's CPUs, or GPUs with --num-gpus)")
     p.add_argument("--num-gpus", type=float, default=0, help="Ray: GPUs per actor (default 0)")
     p.add_argument("--image-column", help="parquet: the image-bytes column (default: image, jpg, bytes, img or png)")
     p.add_argument("--id-column", help="parquet: the id column (default: id, else FILE:ROW)")

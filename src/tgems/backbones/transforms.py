@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tgems.data.geometry import ImageGeometry
 from tgems.errors import TGEMError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,6 +38,8 @@ class ImageTransform:
         self.mean = tuple(float(v) for v in pre.get("image_mean") or mean)
         self.std = tuple(float(v) for v in pre.get("image_std") or std)
         self._consts = {}
+        # resize and crop as a picklable value: what batch jobs' decoding workers apply
+        self.geometry = ImageGeometry(self.resize_mode, self.resize_size, self.crop_size, "bicubic")
 
     def _constants(self, device):
         key = str(device)
@@ -47,41 +50,13 @@ class ImageTransform:
         return self._consts[key]
 
     def resize_target(self, h, w):
-        """(h, w) after resizing, or None when no resize is needed (HF's rounding)."""
-        if self.resize_mode == "exact":
-            return None if (h, w) == self.resize_size else self.resize_size
-        s = self.resize_size
-        if min(h, w) == s:
-            return None
-        if w <= h:
-            return int(s * h / w), s
-        return s, int(s * w / h)
+        return self.geometry.resize_target(h, w)
 
     def crop(self, arr):
-        """Centre crop on the axes (..., H, W, 3), as HF's center_crop."""
-        ch, cw = self.crop_size
-        h, w = arr.shape[-3], arr.shape[-2]
-        if h < ch or w < cw:
-            raise TGEMError(f"image of {h}x{w} is smaller than the crop size {ch}x{cw}")
-        top, left = (h - ch) // 2, (w - cw) // 2
-        return arr[..., top:top + ch, left:left + cw, :]
+        return self.geometry.crop(arr)
 
     def one_image(self, img):
-        from PIL import Image
-
-        if isinstance(img, np.ndarray):
-            if img.dtype != np.uint8 or img.ndim not in (2, 3):
-                raise TGEMError(f"image arrays must be uint8 HxWx3, got {img.dtype} {img.shape}")
-            if img.ndim == 3 and img.shape[2] == 3 and self.resize_target(*img.shape[:2]) is None:
-                return self.crop(img)
-            img = Image.fromarray(img)
-        if not isinstance(img, Image.Image):
-            raise TGEMError(f"expected a PIL image or a uint8 array, got {type(img).__name__}")
-        img = img.convert("RGB")
-        target = self.resize_target(img.height, img.width)
-        if target is not None:
-            img = img.resize((target[1], target[0]), resample=Image.BICUBIC)
-        return self.crop(np.asarray(img))
+        return self.geometry.apply(img)
 
     def normalize(self, arr, device):
         """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W) on the device."""

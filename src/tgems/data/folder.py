@@ -8,8 +8,7 @@ from PIL import Image
 
 from tgems.data.dataset import Dataset
 from tgems.errors import TGEMError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+from tgems.jobs.lister import IMAGE_EXTENSIONS, class_folders, class_text, list_folder  # noqa: F401 (re-exported)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -31,17 +30,11 @@ def read_image(path) -> Image.Image:
         raise TGEMError(f"cannot read image {path}: {_one_line(exc)}") from None
 
 
-def class_text(folder_name: str) -> str:
-    """Folder names cannot hold every text comfortably, so underscores stand for spaces."""
-    return " ".join(folder_name.replace("_", " ").split())
-
-
-def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-
-
 def load_folder(root, *, n: int | None = None, seed: int = 0, skip_bad: bool = False) -> Dataset:
-    """Read ``root/<class_text>/<image>``; classes and files are sorted so runs are reproducible.
+    """Read ``root/<class_text>/[sub-folders/]<image>``; classes and files are sorted so runs are reproducible.
+
+    The files are those `tgems.jobs.lister.list_folder` gives a batch job, less the ones directly under
+    the root (they have no class).
 
     ``n`` keeps a seeded random subset of the files (chosen before decoding, so large folders
     stay cheap); plain "first n" would keep only the first classes. Class folders without
@@ -49,27 +42,21 @@ def load_folder(root, *, n: int | None = None, seed: int = 0, skip_bad: bool = F
     unreadable file is left out and listed in ``meta["skipped"]`` instead of raising.
     """
     root = Path(root).expanduser()
-    if not root.exists():
-        raise TGEMError(f"image folder {root} does not exist")
-    if not root.is_dir():
-        raise TGEMError(f"image folder {root} is not a directory")
-    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                        key=lambda p: p.name)
+    class_dirs = class_folders(root)
     if not class_dirs:
         raise TGEMError(f"image folder {root} has no class sub-folders (expected {root}/<class name>/<images>)")
-    classes = [class_text(p.name) for p in class_dirs]
+    classes = [class_text(name) for name in class_dirs]
     if "" in classes:
-        bad = class_dirs[classes.index("")].name
+        bad = class_dirs[classes.index("")]
         raise TGEMError(f"class folder '{bad}' in {root} gives an empty class text")
     if len(set(classes)) != len(classes):
         dup = next(c for c in classes if classes.count(c) > 1)
         raise TGEMError(f"two class folders in {root} give the same class text '{dup}'")
 
-    files, labels = [], []
-    for label, d in enumerate(class_dirs):
-        for f in sorted((p for p in d.iterdir() if _is_image(p)), key=lambda p: p.name):
-            files.append(f)
-            labels.append(label)
+    index = {c: i for i, c in enumerate(classes)}
+    listed = [e for e in list_folder(root) if e.label is not None]  # the listing batch jobs stream
+    files = [root / e.rel for e in listed]
+    labels = [index[e.label] for e in listed]
     if not files:
         raise TGEMError(f"image folder {root} has no images "
                         f"(looked for {', '.join(e[1:] for e in IMAGE_EXTENSIONS)} in its class sub-folders)")

@@ -2,8 +2,8 @@
 
 Unlike `load_dataset`, nothing here holds the whole set in memory. A source is cut into *shards*
 (a tar file, a parquet file, or a fixed block of files of a folder) so that a job writes one output
-part per shard and can resume shard by shard. Images are decoded ahead of the encoder, in worker
-processes, behind a bounded queue. A bad item (truncated file, text named .png, empty tar member,
+part per shard and can resume shard by shard. Images are decoded (and resized / cropped) ahead of the
+encoder, in worker processes behind a bounded queue: see `tgems.jobs.readers`. A bad item (truncated file, text named .png, empty tar member,
 null bytes) becomes a record with an error reason rather than an exception; a missing or unreadable
 shard is a `TGEMError` raised by `open_source`, before any work.
 
@@ -18,19 +18,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import queue
 import re
 import tarfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qsl
 
 from tgems.errors import TGEMError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "image", "img")
+from tgems.jobs.lister import IMAGE_EXTENSIONS, PARQUET_IMAGE_COLUMNS, WDS_IMAGE_KEYS, list_folder
+from tgems.jobs.lister import find_image_column
 STREAM_FORMS = ("folder:DIR[?block=N]", "webdataset:PATTERN", "parquet:PATH[?image=COL&id=COL]")
 DEFAULT_BLOCK = 1000
 
@@ -58,7 +55,8 @@ class Record:
 
 @dataclass
 class Item:
-    """One decoded item: an RGB PIL image, or the reason it has none."""
+    """One decoded item: an RGB PIL image (or, preprocessed by the reader, the model-size uint8 array),
+    or the reason it has none."""
 
     id: str
     image: object = None
@@ -96,30 +94,6 @@ def decode_image(data: bytes):
         raise ValueError("not an image (unrecognised format)") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
         raise ValueError(f"cannot decode image: {_one_line(exc)}") from None
-
-
-def decode_records(records: list) -> list:
-    """Worker task: decode a list of Records into Items (never raises for a bad item)."""
-    out = []
-    for r in records:
-        if r.error is not None:
-            out.append(Item(r.id, None, r.source_label, r.error))
-            continue
-        data = r.data
-        try:
-            if r.path is not None:
-                try:
-                    data = Path(r.path).read_bytes()
-                except OSError as exc:
-                    raise ValueError(f"cannot read file: {exc.strerror or _one_line(exc)}") from None
-            out.append(Item(r.id, decode_image(data), r.source_label))
-        except ValueError as exc:
-            out.append(Item(r.id, None, r.source_label, str(exc)))
-    return out
-
-
-def _class_text(name: str) -> str:
-    return " ".join(name.replace("_", " ").split())
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -205,19 +179,7 @@ def open_source(spec: str, *, block: int | None = None, image_column: str | None
 
 def _open_folder(spec: str, path: str, block: int) -> StreamSource:
     root = Path(path).expanduser()
-    if not root.exists():
-        raise TGEMError(f"image folder {root} does not exist")
-    if not root.is_dir():
-        raise TGEMError(f"image folder {root} is not a directory")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = Path(dirpath).relative_to(root)
-        label = _class_text(rel_dir.parts[0]) if rel_dir.parts else None
-        for f in sorted(filenames):
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
-                files.append(((rel_dir / f).as_posix(), label or None))
-    files.sort(key=lambda t: t[0])
+    files = [(e.rel, e.label) for e in list_folder(root)]
     if not files:
         raise TGEMError(f"image folder {root} has no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     shards = [Shard(i, f"{root}[{files[s][0]}..{files[min(s + block, len(files)) - 1][0]}]",
@@ -306,10 +268,10 @@ def _open_parquet(spec: str, path: str, image_col: str | None, id_col: str | Non
             raise TGEMError(f"cannot read parquet file {f}: {_one_line(exc)}") from None
         names = meta.schema_arrow.names
         if image_col is None:
-            image_col = next((c for c in ("image", "jpg", "bytes", "img", "png") if c in names), None)
+            image_col = find_image_column(names)
             if image_col is None:
-                raise TGEMError(f"parquet file {f} has no image column (looked for image, jpg, bytes, img, png; "
-                                f"name it with {spec.split('?')[0]}?image=COLUMN)")
+                raise TGEMError(f"parquet file {f} has no image column (looked for "
+                                f"{', '.join(PARQUET_IMAGE_COLUMNS)}; name it with {spec.split('?')[0]}?image=COLUMN)")
         if image_col not in names:
             raise TGEMError(f"parquet file {f} has no column '{image_col}' (columns: {', '.join(names)})")
         if not id_default and id_col not in names:
@@ -346,90 +308,16 @@ def _parquet_records(path: str, image_col: str, id_col: str, id_default: bool) -
                 yield Record(rid, data=bytes(data))
 
 
-# ------------------------------------------------------------------------------------- decoding
+# The decoding workers live in tgems.jobs.readers; these names stay importable from here.
+_MOVED = {"stream_chunks", "iter_items", "decode_records", "prepare_records"}
 
 
-_END = object()
+def __getattr__(name):
+    if name in _MOVED:
+        import tgems.jobs.readers
 
-
-def _tasks(source: StreamSource, shards, chunk_size: int):
-    for shard in shards:
-        buf = []
-        for rec in source.records(shard):
-            buf.append(rec)
-            if len(buf) == chunk_size:
-                yield shard, buf, False
-                buf = []
-        yield shard, buf, True  # possibly empty: it closes the shard
-
-
-def stream_chunks(source: StreamSource, shards=None, *, chunk_size: int = 64, workers: int = 2,
-                  prefetch: int | None = None) -> Iterator[Chunk]:
-    """Decoded chunks of the given shards, in order; at most `prefetch` chunks are read ahead.
-
-    A reader thread reads the raw items and hands chunks to a pool of `workers` processes (or decodes
-    them itself when workers is 0); the consumer gets them back in order from a bounded queue, so
-    memory stays at about (prefetch + workers) chunks whatever the size of the input.
-    """
-    shards = list(source.shards if shards is None else shards)
-    workers = max(0, int(workers))
-    prefetch = max(1, int(prefetch or 2 * max(1, workers)))
-    pool = None
-    if workers > 0 and shards:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(workers)  # spawn: no forked copy of torch's threads
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def put(x):
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def reader():
-        try:
-            for shard, recs, last in _tasks(source, shards, chunk_size):
-                if stop.is_set():
-                    return
-                res = pool.apply_async(decode_records, (recs,)) if pool is not None else decode_records(recs)
-                put((shard, res, last))
-        except BaseException as exc:  # surfaces in the consumer
-            put(exc)
-            return
-        put(_END)
-
-    t = threading.Thread(target=reader, name="tgems-reader", daemon=True)
-    t.start()
-    try:
-        while True:
-            got = q.get()
-            if got is _END:
-                return
-            if isinstance(got, BaseException):
-                raise got
-            shard, res, last = got
-            items = res.get() if pool is not None else res
-            yield Chunk(shard, items, last)
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-
-def iter_items(source: StreamSource, **kw) -> Iterator[Item]:
-    """Every decoded item of a source in order (convenience for small sources and tests)."""
-    for chunk in stream_chunks(source, **kw):
-        yield from chunk.items
+        return getattr(tgems.jobs.readers, name)
+    raise AttributeError(f"module 'tgems.data.streaming' has no attribute '{name}'")
 
 
 __all__ = ["open_source", "StreamSource", "Shard", "Record", "Item", "Chunk", "stream_chunks", "iter_items",

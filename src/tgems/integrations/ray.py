@@ -1,34 +1,41 @@
-"""Ray Data for many machines: a `map_batches` predictor and a whole classify/embed job on an actor pool.
+"""Ray for many machines: a `map_batches` predictor for Ray Data, and a whole classify/embed job on actors.
 
     import ray, tgems.integrations.ray as tr
     ds = ray.data.read_parquet("s3://bucket/images/")             # a column of image bytes (or uint8 arrays)
     out = ds.map_batches(tr.TGEMPredictor, fn_constructor_kwargs={"classifier": "my_classifier/"},
                          batch_size=64, batch_format="pyarrow", num_gpus=1, **tr.actor_pool(ray, 4))
 
-`TGEMPredictor` builds the classifier once per actor (from a saved directory, a `ClassifierSpec` or
-its fields as a dict) and returns the columns of the local runner's parts, plus `error` (null
-for an image that was classified, the reason otherwise). `run_ray_job` is `tgems classify|embed
---engine ray`: shards are read by Ray tasks with the same readers as the local runner, the
-predictor runs on `concurrency` actors, and the same OUT_DIR layout comes out. Installed with
-``pip install "tgems[ray]"``; this module is the only one that imports ray.
+`TGEMPredictor` builds the classifier once per actor (from a spec object's `.build()`, a saved directory,
+or a spec's fields as a dict) and returns the columns of the local runner's parts, plus `error` (null
+for an image that was classified, the reason otherwise).
+
+`run_ray_job` is `tgems classify|embed --engine ray`: the same spec object is built once in each actor;
+the actors read, decode, preprocess and encode the input shard by shard (a folder's blocks in pieces of
+whole batches), and this process writes each part when its shard is complete, with the local runner's
+writer. So a Ray job resumes as a local one does (finished parts are skipped; a killed job, rerun, ends
+with exactly the rows of an uninterrupted run), and its rows are those of the local engine. Actors and
+threads per actor are chosen from the cluster's CPUs (and said); a job of fewer than two batches per
+actor runs locally. Installed with ``pip install "tgems[ray]"``; this module is the only one that imports
+ray, and nothing imports it but `--engine ray`.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tgems.batch import (ClassifierSpec, _job_record, _locked, error_schema, finish_job,
-                         part_name, predict_items, prepare_out_dir, result_schema, write_table_atomic)
-from tgems.data.streaming import Item, Record, decode_records
+from tgems.data.streaming import Item, Record, _one_line
 from tgems.errors import TGEMError
+from tgems.jobs.lister import ID_COLUMNS, find_image_column
+from tgems.jobs.readers import prepare_records
+from tgems.jobs.runner import check_job_args, job_record, open_job, predict_items, reader_geometry, run_job
+from tgems.jobs.writer import PartWriter, finish_job, result_schema, shard_done
 
-IMAGE_COLUMNS = ("bytes", "image", "jpg", "img", "png")
+SMALL_JOB_BATCHES = 2  # per actor: fewer images than this many batches per actor run locally
 
 
 def require_ray():
@@ -53,14 +60,21 @@ def actor_pool(ray, concurrency) -> dict:
     return {"compute": ray.data.ActorPoolStrategy(size=int(concurrency))}
 
 
+def _spec_class():
+    from tgems.batch import ClassifierSpec  # imported when used: batch.py imports this module only lazily too
+
+    return ClassifierSpec
+
+
 def build_classifier(classifier):
-    """A saved-classifier directory, a ClassifierSpec (or its fields as a dict), or a ready classifier."""
-    if isinstance(classifier, ClassifierSpec):
+    """A spec object (anything with `.build()`), a saved-classifier directory, a spec's fields as a dict, or a
+    ready classifier."""
+    if hasattr(classifier, "build") and callable(classifier.build):
         return classifier.build()
     if isinstance(classifier, dict):
-        return ClassifierSpec(**classifier).build()
+        return _spec_class()(**classifier).build()
     if isinstance(classifier, (str, os.PathLike)):
-        return ClassifierSpec(classifier=str(classifier)).check().build()
+        return _spec_class()(classifier=str(classifier)).check().build()
     if hasattr(classifier, "predict"):
         return classifier
     raise TGEMError(f"cannot build a classifier from {type(classifier).__name__}")
@@ -95,15 +109,16 @@ class TGEMPredictor:
 
     def _items(self, batch) -> list:
         cols = _column_lists(batch)
-        name = self.image_column or next((c for c in IMAGE_COLUMNS if c in cols), None)
+        name = find_image_column(list(cols), self.image_column)
         if name is None or name not in cols:
             raise TGEMError(f"no image column in the batch (columns: {', '.join(cols)}; set image_column=)")
         images = cols[name]
         n = len(images)
-        id_col = self.id_column or next((c for c in ("id", "path", "key") if c in cols), None)
+        id_col = self.id_column or next((c for c in ID_COLUMNS if c in cols), None)
         ids = [str(x) for x in cols[id_col]] if id_col else [str(i) for i in range(n)]
         labels = cols.get("source_label", [None] * n)
         errors = cols.get("error", [None] * n)
+        geometry = reader_geometry(self.classifier)
         records, arrays = [], {}
         for i in range(n):
             img = images[i]
@@ -111,20 +126,23 @@ class TGEMPredictor:
                 records.append(Record(ids[i], source_label=labels[i], error=errors[i]))
             elif isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim in (2, 3):
                 arrays[i] = img
-                records.append(Record(ids[i], source_label=labels[i]))
             elif isinstance(img, list):  # a nested list from pyarrow's to_pylist of a tensor column
                 arrays[i] = np.asarray(img, dtype=np.uint8)
-                records.append(Record(ids[i], source_label=labels[i]))
             else:
                 records.append(Record(ids[i], data=img, source_label=labels[i]))
-        items = decode_records([r for i, r in enumerate(records) if i not in arrays])
-        it = iter(items)
-        from PIL import Image
-
+        decoded = iter(prepare_records(records, geometry)[0])
         out = []
-        for i, r in enumerate(records):
-            out.append(Item(r.id, Image.fromarray(arrays[i]).convert("RGB"), r.source_label) if i in arrays
-                       else next(it))
+        for i in range(n):
+            if i not in arrays:
+                out.append(next(decoded))
+                continue
+            try:
+                from PIL import Image
+
+                img = geometry.apply(arrays[i]) if geometry is not None else Image.fromarray(arrays[i]).convert("RGB")
+                out.append(Item(ids[i], img, labels[i]))
+            except (TGEMError, ValueError, TypeError) as exc:
+                out.append(Item(ids[i], None, labels[i], f"cannot encode image: {_one_line(exc)}"))
         return out
 
     def __call__(self, batch):
@@ -147,113 +165,228 @@ class TGEMPredictor:
         return table
 
 
-def _read_units(source, batch_size: int) -> list:
-    """Read tasks: a folder block is cut into batch-sized pieces (so every actor gets blocks to work on even when
-    there are few shards); a tar or parquet file is read whole by one task."""
-    units = []
-    for s in source.shards:
+# ------------------------------------------------------------------------------------- the Ray job
+
+
+def connect(ray, address: str | None, quiet: bool) -> bool:
+    """Start a local Ray or join the cluster at `address`; one line when there is none. True if started here."""
+    if ray.is_initialized():
+        return False
+    import logging
+
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=not quiet, configure_logging=quiet,
+                 logging_level=logging.ERROR if quiet else logging.INFO)
+    except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+        where = f"at --address {address}" if address else "(local)"
+        raise TGEMError(f"cannot reach a Ray cluster {where}: {_one_line(exc)}") from None
+    return True
+
+
+def plan_actors(cpus: float, gpus: float, concurrency: int | None, num_gpus: float) -> tuple[int, int, str]:
+    """(actors, torch threads per actor, why) from the cluster's CPUs and GPUs.
+
+    On CPUs, one thread per actor up to 8 CPUs (decoding runs in the actor too, so more actors overlap it
+    with the encoder), then two; with GPUs, one actor per `num_gpus` share of the GPUs. Actors never ask for
+    more CPUs than the cluster has (they would wait forever)."""
+    cpus = max(1, int(cpus))
+    if isinstance(concurrency, tuple):  # (min, max) as actor_pool takes it: the job uses the max
+        concurrency = concurrency[-1]
+    if num_gpus:
+        actors = concurrency or max(1, int(gpus // num_gpus))
+        threads = max(1, min(8, cpus // actors))
+        return actors, threads, f"{gpus:g} GPUs / {num_gpus:g} per actor, {cpus} CPUs"
+    if concurrency:
+        actors = min(int(concurrency), cpus)
+        why = f"--concurrency {concurrency}, {cpus} CPUs" + (" (capped at the CPUs)" if actors < concurrency else "")
+        return actors, max(1, cpus // actors), why
+    threads = 1 if cpus < 8 else 2
+    return max(1, cpus // threads), threads, f"{cpus} CPUs"
+
+
+class ShardWorker:
+    """A Ray actor: builds the predictor once from the spec, then reads, decodes, preprocesses and encodes
+    pieces of shards with the local runner's own functions."""
+
+    def __init__(self, spec, task: str, threads: int):
+        import torch
+
+        torch.set_num_threads(int(threads))
+        self.predictor = build_classifier(spec)
+        self.task = task
+        self.geometry = reader_geometry(self.predictor)
+
+    def run(self, source, unit: dict, batch_size: int):
+        """One piece of one shard -> (table or None, [(id, reason)], seconds per stage)."""
+        import dataclasses
+
+        import pyarrow as pa
+
+        shard = source.shards[unit["shard"]]
         if source.kind == "folder":
-            units += [{"shard": s.index, "start": a, "stop": a + batch_size} for a in range(0, len(s.files), batch_size)]
+            shard = dataclasses.replace(shard, files=shard.files[unit["start"]:unit["stop"]])
+        stats = {"read_s": 0.0, "decode_s": 0.0, "preprocess_s": 0.0}
+        tables, errors, recs = [], [], []
+        records = iter(source.records(shard))
+        while True:
+            t = time.perf_counter()
+            rec = next(records, None)
+            stats["read_s"] += time.perf_counter() - t
+            if rec is not None:
+                recs.append(rec)
+            if recs and (rec is None or len(recs) == batch_size):
+                items, spent = prepare_records(recs, self.geometry)
+                for k, v in spent.items():
+                    stats[k] += v
+                good = [it for it in items if it.error is None]
+                table, bad = predict_items(self.predictor, good, self.task, stats)
+                errors += [(it.id, it.error) for it in items if it.error is not None] + bad
+                if table is not None:
+                    tables.append(table)
+                recs = []
+            if rec is None:
+                break
+        return (pa.concat_tables(tables) if tables else None), errors, stats
+
+
+def _units(source, shards, batch_size: int, actors: int) -> list:
+    """Pieces of work: a tar or parquet shard whole; a folder block in pieces of whole batches, so the
+    batches are the local runner's and every actor has work even when there are few shards."""
+    units = []
+    for s in shards:
+        if source.kind == "folder":
+            n = len(s.files)
+            per = batch_size * max(1, -(-n // (batch_size * actors)))  # about one piece per actor, whole batches
+            units += [{"shard": s.index, "start": a, "stop": min(a + per, n)} for a in range(0, n, per)]
         else:
             units.append({"shard": s.index, "start": 0, "stop": -1})
     return units
 
 
-def _read_shard(row: dict, source) -> list:
-    """Ray task: the raw records of one shard or piece of one (bytes, not decoded: the actors decode)."""
-    shard = source.shards[int(row["shard"])]
-    if source.kind == "folder":
-        shard = dataclasses.replace(shard, files=shard.files[int(row["start"]):int(row["stop"])])
-    out = []
-    for r in source.records(shard):
-        data = r.data
-        if data is None and r.path is not None and r.error is None:
-            try:
-                data = Path(r.path).read_bytes()
-            except OSError as exc:
-                r.error = f"cannot read file: {exc.strerror or exc}"
-        out.append({"id": r.id, "bytes": data, "source_label": r.source_label, "error": r.error,
-                    "source": shard.name})
-    return out
+def _say(progress: bool, text: str):
+    if progress:
+        print(f"tgems: {text}", file=sys.stderr, flush=True)
 
 
 def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size: int = 64,
-                concurrency: int | tuple = 2, num_gpus: float = 0, address: str | None = None,
-                progress: bool = True, settings: dict | None = None) -> dict:
-    """A whole classify/embed job on Ray Data, writing the local runner's OUT_DIR layout.
+                concurrency: int | None = None, num_gpus: float = 0, address: str | None = None,
+                progress: bool = True, settings: dict | None = None, workers: int = 2) -> dict:
+    """A whole classify/embed job on Ray actors, writing the local runner's OUT_DIR layout, resumable by shard.
 
-    Ray Data has no per-shard resume: a rerun of a finished job only rewrites the summary, a rerun of an
-    unfinished one starts over (its settings are checked exactly as for the local runner).
+    `classifier` is a spec object (built in every actor with `.build()`), a saved classifier directory, a
+    spec's fields as a dict, or a ready classifier. With `progress` False Ray's own logs are silenced too.
+    `workers` are the decoding processes of a small job run locally.
     """
-    from tgems.batch import describe_predictor
     from tgems.data.streaming import StreamSource, open_source
 
     ray = require_ray()
+    check_job_args(task, batch_size)
     source = data if isinstance(data, StreamSource) else open_source(data)
-    if hasattr(classifier, "build") and hasattr(classifier, "settings"):  # a ClassifierSpec: ship plain fields
-        settings = settings or classifier.settings()
-        classifier = dataclasses.asdict(classifier)
-    elif isinstance(classifier, dict):
-        settings = settings or ClassifierSpec(**classifier).settings()
+    if isinstance(classifier, dict):
+        classifier = _spec_class()(**classifier)
     elif isinstance(classifier, (str, os.PathLike)):
-        settings = settings or ClassifierSpec(classifier=str(classifier)).check().settings()
-        classifier = {"classifier": str(classifier)}
-    else:
-        settings = settings or describe_predictor(classifier)
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise TGEMError(f"output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+        classifier = _spec_class()(classifier=str(classifier)).check()
+    if settings is None:
+        if hasattr(classifier, "settings"):
+            settings = classifier.settings()
+        else:
+            from tgems.batch import describe_predictor
+
+            settings = describe_predictor(classifier)
+    if num_gpus < 0:
+        raise TGEMError(f"--num-gpus must be 0 or more, got {num_gpus:g}")
+    n = source.num_items
+
+    def run_locally(actors):
+        _say(progress, f"small job ({n} images, fewer than {SMALL_JOB_BATCHES} batches of {batch_size} for each "
+                       f"of {actors} Ray actors): running locally")
+        return run_job(build_classifier(classifier), source, out_dir, task=task, batch_size=batch_size,
+                       workers=workers, settings=settings, progress=progress)
+
+    def small(actors):
+        return n is not None and n < SMALL_JOB_BATCHES * batch_size * actors
+
+    if address is None and not num_gpus and not ray.is_initialized():  # a local Ray would have these CPUs
+        actors = plan_actors(os.cpu_count() or 1, 0, concurrency, 0)[0]
+        if small(actors):
+            return run_locally(actors)  # without starting Ray at all
     started = time.perf_counter()
-    with _locked(out):
-        job = prepare_out_dir(out, _job_record(task, source, settings, batch_size, "ray"), "ray")
-        if (out / "_SUCCESS").is_file():
-            return finish_job(out, job, task, started, {"skipped": len(list(out.glob("part-*.parquet")))})
-        for p in list(out.glob("part-*.parquet")) + list((out / "_errors").glob("*.parquet")):
-            p.unlink()  # an unfinished earlier Ray run of this job: Ray starts over
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
-        tmp = out / f".ray.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            units = _read_units(source, batch_size)
-            ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-            ds = ds.flat_map(_read_shard, fn_kwargs={"source": source}, num_cpus=0)  # I/O: leave the CPUs to the actors
-            ds = ds.map_batches(TGEMPredictor, fn_constructor_kwargs={"classifier": classifier, "task": task},
-                                batch_size=batch_size, batch_format="pyarrow", num_gpus=num_gpus or None,
-                                **actor_pool(ray, concurrency))
-            ds.write_parquet(str(tmp), ray_remote_args={"num_cpus": 0})
-            n_images = _split_outputs(tmp, out, task)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return finish_job(out, job, task, started, {"written": len(list(out.glob("part-*.parquet"))),
-                                                     "images": n_images})
+    connect(ray, address, quiet=not progress)  # before OUT_DIR is touched: no cluster, no _job.json
+    ray_ready = time.perf_counter()
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if num_gpus and gpus < num_gpus:
+        raise TGEMError(f"--num-gpus {num_gpus:g} asks for GPUs, but the Ray cluster has {gpus:g}; "
+                        f"leave out --num-gpus to run on its {cpus:g} CPUs")
+    actors, threads, why = plan_actors(cpus, gpus, concurrency, num_gpus)
+    if small(actors):
+        return run_locally(actors)
+    _say(progress, f"Ray: {actors} actors x {threads} threads ({why})")
+    with open_job(out_dir, job_record(task, source, settings, batch_size, "ray")) as (out, job):
+        todo = [s for s in source.shards if not shard_done(out, s.index)]
+        counts = {"written": 0, "skipped": len(source.shards) - len(todo), "images": 0}
+        stats = {"ray_startup_s": ray_ready - started}
+        if todo:
+            _run_actors(ray, classifier, source, todo, out, task, batch_size, actors, threads, num_gpus, counts,
+                        stats, progress)
+        return finish_job(out, job, task, started, counts, stats, {"actors": actors, "threads": threads})
 
 
-def _split_outputs(tmp: Path, out: Path, task: str) -> int:
-    """Ray's output files -> part-NNNNN.parquet (classified rows) and _errors/ (the rest), one file at a time."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+def _run_actors(ray, spec, source, todo, out, task, batch_size, actors, threads, num_gpus, counts, stats,
+                progress):
+    """Pieces go to the actors (two in flight each); a shard's part is written when all its pieces are back,
+    in order, so its rows do not depend on which actor finished first."""
+    from tgems.jobs.runner import _Progress
 
-    schema = result_schema(task)
-    files = sorted(tmp.rglob("*.parquet"))
-    errors, n = [], 0
-    for i, f in enumerate(files):
-        t = pq.read_table(f)
-        n += t.num_rows
-        bad = pc.is_valid(t.column("error"))
-        e = t.filter(bad)
-        if e.num_rows:
-            errors.append(pa.table({"id": e.column("id").cast(pa.string()),
-                                    "part": pa.nulls(e.num_rows, pa.string()),
-                                    "source": pa.nulls(e.num_rows, pa.string()),
-                                    "reason": e.column("error").cast(pa.string())}, schema=error_schema()))
-        good = t.filter(pc.invert(bad)).select(schema.names).cast(schema)
-        write_table_atomic(out / part_name(i), good)
-    if errors:
-        (out / "_errors").mkdir(exist_ok=True)
-        write_table_atomic(out / "_errors" / part_name(0), pa.concat_tables(errors))
-    return n
+    remote = ray.remote(ShardWorker).options(num_cpus=threads, num_gpus=num_gpus or 0)
+    pool = [remote.remote(spec, task, threads) for _ in range(actors)]
+    t = time.perf_counter()
+    ray.get([a.__ray_ready__.remote() for a in pool])  # each has built its predictor
+    stats["actor_startup_s"] = time.perf_counter() - t
+    src_ref = ray.put(source)
+    units = _units(source, todo, batch_size, actors)
+    by_shard: dict = {}
+    for k, u in enumerate(units):
+        by_shard.setdefault(u["shard"], []).append(k)
+    results: dict = {}
+    shards = {s.index: s for s in todo}
+    bar = _Progress(source.num_items, sum(s.size or 0 for s in source.shards if s.index not in shards), progress)
+    pending, queue, t_start = {}, list(enumerate(units)), time.perf_counter()
+    wait = 0.0
+    try:
+        while queue or pending:
+            while queue and len(pending) < 2 * actors:
+                k, unit = queue.pop(0)
+                pending[pool[k % actors].run.remote(src_ref, unit, batch_size)] = k
+            t = time.perf_counter()
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            wait += time.perf_counter() - t
+            k = pending.pop(ref)
+            table, errors, spent = ray.get(ref)
+            for key, v in spent.items():
+                stats[key] = stats.get(key, 0.0) + v
+            unit = units[k]
+            results[k] = (table, errors)
+            done = len(errors) + (table.num_rows if table is not None else 0)
+            counts["images"] += done
+            bar.update(done, None if table is None else table.column("exit_layer").to_numpy(), len(errors))
+            index = unit["shard"]
+            ks = by_shard[index]
+            if all(j in results for j in ks):
+                t = time.perf_counter()
+                part = PartWriter(out, shards[index], task)
+                try:
+                    for j in ks:
+                        part.add(*results.pop(j))
+                    part.close()
+                except BaseException:
+                    part.abort()
+                    raise
+                stats["write_s"] = stats.get("write_s", 0.0) + time.perf_counter() - t
+                counts["written"] += 1
+    finally:
+        bar.close()
+        for a in pool:
+            ray.kill(a)
+    stats["wait_s"] = wait
+    stats["ray_run_s"] = time.perf_counter() - t_start
