@@ -499,13 +499,9 @@ class EarlyExitIndex:
 
 
 def _open_image(path):
-    from PIL import Image, UnidentifiedImageError
+    from tgems.data.folder import read_image
 
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise TGEMError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+    return read_image(path)
 
 
 # ------------------------------------------------------------------ one call per CLI command

@@ -69,6 +69,8 @@ class ImageTransform:
     def one_image(self, img):
         from PIL import Image
 
+        from tgems.data.images import to_rgb
+
         if isinstance(img, np.ndarray):
             if img.dtype != np.uint8 or img.ndim not in (2, 3):
                 raise TGEMError(f"image arrays must be uint8 HxWx3, got {img.dtype} {img.shape}")
@@ -77,7 +79,7 @@ class ImageTransform:
             img = Image.fromarray(img)
         if not isinstance(img, Image.Image):
             raise TGEMError(f"expected a PIL image or a uint8 array, got {type(img).__name__}")
-        img = img.convert("RGB")
+        img = to_rgb(img)
         target = self.resize_target(img.height, img.width)
         if target is not None:
             img = img.resize((target[1], target[0]), resample=Image.BICUBIC)
