@@ -183,6 +183,12 @@ class EarlyExitClassifier:
         info.update(tau=tau, source="calibrate", labels_used=labels is not None, n_calib=len(feats),
                     calib_mean_layers=float(d.float().mean()),
                     calib_agreement=float((p == preds[:, -1]).float().mean()))
+        if labels is not None:  # the labels are known: say when the full model is at chance on them
+            from tgems.evaluation.chance import chance_check, warn_if_near_chance
+
+            info["full_model"] = chance_check(int((preds[:, -1] == labels).sum()), len(labels), len(self.labels))
+            info["degenerate"] = info["full_model"]["degenerate"]
+            warn_if_near_chance(info["full_model"], "the full model's accuracy on the calibration labels")
         return self._with(info)
 
     def with_tau(self, tau: float) -> "EarlyExitClassifier":

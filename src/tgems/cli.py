@@ -131,7 +131,7 @@ def cmd_fit(args):
                     lam=args.lam, r_target=args.r_target, soft_tau=args.soft_tau, jumper_target=args.jumper_target,
                     cross_fit=not args.no_cross_fit, seed=args.seed)
     info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
-                        progress=_progress(args))
+                        progress=_progress(args), near_chance="warn" if args.accept_degenerate else "refuse")
     if info.get("cross_fit_skipped"):
         log(f"cross-fitting skipped: {info['cross_fit_skipped']}")
     for row in info["per_layer_holdout"]:
@@ -162,7 +162,26 @@ def cmd_eval(args):
         from tgems.evaluation.plots import tradeoff_plot
 
         tradeoff_plot(report, args.plot, title=f"{args.model} on {args.data}")
-    return 0
+    return _degenerate_exit(args, report.get("warnings"))
+
+
+DEGENERATE_EXIT = 4  # the command ran and wrote its record, but its result is degenerate (docs/design.md)
+
+
+def _degenerate_exit(args, warnings) -> int:
+    """A degenerate result (the full model at chance, or one class for almost every image) is said on
+    stderr even with --quiet, and ends in DEGENERATE_EXIT unless --accept-degenerate."""
+    from tgems.evaluation.harness import DEGENERATE_KINDS
+
+    found = [w["message"] for w in warnings or [] if w.get("kind") in DEGENERATE_KINDS]
+    if not found:
+        return 0
+    if args.accept_degenerate:
+        print(f"tgems: warning: degenerate result (accepted): {found[0]}", file=sys.stderr)
+        return 0
+    print(f"tgems: error: degenerate result: {found[0]} (the record is written; --accept-degenerate "
+          f"exits 0)", file=sys.stderr)
+    return DEGENERATE_EXIT
 
 
 def cmd_calibrate(args):
@@ -381,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-cross-fit", action="store_true",
                    help="fit the budget Jumper on the main modules only (about half the fit time; it then "
                         "transfers less well to classes known only by text)")
+    f.add_argument("--accept-degenerate", action="store_true",
+                   help="fit even when the full model's accuracy on the labels is at or near chance (default: "
+                        "refused before training)")
     placement(f)
     common(f)
     f.set_defaults(func=cmd_fit)
@@ -398,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep", action="store_true", help="budgets 0.3 .. 0.7 (the default)")
     e.add_argument("--plot", metavar="PNG")
     e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--accept-degenerate", action="store_true",
+                   help=f"exit 0 when the full model is at chance on the labels or gives one class to almost "
+                        f"every image (default: exit {DEGENERATE_EXIT}, after writing the report)")
     placement(e)
     common(e)
     e.set_defaults(func=cmd_eval)

@@ -88,6 +88,24 @@ def _names(items, most: int = 5) -> str:
     return out + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
+def check_readable_query(backbone, text: str) -> None:
+    """The rule of `check_readable_labels` for one search query: refused when made only of unknown words
+    (it would read as the unknown-word token, and its scores would rank noise), warned when some words are
+    unknown (UnknownWordsWarning), so a query the model half reads is not answered silently."""
+    tok = backbone.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None or known_words(backbone) is None:  # a subword tokenizer reads any text
+        return
+    words, known = _unknown_words(tok, text, unk)
+    if not words:
+        return
+    note = (f"words unknown to its tokenizer: {_names(dict.fromkeys(w.lower() for w in words), 8)} (they read as "
+            f"{tok.unk_token}; see `tgems vocab --model {backbone.name}`)")
+    if not [k for k in known if k.lower() not in FILLER_WORDS and any(ch.isalnum() for ch in k)]:
+        raise TGEMError(f"{backbone.name} cannot read the query '{text}': {note}")
+    warnings.warn(f"the query '{text}' has {note}", UnknownWordsWarning, stacklevel=3)
+
+
 def check_readable_labels(backbone, labels, templates=("{}",)) -> torch.Tensor:
     """Refuse labels the backbone cannot read or tell apart, before any work; return their class embeddings.
 

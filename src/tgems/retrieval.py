@@ -454,6 +454,10 @@ class EarlyExitIndex:
         texts = [query] if single else list(query) if isinstance(query, (list, tuple)) else None
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise TGEMError("the query is empty: give a non-empty text")
+        from tgems.profiles import check_readable_query
+
+        for t in texts:
+            check_readable_query(self.backbone, t)
         hits = self._top(self.backbone.encode_text(texts), k)
         return hits[0] if single else hits
 

@@ -130,9 +130,16 @@ def check_eval_data(test, calib) -> None:
                             f"each for test and calibration; give more images or --calib SPEC)")
 
 
-def data_warnings(full_preds: torch.Tensor, classes: list[str], n_calib: int) -> list[dict]:
+DEGENERATE_KINDS = ("degenerate", "near_chance")  # warnings after which a report has no result to give
+
+
+def data_warnings(full_preds: torch.Tensor, classes: list[str], n_calib: int,
+                  labels: torch.Tensor | None = None) -> list[dict]:
     """Report warnings about the data: the full model predicting one class for almost every test image
-    (degenerate data or labels: accuracy and speed-up then measure nothing), and few images."""
+    (degenerate data or labels: accuracy and speed-up then measure nothing), its accuracy on the test
+    labels at or near chance (`tgems.evaluation.chance`), and few images."""
+    from tgems.evaluation.chance import chance_check, chance_message
+
     out = []
     counts = torch.bincount(full_preds.cpu(), minlength=len(classes))
     top = int(counts.argmax())
@@ -141,11 +148,20 @@ def data_warnings(full_preds: torch.Tensor, classes: list[str], n_calib: int) ->
         out.append({"kind": "degenerate", "share": round(share, 4), "class": classes[top],
                     "message": f"the full model predicts '{classes[top]}' for {100 * share:.1f}% of the "
                                f"{len(full_preds)} test images: the data or the labels are degenerate"})
+    if labels is not None:
+        check = chance_check(int((full_preds.cpu() == labels.cpu()).sum()), len(labels), len(classes))
+        if check["degenerate"]:
+            out.append({"kind": "near_chance", **check, "message": chance_message(check)})
     n = len(full_preds)
     if n < 100 or n_calib < 100:
         out.append({"kind": "few_images", "message": f"{n} test and {n_calib} calibration images: accuracies "
                                                      f"carry about +-{100 / np.sqrt(n):.0f} points of sampling error"})
     return out
+
+
+def is_degenerate(warnings) -> bool:
+    """Whether a report's warnings leave it without a result (one class for almost everything, or chance)."""
+    return any(w.get("kind") in DEGENERATE_KINDS for w in warnings or [])
 
 
 class Recorder:
@@ -214,7 +230,7 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
     _, ref_preds = ref.layer_predictions(ft)
     full_preds = ref_preds[:, -1]
     rec = Recorder(backbone, y, full_preds, test.sample_split())
-    warns = data_warnings(full_preds, labels, len(calib))
+    warns = data_warnings(full_preds, labels, len(calib), y)
     for w in warns:
         log(f"warning: {w['message']}")
     timed = []  # (records, policy): timed together at the end, round-robin (measure_throughputs)
@@ -350,7 +366,7 @@ def make_report(backbone, model_name: str, tgem_dirs: list, test, calib, train=N
                    speed=speed, max_drop=max_drop, delta=delta, log=log)
     report = {"model": model_name, "data": test.name, "num_layers": backbone.num_layers, "seed": seed,
               "budgets": list(budgets), "results": out["results"], "extras": out["extras"],
-              "warnings": out["warnings"]}
+              "warnings": out["warnings"], "degenerate": is_degenerate(out["warnings"])}
     if max_drop is not None:
         report["max_drop"] = {"eps": max_drop, "delta": delta, "n_calib": len(calib)}
     return report, out
