@@ -27,14 +27,14 @@ DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
 METHODS = ("full", "lens", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle")
 
 
-def analytic_flops(backbone, depth: torch.Tensor, candidates: list[int], head_flops: float) -> torch.Tensor:
-    """Per-sample FLOPs as the engine counts them: embedding, `depth` blocks, and a readout plus exit
-    head at every candidate layer visited (the last layer is always one)."""
-    L = backbone.num_layers
-    cands = torch.as_tensor(sorted(set(candidates) | {L}), dtype=torch.long)
-    visited = (cands[None, :] <= depth[:, None]).sum(1)
-    return (backbone.flops_embed() + depth.double() * backbone.flops_block()
-            + visited.double() * (backbone.flops_readout() + head_flops))
+def analytic_flops(backbone, depth: torch.Tensor, candidates: list[int], head_flops: float,
+                   head_flops_by_layer: dict | None = None) -> torch.Tensor:
+    """Per-sample FLOPs as the engine counts them (`tgems.engine.exit_flops`): embedding, `depth` blocks, and
+    a readout plus exit head at every candidate layer visited (the last layer is always one)."""
+    from tgems.engine import exit_flops
+
+    return exit_flops(backbone, torch.as_tensor(depth, dtype=torch.long),
+                      sorted(set(candidates) | {backbone.num_layers}), head_flops, head_flops_by_layer)
 
 
 SPREAD_LIMIT = 1.3  # max/min images per second above this: the timing is not to be trusted
@@ -288,7 +288,7 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
                 c = m.calibrate(fc, budget=budget, allow_uncovered=True)
                 preds, depth = c.simulate(ft)
                 pol, head, tau = c.policy(), exit_head_flops(c.profiles), c.tau
-            flops = analytic_flops(backbone, depth, pol.candidate_layers, head)
+            flops = analytic_flops(backbone, depth, pol.candidate_layers, head, getattr(pol, "head_flops_by_layer", None))
             time_later(rec.add(name, budget, preds, depth, flops, tau=round(float(tau), 5)), pol)
             bar.update(1)
         log(f"  {name}: done")
@@ -297,7 +297,9 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
         for name, m in clfs.items():
             c = m.calibrate(fc, max_drop=max_drop, delta=delta, allow_uncovered=True)
             preds, depth = c.simulate(ft)
-            flops = analytic_flops(backbone, depth, c.profiles.layers, exit_head_flops(c.profiles))
+            pol = c.policy()
+            flops = analytic_flops(backbone, depth, c.profiles.layers, pol.head_flops,
+                                   getattr(pol, "head_flops_by_layer", None))
             time_later(rec.add(name, None, preds, depth, flops, tau=round(c.tau, 5), max_drop=max_drop,
                                delta=delta, calib_ucb=round(c.calibration["ucb"], 5)), c.policy())
             bar.update(1)
