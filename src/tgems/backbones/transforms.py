@@ -69,7 +69,7 @@ class ImageTransform:
     def one_image(self, img):
         from PIL import Image
 
-        from tgems.data.images import to_rgb
+        from tgems.images import to_rgb
 
         if isinstance(img, np.ndarray):
             if img.dtype != np.uint8 or img.ndim not in (2, 3):

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from tgems.data.dataset import Dataset
-from tgems.data.images import open_rgb
+from tgems.images import open_rgb
 from tgems.errors import TGEMError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -18,7 +18,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def read_image(path) -> Image.Image:
-    """Open one image as RGB as a viewer shows it (`tgems.data.images`), turning every decoder failure into a one-line TGEMError.
+    """Open one image as RGB as a viewer shows it (`tgems.images`), turning every decoder failure into a one-line TGEMError.
 
     The pixels are decoded here (not lazily) so a truncated file fails now, naming the file,
     rather than later inside a batch.

@@ -84,7 +84,7 @@ def decode_image(data: bytes):
     """Bytes -> RGB PIL image; raises ValueError with a stable, one-line reason."""
     from PIL import UnidentifiedImageError
 
-    from tgems.data.images import open_rgb
+    from tgems.images import open_rgb
 
     if data is None:
         raise ValueError("no image bytes (null)")

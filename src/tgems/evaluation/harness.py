@@ -137,8 +137,8 @@ def data_warnings(full_preds: torch.Tensor, classes: list[str], n_calib: int,
                   labels: torch.Tensor | None = None) -> list[dict]:
     """Report warnings about the data: the full model predicting one class for almost every test image
     (degenerate data or labels: accuracy and speed-up then measure nothing), its accuracy on the test
-    labels at or near chance (`tgems.evaluation.chance`), and few images."""
-    from tgems.evaluation.chance import chance_check, chance_message
+    labels at or near chance (`tgems.chance`), and few images."""
+    from tgems.chance import chance_check, chance_message
 
     out = []
     counts = torch.bincount(full_preds.cpu(), minlength=len(classes))

@@ -135,7 +135,7 @@ def cross_fit_halves(train_labels: np.ndarray, num_classes: int, seed: int) -> l
 
 
 def _check_full_model(final_logits, y, near_chance: str) -> dict:
-    from tgems.evaluation.chance import chance_check, chance_message, warn_if_near_chance
+    from tgems.chance import chance_check, chance_message, warn_if_near_chance
 
     if near_chance not in ("warn", "refuse"):
         raise TGEMError(f"near_chance must be 'warn' or 'refuse', got {near_chance!r}")
@@ -159,7 +159,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     one more module fit. Returns (tgem, jumper, info). Only the classes present in `data` are used.
 
     The full model's zero-shot accuracy on the labels is checked before any training
-    (`tgems.evaluation.chance`): at or near chance, `near_chance="warn"` warns and records it
+    (`tgems.chance`): at or near chance, `near_chance="warn"` warns and records it
     (info["degenerate"]), "refuse" raises a TGEMError instead (what `tgems fit` does unless
     --accept-degenerate)."""
     L = backbone.num_layers

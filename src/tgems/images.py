@@ -1,5 +1,6 @@
 """Decoding an image as a photo viewer shows it; every reader (file mode, folders, webdataset, parquet,
-the index, fit) and `Backbone.preprocess` go through `to_rgb`, so no path sees other pixels.
+the index, fit) and `Backbone.preprocess` go through `to_rgb`, so no path sees other pixels. Below both
+backbones and data, so each may use it.
 
 - EXIF orientation is applied (a phone photo taken upright is upright, not on its side);
 - 16-bit greyscale (PIL modes I;16*, and I, which is how PNG and TIFF 16-bit images open) is scaled

@@ -11,8 +11,9 @@ then the result is flagged too, which is what a handful of images deserves.
 """
 from __future__ import annotations
 
-import math
 import warnings
+
+from tgems.calibration import binom_cdf
 
 ALPHA = 0.05
 NEAR_CHANCE_MARGIN = 0.05
@@ -23,20 +24,12 @@ class NearChanceWarning(UserWarning):
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exactly (log-space terms, so n may be large)."""
+    """P(X >= k) for X ~ Binomial(n, p), from the exact cdf of `tgems.calibration`."""
     if k <= 0:
         return 1.0
     if k > n:
         return 0.0
-    if p <= 0:
-        return 0.0
-    if p >= 1:
-        return 1.0
-    lp, lq = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-             for i in range(k, n + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+    return max(0.0, 1.0 - binom_cdf(k - 1, n, p))
 
 
 def chance_check(correct: int, n: int, num_classes: int, alpha: float = ALPHA,
