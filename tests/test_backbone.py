@@ -189,3 +189,15 @@ def test_flops_methods(tiny_backbone):
     assert bb.flops_readout() == 2 * W * D
     assert bb.flops_full() == bb.flops_embed() + bb.num_layers * bb.flops_block() + bb.flops_readout()
     assert bb.flops_full() == flops.flops_full(T, W, M, D, bb.patch_size, bb.num_layers)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fingerprint_does_not_depend_on_the_dtype(tiny_clip_dir, tiny_backbone, dtype):
+    from tgems.backbones.base import weights_fingerprint
+
+    half = tgems.load_backbone(str(tiny_clip_dir), dtype=dtype)
+    assert half.fingerprint() == tiny_backbone.fingerprint()
+    # what the float32 load hashes: its own weights, as before
+    assert weights_fingerprint(tiny_backbone.model) == tiny_backbone.fingerprint()
+    # the cast weights alone would not give it
+    assert weights_fingerprint(half.model) != tiny_backbone.fingerprint()

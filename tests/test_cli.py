@@ -28,14 +28,16 @@ RECORD_KEYS = {"method", "budget", "split", "accuracy", "agreement", "mean_layer
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, trained_clip_dir, tiny_clip_dir):
-    """Tiny CLIP A (trained; + its cls / rates T-GEMs, fitted through the CLI) and tiny CLIP B (random init)."""
+    """Tiny CLIP A (trained; + its cls / rates T-GEMs, fitted through the CLI) and tiny CLIP B (random init).
+
+    A is at chance on scenes (20 training steps), so its fits and evals pass --accept-degenerate."""
     root = tmp_path_factory.mktemp("cli")
     model_a, model_b = trained_clip_dir, tiny_clip_dir
     fit_json = root / "fit_cls.json"
     codes = []
     for space, out in (("cls", root / "tgem_cls"), ("rates", root / "tgem_rates")):
         argv = ["fit", "--model", str(model_a), "--data", "scenes:train:400", "--out", str(out), "--epochs", "1",
-                "--quiet", "--space", space]
+                "--quiet", "--space", space, "--accept-degenerate"]
         argv += ["--json", str(fit_json)] if space == "cls" else ["--no-cross-fit"]
         codes.append(main(argv))
     assert codes == [0, 0]
@@ -46,7 +48,7 @@ def work(tmp_path_factory, trained_clip_dir, tiny_clip_dir):
 def _eval_argv(work, out_dir: Path, *extra):
     return ["eval", "--model", work["model_a"], "--tgem", work["tgem_cls"], "--tgem", work["tgem_rates"],
             "--data", "scenes:testall:120", "--n-train", "300", "--no-speed", "--quiet",
-            "--json", out_dir / "eval.json", "--plot", out_dir / "eval.png", *extra]
+            "--json", out_dir / "eval.json", "--plot", out_dir / "eval.png", "--accept-degenerate", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,7 @@ def test_fit_writes_checkpoint_and_json(work):
 def test_fit_jumper_target(work, tmp_path, capsys):
     out = tmp_path / "T"
     rc, _, err = run_cli(capsys, "fit", "--model", work["model_a"], "--data", "scenes:train:200", "--out", out,
-                         "--epochs", "1", "--quiet", "--jumper-target", "no_loss")
+                         "--epochs", "1", "--quiet", "--jumper-target", "no_loss", "--accept-degenerate")
     assert rc == 0, err
     assert json.loads((out / "tgem.json").read_text())["settings"]["jumper_target"] == "no_loss"
     rc, _, err = run_cli(capsys, "fit", "--model", work["model_a"], "--out", tmp_path / "U", "--jumper-target", "x")
@@ -228,7 +230,7 @@ def test_eval_is_deterministic(sweep_eval, work, tmp_path, capsys):
 def test_eval_single_budget(work, tmp_path, capsys):
     rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
                            "--data", "scenes:testall:60", "--n-train", "200", "--no-speed", "--quiet",
-                           "--budget", "0.5", "--json", tmp_path / "e.json")
+                           "--budget", "0.5", "--json", tmp_path / "e.json", "--accept-degenerate")
     assert rc == 0, err
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["budgets"] == [0.5]
@@ -240,7 +242,8 @@ def test_eval_folder_dataset_splits_calibration(work, folder_data, tmp_path, cap
     root, classes = folder_data
     rc, out, err = run_cli(capsys, "eval", "--model", work["model_a"], "--tgem", work["tgem_cls"],
                            "--tgem", work["tgem_rates"], "--data", f"folder:{root}", "--no-speed",
-                           "--budget", "0.5", "--json", tmp_path / "f.json", "--plot", tmp_path / "f.png")
+                           "--budget", "0.5", "--json", tmp_path / "f.json", "--plot", tmp_path / "f.png",
+                           "--accept-degenerate")
     assert rc == 0, err
     assert "half of the data calibrates" in err  # the fallback is logged (not --quiet)
     assert "Traceback" not in err
@@ -520,7 +523,8 @@ def test_fit_out_never_replaces_an_unrelated_directory(work, tmp_path, capsys):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "notes.txt").write_text("keep me")
-    fit = ["fit", "--model", work["model_a"], "--data", "scenes:train:40", "--epochs", "1", "--quiet"]
+    fit = ["fit", "--model", work["model_a"], "--data", "scenes:train:40", "--epochs", "1", "--quiet",
+           "--accept-degenerate"]
     rc, out, err = run_cli(capsys, *fit, "--out", victim)
     assert "refusing" in assert_one_line_error(rc, err)
     assert (victim / "notes.txt").read_text() == "keep me"

@@ -122,3 +122,36 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert g["held"] >= (1 - g["delta"] - 0.1) * g["n_splits"], g["rows"]
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert printed.strip().splitlines()[-1].startswith("T-GEM at budget 0.5: accuracy")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_loads_everything_saved_in_float32(dtype, tmp_path):
+    """A backbone's identity does not depend on the dtype it runs in: the shipped T-GEMs, the shipped
+    retrieval maps and a classifier saved from float32 all load in half precision (issue 23.1)."""
+    from tgems.retrieval import load_index_model
+
+    labels = ["a red circle", "a blue star", "a green heart"]
+    images = load_dataset("scenes:test:8").images
+    bb32 = tgems.load_backbone("embedded")
+    clf32 = EarlyExitClassifier(bb32, "embedded:cls", labels)
+    clf32.save(tmp_path / "clf")
+    half = tgems.load_backbone("embedded", dtype=dtype)
+    assert half.dtype == getattr(torch, dtype)
+    assert next(half.model.parameters()).dtype == getattr(torch, dtype)
+    assert half.fingerprint() == bb32.fingerprint()
+    for space in ("cls", "rates"):
+        pred = EarlyExitClassifier(half, f"embedded:{space}", labels).predict(images)
+        assert len(pred.labels) == len(images) and set(pred.labels) <= set(labels)
+    loaded = EarlyExitClassifier.load(tmp_path / "clf", dtype=dtype)
+    assert loaded.backbone.dtype == getattr(torch, dtype)
+    assert (loaded.predict(images).indices == clf32.predict(images).indices).mean() >= 0.75
+    assert load_index_model("embedded:retrieval", half).layers
+
+
+def test_fingerprint_value_is_what_the_shipped_assets_store(bb):
+    """The float32 value did not change: the shipped checkpoints carry it."""
+    from tgems.pretrained import EMBEDDED_RETRIEVAL, EMBEDDED_TGEMS
+
+    stored = [json.loads((d / "tgem.json").read_text())["fingerprint"] for d in EMBEDDED_TGEMS.values()]
+    stored.append(json.loads((EMBEDDED_RETRIEVAL / "retrieval.json").read_text())["fingerprint"])
+    assert stored == [bb.fingerprint()] * 3

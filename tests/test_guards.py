@@ -183,7 +183,7 @@ def test_degenerate_data_flagged_not_celebrated(tmp_path, capsys):
             Image.fromarray(img).save(root / c.replace(" ", "_") / f"{j}.png")
     rc, out, err = run_cli(capsys, "eval", "--tgem", "embedded:cls", "--data", f"folder:{root}", "--no-speed",
                            "--quiet", "--budget", "0.5", "--json", tmp_path / "e.json")
-    assert rc == 0, err
+    assert rc == 4 and "tgems: error: degenerate result: the full model predicts" in err, err
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("no result to report: the full model predicts"), summary
     assert "100.0% of the 10 test images" in summary and "fewer encoder FLOPs" not in summary

@@ -19,11 +19,12 @@ PACKAGE = SRC / "tgems"
 # The package root is the public API: it lazily re-exports training, so only the CLI sits above it.
 RANKS = {
     "tgems.errors": 0,
-    "tgems.io": 1, "tgems.pretrained": 1,
+    "tgems.io": 1, "tgems.pretrained": 1, "tgems.images": 1,
     # torch-free leaves that decoding workers import: what a folder holds, and the resize / crop as a value
     "tgems.jobs.lister": 1, "tgems.data.geometry": 1,
     "tgems.backbones": 2, "tgems.data": 2,
     "tgems.features": 3, "tgems.engine": 3, "tgems.calibration": 3,
+    "tgems.chance": 4,
     "tgems.profiles": 4,
     "tgems.jumper": 5,
     "tgems.tgem": 6, "tgems.policies": 6,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,11 @@ from tgems.profiles import ClassProfiles, check_readable_labels, layer_probs, sa
 from tgems.tgem import TGEM, load_tensors, load_tgem
 
 FORMAT_VERSION = 1
+LABEL_COST_LIMIT = 0.05  # scoring the label set may add this share of the plain encoder's FLOPs before a warning
+
+
+class LabelSetCostWarning(UserWarning):
+    """Scoring the label set at every candidate layer costs more than the exits can save."""
 CONFIG, TENSORS = "classifier.json", "classifier.safetensors"
 
 
@@ -37,6 +43,7 @@ class Prediction:
     flops: np.ndarray
     flops_ratio: np.ndarray  # per image, vs the full encoder
     embeddings: np.ndarray | None = None  # (N, D) the readout z at each image's exit layer
+    label_cost: dict | None = None  # what scoring the label set costs (EarlyExitClassifier.label_cost)
 
     @property
     def mean_layers(self) -> float:
@@ -76,6 +83,39 @@ class EarlyExitClassifier:
         self.calibration = dict(calibration or {"goal": "budget", "tau": float(jumper.tau), "source": "checkpoint",
                                                 "budget": self.config.get("settings", {}).get("default_budget")})
         self.calibration["tau"] = check_tau(self.calibration["tau"])
+        self._label_cost = self._scoring_cost()
+        if self._label_cost["costly"]:
+            warnings.warn(self._label_cost["message"], LabelSetCostWarning, stacklevel=2)
+
+    def label_cost(self) -> dict:
+        """What scoring this label set costs (see `_scoring_cost`); also `Prediction.label_cost`."""
+        return dict(self._label_cost)
+
+    def _scoring_cost(self) -> dict:
+        """What scoring this label set at the candidate layers costs, in the engine's one FLOPs count: the
+        FLOPs ratio of an image that runs to the last layer, and the first candidate layer (before the last)
+        from which an exit costs at least the plain encoder, so exits there save nothing. `costly` when an
+        image run to the end costs more than LABEL_COST_LIMIT above the plain encoder."""
+        from tgems.engine import exit_flops
+        from tgems.jumper import exit_head_flops, exit_head_flops_by_layer
+
+        L, layers = self.backbone.num_layers, self.profiles.exit_layers
+        by_layer = exit_head_flops_by_layer(self.profiles) if self.profiles.shortlist else None
+        ratios = (exit_flops(self.backbone, torch.as_tensor(layers), layers, exit_head_flops(self.profiles), by_layer)
+                  / self.backbone.flops_full()).tolist()
+        full_depth = ratios[-1]
+        break_even = next((l for l, r in zip(layers[:-1], ratios) if r >= 1.0), None)
+        out = {"num_classes": len(self.labels), "shortlist": self.profiles.shortlist,
+               "full_depth_flops_ratio": round(full_depth, 4), "break_even_layer": break_even,
+               "costly": full_depth > 1.0 + LABEL_COST_LIMIT}
+        if out["costly"]:
+            short = (f" (a shortlist of {self.profiles.shortlist} classes between full scorings)"
+                     if self.profiles.shortlist else "")
+            out["message"] = (f"scoring {len(self.labels)} labels at every candidate layer{short} makes an image that "
+                              f"runs to layer {L} cost {full_depth:.2f} x the plain encoder"
+                              + (f", and an exit from layer {break_even} on saves nothing" if break_even else "")
+                              + ": the label set costs more than early exits save (use fewer labels)")
+        return out
 
     def __repr__(self):
         return (f"EarlyExitClassifier({len(self.labels)} labels, space={self.profiles.space}, "
@@ -183,6 +223,12 @@ class EarlyExitClassifier:
         info.update(tau=tau, source="calibrate", labels_used=labels is not None, n_calib=len(feats),
                     calib_mean_layers=float(d.float().mean()),
                     calib_agreement=float((p == preds[:, -1]).float().mean()))
+        if labels is not None:  # the labels are known: say when the full model is at chance on them
+            from tgems.chance import chance_check, warn_if_near_chance
+
+            info["full_model"] = chance_check(int((preds[:, -1] == labels).sum()), len(labels), len(self.labels))
+            info["degenerate"] = info["full_model"]["degenerate"]
+            warn_if_near_chance(info["full_model"], "the full model's accuracy on the calibration labels")
         return self._with(info)
 
     def with_tau(self, tau: float) -> "EarlyExitClassifier":
@@ -212,7 +258,7 @@ class EarlyExitClassifier:
         idx = probs.argmax(1).numpy()
         flops = res.flops.numpy()
         return Prediction([self.labels[i] for i in idx], idx, probs.numpy(), res.exit_layers.numpy(), flops,
-                          flops / self.backbone.flops_full(), res.features.float().cpu().numpy())
+                          flops / self.backbone.flops_full(), res.features.float().cpu().numpy(), self.label_cost())
 
     # ----------------------------------------------------------- persistence
 

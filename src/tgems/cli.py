@@ -82,7 +82,7 @@ def _check_outputs(args) -> None:
             if not p.is_dir():
                 raise TGEMError(f"--out {value} exists and is not a directory")
             own = {"fit": ["tgem.json"], "pretrain": ["pretrain.json", "checkpoint/state.json"],
-                   "calibrate": ["classifier.json"]}.get(args.command)
+                   "calibrate": ["classifier.json"], "index-fit": ["retrieval.json"]}.get(args.command)
             if own and any(p.iterdir()) and not any((p / f).is_file() for f in own):
                 raise TGEMError(f"--out {value} is a non-empty directory that is not a previous "
                                 f"`tgems {args.command}` output; refusing to replace it")
@@ -131,7 +131,7 @@ def cmd_fit(args):
                     lam=args.lam, r_target=args.r_target, soft_tau=args.soft_tau, jumper_target=args.jumper_target,
                     cross_fit=not args.no_cross_fit, seed=args.seed)
     info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
-                        progress=_progress(args))
+                        progress=_progress(args), near_chance="warn" if args.accept_degenerate else "refuse")
     if info.get("cross_fit_skipped"):
         log(f"cross-fitting skipped: {info['cross_fit_skipped']}")
     for row in info["per_layer_holdout"]:
@@ -162,7 +162,26 @@ def cmd_eval(args):
         from tgems.evaluation.plots import tradeoff_plot
 
         tradeoff_plot(report, args.plot, title=f"{args.model} on {args.data}")
-    return 0
+    return _degenerate_exit(args, report.get("warnings"))
+
+
+DEGENERATE_EXIT = 4  # the command ran and wrote its record, but its result is degenerate (docs/design.md)
+
+
+def _degenerate_exit(args, warnings) -> int:
+    """A degenerate result (the full model at chance, or one class for almost every image) is said on
+    stderr even with --quiet, and ends in DEGENERATE_EXIT unless --accept-degenerate."""
+    from tgems.evaluation.harness import DEGENERATE_KINDS
+
+    found = [w["message"] for w in warnings or [] if w.get("kind") in DEGENERATE_KINDS]
+    if not found:
+        return 0
+    if args.accept_degenerate:
+        print(f"tgems: warning: degenerate result (accepted): {found[0]}", file=sys.stderr)
+        return 0
+    print(f"tgems: error: degenerate result: {found[0]} (the record is written; --accept-degenerate "
+          f"exits 0)", file=sys.stderr)
+    return DEGENERATE_EXIT
 
 
 def cmd_calibrate(args):
@@ -241,9 +260,14 @@ def cmd_index(args):
 
     info = build_index(args.model, args.tgem, args.data, args.out, budget=args.budget, max_drop=args.max_drop,
                        delta=args.delta, rank=args.rank, calib=args.calib, n_calib=args.n_calib, n=args.n,
-                       seed=args.seed, device=args.device, dtype=args.dtype, progress=_progress(args))
+                       seed=args.seed, device=args.device, dtype=args.dtype, progress=_progress(args),
+                       workers=args.workers)
     print(f"indexed {info['images']} images into {info['index']}: {info['mean_layers']:.2f} of "
           f"{info['num_layers']} layers on average, FLOPs ratio {info['flops_ratio']:.3f}")
+    if info["skipped"]:
+        first = info["skipped"][0]
+        print(f"tgems: skipped {len(info['skipped'])} unreadable image(s), listed in {info['index']}/index.json "
+              f"(meta.skipped); first: {first['id']}: {first['reason']}", file=sys.stderr)
     if args.json:
         write_json(args.json, info)
     return 0
@@ -255,7 +279,7 @@ def cmd_search(args):
     res = search(args.index, args.query, image=args.image, k=args.k, model=args.model, device=args.device,
                  dtype=args.dtype)
     for h in res["hits"]:
-        print(f"{h['rank']}\t{h['id']}\t{h['score']:.4f}\tlayer {h['exit_layer']}")
+        print(f"{h['rank']}\t{h.get('path', h['id'])}\t{h['score']:.4f}\tlayer {h['exit_layer']}")
     if args.json:
         write_json(args.json, res)
     return 0
@@ -271,6 +295,19 @@ def cmd_serve(args):
         "host", "port", "max_batch_size", "max_wait_ms", "queue_size", "max_client_batch", "max_inflight",
         "audit_rate", "seed", "device", "dtype", "tgem")})
     return run_server(parse_sources(args.classifier), settings, lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def cmd_index_fit(args):
+    from tgems.training.index_fit import IndexFitSettings, fit_and_save_index
+
+    given = {"epochs": args.epochs} if args.epochs else {}
+    info = fit_and_save_index(args.model, args.data, args.out, IndexFitSettings(**given, seed=args.seed),
+                              n=args.n, device=args.device, dtype=args.dtype, progress=_progress(args))
+    _log(args)(f"saved retrieval maps for {args.model} to {args.out} ({info['images']} images, "
+               f"{info['fit_seconds']} s); index with `tgems index --model {args.model} --tgem {args.out}`")
+    if args.json:
+        write_json(args.json, {"model": args.model, "data": args.data, "seed": args.seed, **info})
+    return 0
 
 
 def cmd_vocab(args):
@@ -405,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-cross-fit", action="store_true",
                    help="fit the budget Jumper on the main modules only (about half the fit time; it then "
                         "transfers less well to classes known only by text)")
+    f.add_argument("--accept-degenerate", action="store_true",
+                   help="fit even when the full model's accuracy on the labels is at or near chance (default: "
+                        "refused before training)")
     placement(f)
     common(f)
     f.set_defaults(func=cmd_fit)
@@ -422,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep", action="store_true", help="budgets 0.3 .. 0.7 (the default)")
     e.add_argument("--plot", metavar="PNG")
     e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--accept-degenerate", action="store_true",
+                   help=f"exit 0 when the full model is at chance on the labels or gives one class to almost "
+                        f"every image (default: exit {DEGENERATE_EXIT}, after writing the report)")
     placement(e)
     common(e)
     e.set_defaults(func=cmd_eval)
@@ -468,8 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     ix = sub.add_parser("index", help="encode images with early exit into a retrieval index (searched by text)")
     ix.add_argument("--model", default="embedded", help="embedded, a local HF CLIP dir or a hub id")
     ix.add_argument("--tgem", default="embedded:retrieval",
-                    help="retrieval maps + scorer (tgems.training.index_fit): embedded:retrieval or a dir")
-    ix.add_argument("--data", required=True, help="the images to index (a dataset spec)")
+                    help="retrieval maps + scorer: embedded:retrieval, or a dir from `tgems index-fit` for "
+                         "another model")
+    ix.add_argument("--data", required=True, help="the images to index: folder:DIR (any layout), "
+                                                  "webdataset:PATTERN, parquet:PATH or a dataset spec")
     ix.add_argument("--out", required=True, help="index directory (written atomically)")
     ix.add_argument("--n", type=_positive_int, help="index the first N images")
     goal(ix)
@@ -477,9 +522,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--max-drop: full CLIP's best reference text must stay in the index's top RANK (default 1)")
     ix.add_argument("--calib", help="calibration data spec (default: a random subset of --data; no labels used)")
     ix.add_argument("--n-calib", type=_positive_int, default=2000)
+    ix.add_argument("--workers", type=int, help="image decoding processes for folder, webdataset and parquet input "
+                                                "(default: as streamed jobs; 0: decode in a thread)")
     placement(ix)
     common(ix)
     ix.set_defaults(func=cmd_index)
+
+    ixf = sub.add_parser("index-fit", help="fit retrieval maps + scorer for a model (what `tgems index --tgem` takes)")
+    ixf.add_argument("--model", required=True, help="a local HF CLIP/SigLIP dir or a hub id (embedded has its maps)")
+    ixf.add_argument("--data", required=True, help="training images: a dataset spec, folder:DIR (any layout), "
+                                                   "webdataset:PATTERN or parquet:PATH; no labels used")
+    ixf.add_argument("--out", required=True, help="directory of the maps (written atomically)")
+    ixf.add_argument("--n", type=_positive_int, help="a seeded random sample of N images")
+    ixf.add_argument("--epochs", type=_positive_int,
+                     help="training epochs of the maps (default: tgems.training.index_fit.IndexFitSettings')")
+    placement(ixf)
+    common(ixf)
+    ixf.set_defaults(func=cmd_index_fit)
 
     se = sub.add_parser("search", help="top-k images of an index for a text (or --image)")
     se.add_argument("--index", required=True, help="index directory written by `tgems index`")

@@ -5,7 +5,8 @@ so later blocks run on fewer rows: the wall-clock saving follows the FLOPs savin
 
 An exit policy is any object with `candidate_layers` (sorted ints in 1..L; L is
 always final), optional `needs_rates` (bool), `head_flops` (per row per candidate
-layer visited), `start(n)` (called once per call of `run_early_exit` with the number
+layer visited; optional `head_flops_by_layer`, {layer: FLOPs}, where they differ by layer),
+`start(n)` (called once per call of `run_early_exit` with the number
 of input rows) and `decide(layer, z, rows[, rates])` returning a bool mask
 "these rows exit now", or `(mask, outputs)` with outputs (n_active, K) kept for the
 exiting rows. `rows` are the rows' indices in the input, so a policy can keep
@@ -145,9 +146,21 @@ def run_early_exit(backbone, pixels, policy, batch_size=None):
     step = batch_size or n
     for offset in range(0, n, step):
         _run_chunk(backbone, pixels[offset:offset + step], offset, policy, readout_layers, store)
-    visits = torch.searchsorted(torch.tensor(readout_layers), store.exit_layers, right=True)
-    per_head = backbone.flops_readout() + float(getattr(policy, "head_flops", 0.0) or 0.0)
-    flops = (backbone.flops_embed() + store.exit_layers.double() * backbone.flops_block()
-             + visits.double() * per_head)
+    flops = exit_flops(backbone, store.exit_layers, readout_layers, float(getattr(policy, "head_flops", 0.0) or 0.0),
+                       getattr(policy, "head_flops_by_layer", None))
     return EngineResult(store.features, store.exit_layers, flops, store.outputs,
                         float(backbone.flops_full()), backbone.num_layers)
+
+
+def exit_flops(backbone, exit_layers: torch.Tensor, readout_layers, head_flops: float = 0.0,
+               head_flops_by_layer: dict | None = None) -> torch.Tensor:
+    """The one FLOPs count, per row (float64): embedding, the blocks up to the exit layer, and at every readout
+    layer visited the readout plus the exit head (`head_flops`, or `head_flops_by_layer[l]` where given)."""
+    readout_layers = sorted(readout_layers)
+    visits = torch.searchsorted(torch.tensor(readout_layers), exit_layers, right=True)
+    base = backbone.flops_embed() + exit_layers.double() * backbone.flops_block()
+    if head_flops_by_layer is None:
+        return base + visits.double() * (backbone.flops_readout() + head_flops)
+    per_visit = torch.tensor([backbone.flops_readout() + head_flops_by_layer.get(l, head_flops)
+                              for l in readout_layers], dtype=torch.float64)
+    return base + per_visit.cumsum(0)[(visits - 1).clamp_min(0)]

@@ -93,6 +93,15 @@ def exit_head_flops(profiles: ClassProfiles) -> float:
     return profiles.scoring_flops() + float(15 * C + 2 * D + 2 * (NUM_SIGNALS + D + NUM_SET_SIGNALS))
 
 
+def exit_head_flops_by_layer(profiles: ClassProfiles) -> dict:
+    """{exit layer: head FLOPs} of `exit_head_flops`, with the scoring counted against the shortlist at the
+    layers that score only it (`ClassProfiles.contention_probs`); the signals still read all C classes."""
+    full, out = exit_head_flops(profiles), {}
+    for j, l in enumerate(profiles.exit_layers):
+        out[l] = full - profiles.scoring_flops() + profiles.scoring_flops(j)
+    return out
+
+
 class Jumper:
     """One logistic model per candidate layer (signals -> exit score).
 

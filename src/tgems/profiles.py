@@ -41,6 +41,14 @@ def check_labels(labels) -> list[str]:
     return labels
 
 
+# Large label sets (issue 23.7): above SHORTLIST_ABOVE labels, a candidate layer scores only the
+# SHORTLIST_SIZE classes still in contention (the top logits of the last full scoring); every
+# SHORTLIST_REFRESH-th candidate layer (the first included) and the last layer score all of them.
+# At or below SHORTLIST_ABOVE every layer scores every label, exactly as before.
+SHORTLIST_ABOVE = 1000
+SHORTLIST_SIZE = 64
+SHORTLIST_REFRESH = 4
+
 NEAR_IDENTICAL = 0.999  # class text embeddings at least this close (cosine) are refused as one class
 FILLER_WORDS = frozenset({"a", "an", "the"})  # known words that carry no class meaning on their own
 
@@ -86,6 +94,24 @@ def _names(items, most: int = 5) -> str:
     items = list(items)
     out = ", ".join(f"'{t}'" for t in items[:most])
     return out + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def check_readable_query(backbone, text: str) -> None:
+    """The rule of `check_readable_labels` for one search query: refused when made only of unknown words
+    (it would read as the unknown-word token, and its scores would rank noise), warned when some words are
+    unknown (UnknownWordsWarning), so a query the model half reads is not answered silently."""
+    tok = backbone.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None or known_words(backbone) is None:  # a subword tokenizer reads any text
+        return
+    words, known = _unknown_words(tok, text, unk)
+    if not words:
+        return
+    note = (f"words unknown to its tokenizer: {_names(dict.fromkeys(w.lower() for w in words), 8)} (they read as "
+            f"{tok.unk_token}; see `tgems vocab --model {backbone.name}`)")
+    if not [k for k in known if k.lower() not in FILLER_WORDS and any(ch.isalnum() for ch in k)]:
+        raise TGEMError(f"{backbone.name} cannot read the query '{text}': {note}")
+    warnings.warn(f"the query '{text}' has {note}", UnknownWordsWarning, stacklevel=3)
 
 
 def check_readable_labels(backbone, labels, templates=("{}",)) -> torch.Tensor:
@@ -216,16 +242,42 @@ class ClassProfiles:
             return torch.sigmoid(logits)
         return logits.softmax(-1)
 
+    @property
+    def shortlist(self) -> int | None:
+        """Classes scored between full scorings, or None when every layer scores every label."""
+        return SHORTLIST_SIZE if self.num_classes > SHORTLIST_ABOVE else None
+
+    def scores_all_at(self, j: int) -> bool:
+        return self.shortlist is None or j == len(self.layers) or j % SHORTLIST_REFRESH == 0
+
+    def contention_probs(self, j: int, x: torch.Tensor, keep: torch.Tensor | None = None):
+        """(probs (n, C), keep): `probs` at candidate index j where every label is scored (then `keep`, the
+        shortlist, is the top logits; None without one), else only the classes in `keep` (n, K), the others
+        getting probability 0. The engine's policy and the cached-feature path both go through here."""
+        if self.scores_all_at(j) or keep is None:
+            logits = self.logits(j, x)
+            probs = torch.sigmoid(logits) if j == len(self.layers) and self.activation == "sigmoid" \
+                else logits.softmax(-1)
+            return probs, (None if self.shortlist is None else logits.topk(self.shortlist, dim=1).indices)
+        if self.center is not None:
+            x = x - self.center[j]
+        u = F.normalize(x.float(), dim=-1)
+        logits = self.scale[j] * torch.einsum("nf,nkf->nk", u, self.protos[j][keep])
+        probs = torch.zeros(len(x), self.num_classes, device=logits.device, dtype=logits.dtype)
+        return probs.scatter_(1, keep, logits.softmax(-1)), keep
+
     def layer_logits(self, feats, final_z: torch.Tensor) -> torch.Tensor:
         """(N, n + 1, C) logits on cached features (feats: (N, L, F) of this space)."""
         out = [self.logits(j, feats[:, l - 1]) for j, l in enumerate(self.layers)]
         out.append(self.logits(len(self.layers), final_z))
         return torch.stack(out, 1)
 
-    def scoring_flops(self) -> float:
-        """Per row and candidate layer: scoring against C prototypes."""
+    def scoring_flops(self, j: int | None = None) -> float:
+        """Per row and candidate layer: scoring against C prototypes (at index j: against the shortlist
+        where `scores_all_at(j)` is false)."""
         f = self.protos.shape[-1] if len(self.layers) else self.text.shape[-1]
-        return float(2 * self.num_classes * f)
+        scored = self.num_classes if j is None or self.scores_all_at(j) else self.shortlist
+        return float(2 * scored * f)
 
     def state(self) -> dict:
         out = {"profiles.protos": self.protos, "profiles.scale": self.scale, "profiles.text": self.text}
@@ -253,7 +305,10 @@ def zero_shot_head(backbone) -> dict:
 def layer_probs(profiles: ClassProfiles, feats) -> torch.Tensor:
     """(N, n + 1, C) probabilities at every candidate layer and the last, on cached features."""
     x = feats.space(profiles.space)
-    out = [profiles.probs(j, x[:, l - 1]) for j, l in enumerate(profiles.layers)]
+    out, keep = [], None
+    for j, l in enumerate(profiles.layers):
+        probs, keep = profiles.contention_probs(j, x[:, l - 1], keep)
+        out.append(probs)
     out.append(profiles.probs(len(profiles.layers), feats.z[:, -1]))
     return torch.stack(out, 1)
 

@@ -223,9 +223,11 @@ def _write_dir(path, files, header: dict, tensors: dict, what: str) -> Path:
 
 def _check_fingerprint(header: dict, backbone, path, what: str) -> None:
     if header.get("fingerprint") != backbone.fingerprint():
+        hint = (f"; fit maps for it with `tgems index-fit --model {backbone.name} --data SPEC --out DIR` and "
+                f"pass --tgem DIR" if what == "retrieval model" else "")
         raise TGEMError(f"{what} {path} was made for another backbone ('{header.get('backbone')}', fingerprint "
                         f"{str(header.get('fingerprint'))[:12]}), not for '{backbone.name}' "
-                        f"(fingerprint {backbone.fingerprint()[:12]})")
+                        f"(fingerprint {backbone.fingerprint()[:12]}){hint}")
 
 
 SHIPPED_NAMES = ("embedded", "embedded:retrieval")
@@ -368,6 +370,15 @@ class Hit:
     exit_layer: int
 
 
+def _model_and_tau(backbone, model, tau):
+    if not isinstance(model, IndexModel):
+        model = load_index_model(model, backbone)
+    elif model.fingerprint != backbone.fingerprint():
+        raise TGEMError("this retrieval model was made for another backbone")
+    model.to(backbone.device)
+    return model, float(model.config.get("tau", NEVER) if tau is None else tau)
+
+
 def _check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise TGEMError(f"k must be a positive integer, got {k!r}")
@@ -409,12 +420,7 @@ class EarlyExitIndex:
         tau None: the threshold in the model file (its default budget); `calibrate_index` gives others."""
         from tqdm.auto import tqdm
 
-        if not isinstance(model, IndexModel):
-            model = load_index_model(model, backbone)
-        elif model.fingerprint != backbone.fingerprint():
-            raise TGEMError("this retrieval model was made for another backbone")
-        model.to(backbone.device)
-        tau = float(model.config.get("tau", NEVER) if tau is None else tau)
+        model, tau = _model_and_tau(backbone, model, tau)
         data = images
         if hasattr(images, "labels") and hasattr(images, "images"):  # a Dataset
             ids = ids if ids is not None else [f"{data.name}:{i}" for i in range(len(data))]
@@ -436,6 +442,60 @@ class EarlyExitIndex:
         return cls(backbone, model, tau, torch.cat(embs), torch.cat(layers), torch.cat(flops), ids,
                    calibration, meta)
 
+    @classmethod
+    def build_stream(cls, backbone, source, model: IndexModel | str = "embedded", tau: float | None = None,
+                     n: int | None = None, calibration: dict | None = None, meta: dict | None = None,
+                     workers: int | None = None, chunk_size: int = 256, progress: bool = False) -> "EarlyExitIndex":
+        """Index a streaming source (`tgems.data.streaming.open_source`: a folder of any layout, webdataset
+        shards, parquet) chunk by chunk, so the images are never all in memory. Ids are the source's (a
+        folder's relative paths, sample keys, the id column). An image that cannot be read or prepared
+        is listed in meta["skipped"] ({id, reason}) and left out; the first `n` items when `n` is given.
+        `workers`: decoding processes (None: `stream_chunks`' default)."""
+        from tqdm.auto import tqdm
+
+        from tgems.data.streaming import stream_chunks
+
+        model, tau = _model_and_tau(backbone, model, tau)
+        embs, layers, flops, ids, skipped, seen = [], [], [], [], [], 0
+        bar = tqdm(total=source.num_items if n is None else n, desc="index", disable=not progress, leave=False)
+        decoding = {} if workers is None else {"workers": workers}
+        for chunk in stream_chunks(source, chunk_size=chunk_size, **decoding):
+            items = chunk.items if n is None else chunk.items[:max(0, n - seen)]
+            seen += len(items)
+            good, pixels = [], []
+            for it in items:
+                try:
+                    if it.error is not None:
+                        raise TGEMError(it.error)
+                    pixels.append(backbone.preprocess([it.image]))
+                    good.append(it.id)
+                except TGEMError as e:
+                    skipped.append({"id": it.id, "reason": str(e)})
+            if pixels:
+                res = run_early_exit(backbone, torch.cat(pixels), IndexPolicy(model, tau))
+                embs.append(res.outputs.float())
+                layers.append(res.exit_layers)
+                flops.append(res.flops)
+                ids += good
+            bar.update(len(items))
+            if n is not None and seen >= n:
+                break
+        bar.close()
+        if not ids:
+            raise TGEMError(f"{source.spec}: no readable image to index ({len(skipped)} unreadable"
+                            + (f", e.g. {skipped[0]['id']}: {skipped[0]['reason']})" if skipped else ")"))
+        dup = len(ids) - len(set(ids))
+        if dup:
+            raise TGEMError(f"{source.spec}: {dup} image ids occur more than once (ids must be distinct)")
+        meta = {**(meta or {}), "source": {"kind": source.kind, "root": source.root}, "skipped": skipped}
+        return cls(backbone, model, tau, torch.cat(embs), torch.cat(layers), torch.cat(flops), ids,
+                   calibration, meta)
+
+    def path_of(self, id: str) -> str | None:
+        """The file behind an id of an index built from a folder (None for other sources)."""
+        src = self.meta.get("source") or {}
+        return os.path.join(src["root"], id) if src.get("kind") == "folder" else None
+
     # ---- search
 
     def _top(self, q: torch.Tensor, k: int) -> list[list[Hit]]:
@@ -454,6 +514,10 @@ class EarlyExitIndex:
         texts = [query] if single else list(query) if isinstance(query, (list, tuple)) else None
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise TGEMError("the query is empty: give a non-empty text")
+        from tgems.profiles import check_readable_query
+
+        for t in texts:
+            check_readable_query(self.backbone, t)
         hits = self._top(self.backbone.encode_text(texts), k)
         return hits[0] if single else hits
 
@@ -499,26 +563,69 @@ class EarlyExitIndex:
 
 
 def _open_image(path):
-    from PIL import Image, UnidentifiedImageError
+    from tgems.data.folder import read_image
 
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise TGEMError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+    return read_image(path)
 
 
 # ------------------------------------------------------------------ one call per CLI command
 
 
+STREAM_KINDS = ("folder", "webdataset", "wds", "parquet")  # indexed through tgems.data.streaming
+
+
+def is_stream_spec(spec) -> bool:
+    """A user's own images (a folder of any layout, webdataset shards, parquet), read as a stream."""
+    return isinstance(spec, str) and spec.strip().partition(":")[0].lower() in STREAM_KINDS
+
+
+def sample_images(spec: str, n: int | None = None, seed: int = 0):
+    """A Dataset of images named by a spec, for calibration or fitting the maps: the built-in datasets by
+    `load_dataset`; a stream spec (`is_stream_spec`) as a seeded random sample of n of its items (all when n
+    is None), read in two passes so only the sample is held. Labels of a stream are its source labels (a
+    folder's first sub-folder, a sample's .txt) where they read as text, else -1; unreadable items are
+    left out and counted in meta["skipped"]."""
+    from tgems.data import load_dataset
+    from tgems.data.dataset import Dataset
+    from tgems.data.streaming import decode_records, open_source
+
+    if not is_stream_spec(spec):
+        return load_dataset(spec, n=n, seed=seed)
+    source = open_source(spec)
+    sizes = [s.size for s in source.shards]
+    total = sum(sizes) if None not in sizes else sum(1 for s in source.shards for _ in source.records(s))
+    pick = set(np.random.default_rng(seed).permutation(total)[:total if n is None else n].tolist())
+    chosen, i = [], 0
+    for shard in source.shards:
+        for rec in source.records(shard):
+            if i in pick:
+                chosen.append(rec)
+            i += 1
+    items = [it for it in decode_records(chosen) if it.error is None]
+    if not items:
+        raise TGEMError(f"{spec}: none of the {len(chosen)} sampled images could be read")
+    texts = sorted({it.source_label for it in items if it.source_label and any(c.isalpha() for c in it.source_label)})
+    code = {t: j for j, t in enumerate(texts)}
+    return Dataset(name=spec, images=[it.image for it in items],
+                   labels=np.asarray([code.get(it.source_label, -1) for it in items], dtype=np.int64),
+                   classes=texts, meta={"spec": spec, "ids": [it.id for it in items],
+                                        "skipped": len(chosen) - len(items)})
+
+
 def build_index(model: str = "embedded", index_model: str = "embedded:retrieval", data: str = "scenes:testall",
                 out=None, budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
                 rank: int = 1, calib: str | None = None, n_calib: int = 2000, n: int | None = None,
-                seed: int = 0, device="cpu", dtype="float32", progress: bool = False) -> dict:
+                seed: int = 0, device="cpu", dtype="float32", progress: bool = False,
+                workers: int | None = None) -> dict:
     """`tgems index`: calibrate tau (on `calib`, default a seeded random subset of the data itself: the
-    rule is label-free), encode the data with early exit and write the index. Returns a summary dict."""
+    rule is label-free), encode the data with early exit and write the index. Returns a summary dict.
+
+    `folder:DIR` (any layout: flat or in sub-folders), `webdataset:PATTERN` and `parquet:PATH` are read as
+    streams (`EarlyExitIndex.build_stream`): ids are relative paths, sample keys or the id column, and
+    unreadable images are skipped and listed (the summary's `skipped`, the index's meta)."""
     from tgems.backbones import load_backbone
     from tgems.data import load_dataset
+    from tgems.data.streaming import open_source
     from tgems.features import extract_features
 
     if budget is not None and max_drop is not None:
@@ -532,12 +639,14 @@ def build_index(model: str = "embedded", index_model: str = "embedded:retrieval"
         raise TGEMError("rank and the number of calibration images must be >= 1")
     bb = load_backbone(model, device=device, dtype=dtype)
     im = load_index_model(index_model, bb)
-    ds = load_dataset(data, n=n, seed=seed)
+    stream = is_stream_spec(data)
+    source = open_source(data) if stream else None
+    ds = None if stream else load_dataset(data, n=n, seed=seed)
     calibration = {"goal": "model_default", "tau": im.config.get("tau", NEVER)}
     tau = None
     if budget is not None or max_drop is not None:
-        if calib is not None:
-            cds = load_dataset(calib, n=n_calib, seed=seed)
+        if calib is not None or stream:
+            cds = sample_images(calib or data, n_calib, seed)
         else:
             pick = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n_calib])
             cds = ds.subset(pick)
@@ -546,12 +655,17 @@ def build_index(model: str = "embedded", index_model: str = "embedded:retrieval"
         tau, calibration = calibrate_index(im, feats.z, budget=budget, max_drop=max_drop, delta=delta,
                                            text=text, rank=rank)
         calibration["calib"] = calib or f"{n_calib} images of {data} (seed {seed})"
-    index = EarlyExitIndex.build(bb, ds, im, tau=tau, calibration=calibration, progress=progress,
-                                 meta={"data": data, "model": model, "index_model": str(index_model), "seed": seed})
+    meta = {"data": data, "model": model, "index_model": str(index_model), "seed": seed}
+    if stream:
+        index = EarlyExitIndex.build_stream(bb, source, im, tau=tau, n=n, calibration=calibration, meta=meta,
+                                            workers=workers, progress=progress)
+    else:
+        index = EarlyExitIndex.build(bb, ds, im, tau=tau, calibration=calibration, progress=progress, meta=meta)
     index.save(out)
+    skipped = index.meta.get("skipped", [])
     return {"index": str(out), "images": len(index), "mean_layers": round(index.mean_layers, 4),
             "num_layers": bb.num_layers, "flops_ratio": round(index.flops_ratio, 4), "tau": index.tau,
-            "calibration": calibration}
+            "calibration": calibration, "skipped": skipped}
 
 
 def search(index_dir, query: str | None = None, image=None, k: int = 10, model: str | None = None,
@@ -572,7 +686,8 @@ def search(index_dir, query: str | None = None, image=None, k: int = 10, model: 
     index = EarlyExitIndex.load(path, bb)
     hits = index.search_text(query, k) if query is not None else index.search_image(image, k)
     return {"index": str(path), "query": query if query is not None else str(image), "k": k,
-            "hits": [{"rank": r + 1, "id": h.id, "score": round(h.score, 6), "exit_layer": h.exit_layer}
+            "hits": [{"rank": r + 1, "id": h.id, "score": round(h.score, 6), "exit_layer": h.exit_layer,
+                      **({"path": index.path_of(h.id)} if index.path_of(h.id) else {})}
                      for r, h in enumerate(hits)]}
 
 

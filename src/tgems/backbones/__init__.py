@@ -44,7 +44,11 @@ def as_device(device) -> torch.device:
 
 
 def load_backbone(name_or_path, device="cpu", dtype=torch.float32) -> Backbone:
-    """Load a model: "embedded", a local HF directory, or a hub id (HF cache first)."""
+    """Load a model: "embedded", a local HF directory, or a hub id (HF cache first).
+
+    The weights are read in float32 and fingerprinted before the cast to `dtype`, so T-GEMs,
+    classifiers and indexes saved in one dtype load in any other."""
+    from tgems.backbones.base import weights_fingerprint
     from tgems.backbones.hub import check_weights, load_parts, resolve
 
     name = str(name_or_path)
@@ -58,9 +62,12 @@ def load_backbone(name_or_path, device="cpu", dtype=torch.float32) -> Backbone:
     if path is not None:
         check_weights(path)
     cls = backbone_class(model_type)
-    model, tokenizer, pre, path = load_parts(source, path, cls.model_class(), dtype)
-    model.to(device).eval().requires_grad_(False)
-    return cls(name, path, model, tokenizer, pre, device, dtype)
+    model, tokenizer, pre, path = load_parts(source, path, cls.model_class(), torch.float32)
+    fingerprint = weights_fingerprint(model)
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    backbone = cls(name, path, model, tokenizer, pre, device, dtype)
+    backbone._fingerprint = fingerprint
+    return backbone
 
 
 __all__ = ["Backbone", "BACKBONES", "load_backbone", "backbone_class", "as_dtype", "as_device"]

@@ -228,23 +228,28 @@ class Backbone(ABC):
         return self.flops_embed() + self.num_layers * self.flops_block() + self.flops_readout()
 
     def fingerprint(self) -> str:
-        """Short sha256 of the config and weights, to refuse T-GEMs made for another backbone.
+        """Short sha256 of the config and the float32 weights, to refuse T-GEMs made for another backbone.
 
-        Weights are hashed as float32, so the same checkpoint loaded in another float dtype
-        that represents it exactly gives the same fingerprint."""
+        load_backbone computes it before the cast to the run dtype, so a checkpoint has one identity
+        in float32, float16 and bfloat16 alike; a backbone built by hand hashes its model as it is."""
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            config = _strip(self.model.config.to_dict())
-            digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-            state = self.model.state_dict()
-            for key in sorted(state):
-                digest.update(key.encode())
-                tensor = state[key].detach().to("cpu")
-                if tensor.is_floating_point():
-                    tensor = tensor.to(torch.float32)
-                digest.update(tensor.contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:16]
+            self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
+
+
+def weights_fingerprint(model) -> str:
+    """The fingerprint of a model's config and weights, the floating ones hashed as float32."""
+    digest = hashlib.sha256()
+    config = _strip(model.config.to_dict())
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    state = model.state_dict()
+    for key in sorted(state):
+        digest.update(key.encode())
+        tensor = state[key].detach().to("cpu")
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _tensor(out):

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from tgems.data.dataset import Dataset
+from tgems.images import open_rgb
 from tgems.errors import TGEMError
 from tgems.jobs.lister import IMAGE_EXTENSIONS, class_folders, class_text, list_folder  # noqa: F401 (re-exported)
 
@@ -16,16 +17,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 def read_image(path) -> Image.Image:
-    """Open one image as RGB, turning every decoder failure into a one-line TGEMError.
+    """Open one image as RGB as a viewer shows it (`tgems.images`), turning every decoder failure into a one-line TGEMError.
 
     The pixels are decoded here (not lazily) so a truncated file fails now, naming the file,
     rather than later inside a batch.
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        return open_rgb(path)
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise TGEMError(f"cannot read image {path}: {_one_line(exc)}") from None
 

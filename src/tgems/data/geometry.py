@@ -61,7 +61,9 @@ class ImageGeometry:
             img = Image.fromarray(img)
         if not isinstance(img, Image.Image):
             raise TGEMError(f"expected a PIL image or a uint8 array, got {type(img).__name__}")
-        img = img.convert("RGB")
+        from tgems.images import to_rgb
+
+        img = to_rgb(img)
         target = self.resize_target(img.height, img.width)
         if target is not None:
             img = img.resize((target[1], target[0]), resample=getattr(Image, self.resample.upper()))

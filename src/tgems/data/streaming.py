@@ -80,16 +80,16 @@ def _one_line(exc: BaseException) -> str:
 
 def decode_image(data: bytes):
     """Bytes -> RGB PIL image; raises ValueError with a stable, one-line reason."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from tgems.images import open_rgb
 
     if data is None:
         raise ValueError("no image bytes (null)")
     if len(data) == 0:
         raise ValueError("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
+        return open_rgb(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ValueError("not an image (unrecognised format)") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...

@@ -27,14 +27,14 @@ DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
 METHODS = ("full", "lens", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle")
 
 
-def analytic_flops(backbone, depth: torch.Tensor, candidates: list[int], head_flops: float) -> torch.Tensor:
-    """Per-sample FLOPs as the engine counts them: embedding, `depth` blocks, and a readout plus exit
-    head at every candidate layer visited (the last layer is always one)."""
-    L = backbone.num_layers
-    cands = torch.as_tensor(sorted(set(candidates) | {L}), dtype=torch.long)
-    visited = (cands[None, :] <= depth[:, None]).sum(1)
-    return (backbone.flops_embed() + depth.double() * backbone.flops_block()
-            + visited.double() * (backbone.flops_readout() + head_flops))
+def analytic_flops(backbone, depth: torch.Tensor, candidates: list[int], head_flops: float,
+                   head_flops_by_layer: dict | None = None) -> torch.Tensor:
+    """Per-sample FLOPs as the engine counts them (`tgems.engine.exit_flops`): embedding, `depth` blocks, and
+    a readout plus exit head at every candidate layer visited (the last layer is always one)."""
+    from tgems.engine import exit_flops
+
+    return exit_flops(backbone, torch.as_tensor(depth, dtype=torch.long),
+                      sorted(set(candidates) | {backbone.num_layers}), head_flops, head_flops_by_layer)
 
 
 SPREAD_LIMIT = 1.3  # max/min images per second above this: the timing is not to be trusted
@@ -130,9 +130,16 @@ def check_eval_data(test, calib) -> None:
                             f"each for test and calibration; give more images or --calib SPEC)")
 
 
-def data_warnings(full_preds: torch.Tensor, classes: list[str], n_calib: int) -> list[dict]:
+DEGENERATE_KINDS = ("degenerate", "near_chance")  # warnings after which a report has no result to give
+
+
+def data_warnings(full_preds: torch.Tensor, classes: list[str], n_calib: int,
+                  labels: torch.Tensor | None = None) -> list[dict]:
     """Report warnings about the data: the full model predicting one class for almost every test image
-    (degenerate data or labels: accuracy and speed-up then measure nothing), and few images."""
+    (degenerate data or labels: accuracy and speed-up then measure nothing), its accuracy on the test
+    labels at or near chance (`tgems.chance`), and few images."""
+    from tgems.chance import chance_check, chance_message
+
     out = []
     counts = torch.bincount(full_preds.cpu(), minlength=len(classes))
     top = int(counts.argmax())
@@ -141,11 +148,20 @@ def data_warnings(full_preds: torch.Tensor, classes: list[str], n_calib: int) ->
         out.append({"kind": "degenerate", "share": round(share, 4), "class": classes[top],
                     "message": f"the full model predicts '{classes[top]}' for {100 * share:.1f}% of the "
                                f"{len(full_preds)} test images: the data or the labels are degenerate"})
+    if labels is not None:
+        check = chance_check(int((full_preds.cpu() == labels.cpu()).sum()), len(labels), len(classes))
+        if check["degenerate"]:
+            out.append({"kind": "near_chance", **check, "message": chance_message(check)})
     n = len(full_preds)
     if n < 100 or n_calib < 100:
         out.append({"kind": "few_images", "message": f"{n} test and {n_calib} calibration images: accuracies "
                                                      f"carry about +-{100 / np.sqrt(n):.0f} points of sampling error"})
     return out
+
+
+def is_degenerate(warnings) -> bool:
+    """Whether a report's warnings leave it without a result (one class for almost everything, or chance)."""
+    return any(w.get("kind") in DEGENERATE_KINDS for w in warnings or [])
 
 
 class Recorder:
@@ -214,7 +230,7 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
     _, ref_preds = ref.layer_predictions(ft)
     full_preds = ref_preds[:, -1]
     rec = Recorder(backbone, y, full_preds, test.sample_split())
-    warns = data_warnings(full_preds, labels, len(calib))
+    warns = data_warnings(full_preds, labels, len(calib), y)
     for w in warns:
         log(f"warning: {w['message']}")
     timed = []  # (records, policy): timed together at the end, round-robin (measure_throughputs)
@@ -272,7 +288,7 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
                 c = m.calibrate(fc, budget=budget, allow_uncovered=True)
                 preds, depth = c.simulate(ft)
                 pol, head, tau = c.policy(), exit_head_flops(c.profiles), c.tau
-            flops = analytic_flops(backbone, depth, pol.candidate_layers, head)
+            flops = analytic_flops(backbone, depth, pol.candidate_layers, head, getattr(pol, "head_flops_by_layer", None))
             time_later(rec.add(name, budget, preds, depth, flops, tau=round(float(tau), 5)), pol)
             bar.update(1)
         log(f"  {name}: done")
@@ -281,7 +297,9 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
         for name, m in clfs.items():
             c = m.calibrate(fc, max_drop=max_drop, delta=delta, allow_uncovered=True)
             preds, depth = c.simulate(ft)
-            flops = analytic_flops(backbone, depth, c.profiles.layers, exit_head_flops(c.profiles))
+            pol = c.policy()
+            flops = analytic_flops(backbone, depth, c.profiles.layers, pol.head_flops,
+                                   getattr(pol, "head_flops_by_layer", None))
             time_later(rec.add(name, None, preds, depth, flops, tau=round(c.tau, 5), max_drop=max_drop,
                                delta=delta, calib_ucb=round(c.calibration["ucb"], 5)), c.policy())
             bar.update(1)
@@ -350,7 +368,7 @@ def make_report(backbone, model_name: str, tgem_dirs: list, test, calib, train=N
                    speed=speed, max_drop=max_drop, delta=delta, log=log)
     report = {"model": model_name, "data": test.name, "num_layers": backbone.num_layers, "seed": seed,
               "budgets": list(budgets), "results": out["results"], "extras": out["extras"],
-              "warnings": out["warnings"]}
+              "warnings": out["warnings"], "degenerate": is_degenerate(out["warnings"])}
     if max_drop is not None:
         report["max_drop"] = {"eps": max_drop, "delta": delta, "n_calib": len(calib)}
     return report, out

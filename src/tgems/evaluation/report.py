@@ -30,7 +30,9 @@ def summary_line(results, budget: float = 0.5, warnings=None) -> str:
     t, f = pick(results, "tgem_cls", budget), pick(results, "full")
     if t is None or f is None:
         return "no T-GEM result at that budget"
-    degenerate = [w for w in warnings or [] if w.get("kind") == "degenerate"]
+    from tgems.evaluation.harness import DEGENERATE_KINDS
+
+    degenerate = [w for w in warnings or [] if w.get("kind") in DEGENERATE_KINDS]
     if degenerate:
         return (f"no result to report: {degenerate[0]['message']} (T-GEM at budget {budget}: accuracy "
                 f"{100 * t['accuracy']:.2f}%, full {100 * f['accuracy']:.2f}%; a speed-up on such data means nothing)")
@@ -66,7 +68,9 @@ def guarantee_line(g: dict) -> str:
 def max_drop_line(results, eps: float, delta: float, warnings=None) -> str:
     """One line per T-GEM calibrated for a max drop: the promise and what the test images measured
     (prefixed by the degenerate-data warning, if any: agreement on such data is trivially high)."""
-    degenerate = [w["message"] for w in warnings or [] if w.get("kind") == "degenerate"]
+    from tgems.evaluation.harness import DEGENERATE_KINDS
+
+    degenerate = [w["message"] for w in warnings or [] if w.get("kind") in DEGENERATE_KINDS]
     prefix = f"no result to report: {degenerate[0]}; " if degenerate else ""
     rows = [r for r in results if r.get("max_drop") == eps and r["split"] == "all"]
     parts = [f"{r['method']}: disagreement {100 * (1 - r['agreement']):.2f}% at {r['mean_layers']:.2f} layers "

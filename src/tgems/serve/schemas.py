@@ -26,12 +26,14 @@ def decode_image(data: bytes, index: int) -> np.ndarray:
     judged from the header before any pixel is decoded."""
     from PIL import Image
 
+    from tgems.images import to_rgb
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                arr = np.asarray(img.convert("RGB"))
+                arr = np.asarray(to_rgb(img))  # EXIF orientation, 16-bit scaled: as every reader
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadRequest(f"input {index}: the image is past the decompression-bomb limit of "
                          f"{Image.MAX_IMAGE_PIXELS} pixels", 413) from None

@@ -134,8 +134,21 @@ def cross_fit_halves(train_labels: np.ndarray, num_classes: int, seed: int) -> l
     return class_halves(num_classes, seed)
 
 
+def _check_full_model(final_logits, y, near_chance: str) -> dict:
+    from tgems.chance import chance_check, chance_message, warn_if_near_chance
+
+    if near_chance not in ("warn", "refuse"):
+        raise TGEMError(f"near_chance must be 'warn' or 'refuse', got {near_chance!r}")
+    what = "the full model's zero-shot accuracy"
+    check = chance_check(int((final_logits.argmax(-1) == y).sum()), len(y), final_logits.shape[1])
+    if check["degenerate"] and near_chance == "refuse":
+        raise TGEMError(f"{chance_message(check, what)}; nothing fitted (--accept-degenerate fits anyway)")
+    warn_if_near_chance(check, what)
+    return check
+
+
 def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None, feats: LayerFeatures | None = None,
-             progress: bool = True):
+             progress: bool = True, near_chance: str = "warn"):
     """Train T-GEMs (G_l for each candidate layer) and the Jumper on a captioned/labelled dataset.
 
     The Jumper is fit on images held out of G_l's training (`jumper_fraction`). With `cross_fit` (the
@@ -143,7 +156,12 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     one half of the classes; the budget Jumper learns from the held-out images scored by the main modules
     and by each half-model on all classes, so half of its examples come from classes that model knows only
     by their text, as a label set never seen in fitting is at inference (docs/design.md). This costs about
-    one more module fit. Returns (tgem, jumper, info). Only the classes present in `data` are used."""
+    one more module fit. Returns (tgem, jumper, info). Only the classes present in `data` are used.
+
+    The full model's zero-shot accuracy on the labels is checked before any training
+    (`tgems.chance`): at or near chance, `near_chance="warn"` warns and records it
+    (info["degenerate"]), "refuse" raises a TGEMError instead (what `tgems fit` does unless
+    --accept-degenerate)."""
     L = backbone.num_layers
     s = settings or FitSettings()
     layers = sorted(set(s.layers or range(1, L)))
@@ -175,6 +193,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
 
     x_all = feats.space(s.space)[:, [l - 1 for l in layers]]
     final_logits = backbone.zero_shot_logits(feats.z[:, -1], class_text).cpu()
+    full_check = _check_full_model(final_logits, y_all, near_chance)
     cap_idx = cap_text = None
     if data.captions is not None:
         uniq, inv = np.unique(np.asarray(data.captions, dtype=object).astype(str), return_inverse=True)
@@ -214,7 +233,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
                  for j, l in enumerate(profiles.exit_layers)]
     info = {"settings": asdict(s), "templates": templates, "train_classes": classes, "history": history,
             "num_train": len(train_idx), "num_jumper": len(jump_idx), "per_layer_holdout": per_layer,
-            "cross_fit": cross_info}
+            "cross_fit": cross_info, "full_model": full_check, "degenerate": full_check["degenerate"]}
     if s.cross_fit and s.jumper_target != "agree" and halves is None:
         info["cross_fit_skipped"] = ("fewer than 4 classes, or a class without training images: the budget Jumper "
                                      "was fit on the main modules only")
@@ -222,7 +241,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
 
 
 def fit_and_save(model: str, data: str, out, settings: FitSettings | None = None, n: int | None = None,
-                 device="cpu", dtype="float32", progress: bool = True) -> dict:
+                 device="cpu", dtype="float32", progress: bool = True, near_chance: str = "warn") -> dict:
     """`tgems fit`: load the model and data by name, fit, save the checkpoint; returns the fit's info."""
     import time
 
@@ -234,7 +253,7 @@ def fit_and_save(model: str, data: str, out, settings: FitSettings | None = None
     bb = load_backbone(model, device=device, dtype=dtype)
     ds = load_dataset(data, n=n, seed=s.seed)
     t0 = time.time()
-    tgem, jumper, info = fit_tgem(bb, ds, s, progress=progress)
+    tgem, jumper, info = fit_tgem(bb, ds, s, progress=progress, near_chance=near_chance)
     info["fit_seconds"] = round(time.time() - t0, 1)
     save_tgem(out, tgem, jumper, bb, info, data_spec=data)
     return info

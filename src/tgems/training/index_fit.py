@@ -156,3 +156,25 @@ def fit_index_model(backbone, data=None, settings: IndexFitSettings | None = Non
 def save_index_model(path, model: IndexModel, backbone, info: dict | None = None, data_spec: str = ""):
     """Atomic write (safetensors + JSON, the backbone's fingerprint inside)."""
     return write_index_model(path, model, backbone, {"data": data_spec, **(info or {})})
+
+
+def fit_and_save_index(model: str, data: str, out, settings: IndexFitSettings | None = None, n: int | None = None,
+                       device="cpu", dtype="float32", progress: bool = True) -> dict:
+    """`tgems index-fit`: retrieval maps and scorer for a backbone (the shipped ones fit only the embedded
+    model), trained on images named by a spec: a built-in dataset, or a folder of any layout, webdataset
+    shards or parquet (a seeded random sample of `n` items: `tgems.retrieval.sample_images`). No label is
+    used. Returns the fit's info."""
+    import time
+
+    from tgems.backbones import load_backbone
+    from tgems.retrieval import sample_images
+
+    s = settings or IndexFitSettings()
+    bb = load_backbone(model, device=device, dtype=dtype)
+    ds = sample_images(data, n, s.seed)
+    t0 = time.time()
+    index_model, info = fit_index_model(bb, ds, s, progress=progress)
+    info["fit_seconds"] = round(time.time() - t0, 1)
+    info["images"] = len(ds)
+    save_index_model(out, index_model, bb, info, data_spec=data)
+    return info
