@@ -181,3 +181,48 @@ def test_edited_label_text_in_a_saved_classifier_is_refused(tmp_path, clf):
     (path / "classifier.json").write_text(json.dumps(cfg))
     with pytest.raises(TGEMError, match=r"classifier.json.*label"):
         EarlyExitClassifier.load(path)
+
+
+# ------------------------------------------------------------------------ the shape: one place per default
+
+
+def test_cli_defaults_are_the_specs():
+    from tgems.cli import build_parser
+    from tgems.spec import PredictorSpec, specs_from_args
+
+    args = build_parser().parse_args(["classify", "--labels", "a,b", "--data", "folder:x", "--out", "o"])
+    args.task = "classify"
+    pred, job = specs_from_args(args)
+    assert pred == PredictorSpec(labels="a,b")
+    assert (job.workers, job.engine, job.concurrency, job.num_gpus) == (2, "local", 2, 0.0)
+    args = build_parser().parse_args(["classify", "--labels", "a,b", "x.png"])
+    assert specs_from_args(args) == (PredictorSpec(labels="a,b"), None)
+
+
+def test_inference_modules_do_not_import_training():
+    code = ("import sys, tgems.classifier, tgems.engine, tgems.jumper, tgems.spec, tgems.batch; "
+            "assert not [m for m in sys.modules if m.startswith('tgems.training')], "
+            "[m for m in sys.modules if m.startswith('tgems.training')]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_atomic_dir_swaps_without_a_moment_with_no_output(tmp_path, monkeypatch):
+    """The old directory is swapped out, never deleted before the new one is in place."""
+    import tgems.io as tio
+
+    path = tmp_path / "model"
+    with tio.atomic_dir(path, "m.json") as tmp:
+        (tmp / "m.json").write_text("1")
+    seen = []
+    real_rmtree = tio.shutil.rmtree
+
+    def watching_rmtree(p, *a, **kw):
+        real_rmtree(p, *a, **kw)
+        seen.append((path / "m.json").is_file())
+
+    monkeypatch.setattr(tio.shutil, "rmtree", watching_rmtree)
+    with tio.atomic_dir(path, "m.json") as tmp:
+        (tmp / "m.json").write_text("2")
+    assert (path / "m.json").read_text() == "2" and seen and all(seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -23,9 +23,9 @@ from tgems.calibration import (ALWAYS_EXIT, NEVER_EXIT, calibrate_budget, calibr
 from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
-from tgems.jumper import Jumper, fit_jumper, jumper_signals
+from tgems.jumper import Jumper, jumper_signals
 from tgems.policies import JumperPolicy
-from tgems.profiles import ClassProfiles, check_readable_labels, layer_probs, sample_profiles, zero_shot_head
+from tgems.profiles import ClassProfiles, check_readable_labels, layer_probs
 from tgems.tgem import TGEM, load_tgem
 
 FORMAT_VERSION = artifacts.CLASSIFIER.format  # 2: the backbone's source, a content hash over labels and tensors
@@ -96,23 +96,6 @@ class EarlyExitClassifier:
     @property
     def tau(self) -> float:
         return self.calibration["tau"]
-
-    @classmethod
-    def from_samples(cls, backbone, data, labels=None, k: int = 16, space: str = "cls", templates=None,
-                     layers=None, seed: int = 0, feats: LayerFeatures | None = None, jumper_feats=None,
-                     progress: bool = False):
-        """Sample-based profiles (k images per class of `data`); the Jumper is fit on `jumper_feats` (default
-        `data`'s features). Uncalibrated, it never exits early."""
-        labels = list(labels or data.classes)
-        text = check_readable_labels(backbone, labels, templates or ["{}"])
-        feats = feats or extract_features(backbone, data, rates=space == "rates", progress=progress)
-        L = backbone.num_layers
-        layers = list(layers or range(1, L))
-        prof = sample_profiles(feats.space(space), feats.labels, len(labels), text, layers, L,
-                               zero_shot_head(backbone), space, k, seed)
-        jumper = fit_jumper(prof, jumper_feats if jumper_feats is not None else feats)
-        return cls(backbone, None, labels, templates, jumper=jumper, profiles=prof,
-                   calibration={"goal": "budget", "tau": NEVER_EXIT, "source": "uncalibrated"})
 
     # ----------------------------------------------------------- calibration on cached features
 
