@@ -214,7 +214,9 @@ def main():
 
         feats = extract_features(bb, calib, rates=False, progress=False)  # once: profiles, Jumper, calibration
         # sample profiles (k images per class): a T-GEM fit is not needed to measure speed
-        clf = tgems.EarlyExitClassifier.from_samples(bb, calib, k=4, feats=feats)
+        from tgems.training.jumper_fit import from_samples
+
+        clf = from_samples(bb, calib, k=4, feats=feats)
         clf = clf.calibrate(feats, budget=0.5, use_labels=False)
         log(f"ViT-B/32-shaped classifier built and calibrated at budget 0.5 ({time.perf_counter() - t:.0f} s)")
     settings = {"bench": "vit_b32", "n_calib": args.n_calib}

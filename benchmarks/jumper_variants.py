@@ -49,6 +49,7 @@ from jumper_study import BUDGETS, SPLITS, auc, cached_features, paired, static_a
 from tgems.calibration import calibrate_budget, simulate  # noqa: E402
 from tgems.io import write_json  # noqa: E402
 from tgems.jumper import Jumper  # noqa: E402
+from tgems.training.jumper_fit import fit_logistic  # noqa: E402
 from tgems.profiles import check_readable_labels  # noqa: E402
 from tgems.tgem import TGEM, load_tgem  # noqa: E402
 from tgems.training.fit import FitSettings, fit_tgem  # noqa: E402
@@ -122,7 +123,7 @@ class LR:
 
     def fit(self, x, y):
         self.mu, self.sd = x.mean((0, 1)), x.std((0, 1)).clamp_min(1e-3)
-        self.j = Jumper().fit((x - self.mu) / self.sd, y, l2=self.l2)
+        self.j = fit_logistic((x - self.mu) / self.sd, y, l2=self.l2)
         return self
 
     def __call__(self, x):
@@ -136,7 +137,7 @@ class LRRaw:
         self.l2 = l2
 
     def fit(self, x, y):
-        self.j = Jumper().fit(x, y, l2=self.l2)
+        self.j = fit_logistic(x, y, l2=self.l2)
         return self
 
     def __call__(self, x):

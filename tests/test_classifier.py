@@ -15,6 +15,7 @@ from tgem_helpers import L, bb, make_classifier, test_data, train  # noqa: F401 
 from tgems import TGEMError
 from tgems.calibration import simulate, tau_grid
 from tgems.classifier import EarlyExitClassifier
+from tgems.training.jumper_fit import from_samples
 from tgems.evaluation.harness import analytic_flops
 from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, exit_head_flops, jumper_signals
 from tgems.profiles import layer_probs
@@ -25,7 +26,7 @@ def classifiers(bb, fitted, test_data, train, train_feats):
     """Fresh per call: cls and rates T-GEMs and the k-shot (sample-based) classifier on the test labels."""
     def build(kind):
         if kind == "sample":
-            return EarlyExitClassifier.from_samples(bb, train, labels=test_data.classes, k=4, feats=train_feats)
+            return from_samples(bb, train, labels=test_data.classes, k=4, feats=train_feats)
         return make_classifier(bb, fitted, kind, test_data.classes)
     return build
 

@@ -7,7 +7,8 @@ import torch
 
 from tgem_helpers import bb, make_classifier, test_data  # noqa: F401 (fixtures)
 from tgems import TGEMError
-from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, fit_jumper, jumper_signals, text_neighbours
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, jumper_signals, text_neighbours
+from tgems.training.jumper_fit import fit_jumper, fit_logistic
 from tgems.profiles import layer_probs
 
 
@@ -26,7 +27,7 @@ def test_jumper_targets(bb, fitted, test_data, test_feats):
     agree, same = fit_jumper(clf.profiles, test_feats, "agree"), fit_jumper(clf.profiles, as_full, "no_loss")
     assert agree.budget is None and same.budget is None
     cols = list(range(NUM_SIGNALS)) + list(range(signals.shape[-1] - NUM_SET_SIGNALS, signals.shape[-1]))
-    expect = Jumper().fit(signals[..., cols], y_agree, standardize=True)
+    expect = fit_logistic(signals[..., cols], y_agree, standardize=True)
     for model in (agree, same):
         assert torch.equal(model.weight[..., cols], expect.weight) and torch.equal(model.bias, expect.bias)
         assert not model.weight[..., NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
@@ -61,7 +62,7 @@ def test_cross_fitted_profiles_train_the_no_loss_model_on_every_set(bb, fitted, 
     x = torch.cat([r[0] for r in rows])
     p = torch.cat([r[1] for r in rows])
     y = test_feats.labels.repeat(2)[:, None]
-    expect = Jumper().fit(x, (p[:, :-1] == y) | (p[:, -1:] != y), standardize=True)
+    expect = fit_logistic(x, (p[:, :-1] == y) | (p[:, -1:] != y), standardize=True)
     assert torch.equal(crossed.budget.weight, expect.weight) and torch.equal(crossed.budget.bias, expect.bias)
 
 
@@ -70,7 +71,7 @@ def test_a_jumper_of_confidence_signals_only_reads_those(bb, fitted, test_data, 
     clf = make_classifier(bb, fitted, "cls", test_data.classes)
     signals = jumper_signals(layer_probs(clf.profiles, test_feats), test_feats, clf.profiles.layers)
     assert signals.shape[-1] == NUM_SIGNALS + bb.embed_dim
-    old = Jumper().fit(signals[..., :NUM_SIGNALS], (signals[..., 3] > 0).float())
+    old = fit_logistic(signals[..., :NUM_SIGNALS], (signals[..., 3] > 0).float())
     assert old.weight.shape[-1] == NUM_SIGNALS
     assert torch.equal(old.scores(signals), old.scores(signals[..., :NUM_SIGNALS]))
     assert torch.equal(old.score(2, signals[:, 2]), old.scores(signals)[:, 2])
@@ -104,7 +105,7 @@ def test_standardized_fit_folds_into_the_weights(bb, fitted, test_data, test_fea
     sig = jumper_signals(layer_probs(clf.profiles, test_feats), test_feats, clf.profiles.layers, clf.profiles.text)
     x = sig[..., :NUM_SIGNALS]
     y = (x[..., 0] > x[..., 0].median()).float()
-    folded = Jumper().fit(x, y, standardize=True)
+    folded = fit_logistic(x, y, standardize=True)
     mu, sd = x.mean((0, 1)), x.std((0, 1)).clamp_min(1e-3)
-    plain = Jumper().fit((x - mu) / sd, y)
+    plain = fit_logistic((x - mu) / sd, y)
     assert torch.allclose(folded.scores(x), plain.scores((x - mu) / sd), atol=1e-4)

@@ -297,3 +297,28 @@ def test_bad_device_or_workers(tmp_path, kw, msg):
 def test_cuda_without_gpu_is_refused(tmp_path):
     with pytest.raises(TGEMError, match="CUDA is not available"):
         _run(tmp_path / "m", steps=2, device="cuda")
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one_whole(tmp_path, monkeypatch):
+    """The resume checkpoint is one directory swapped in whole (tgems.artifacts): a run killed while writing
+    the second checkpoint leaves the first one, its weights matching its state (checksum), resumable."""
+    import tgems.artifacts as artifacts
+
+    out, calls = tmp_path / "m", []
+    real = pt._save_optimizer
+
+    def crash_on_second(opt, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise _Crash()
+        return real(opt, path)
+
+    monkeypatch.setattr(pt, "_save_optimizer", crash_on_second)
+    with pytest.raises(_Crash):
+        _run(out, steps=12, batch_size=16, ckpt_every=4, seed=0)
+    ckpt = out / "checkpoint"
+    state = pt._read_state(ckpt)
+    assert state["step"] == 4
+    artifacts.read_tensors(ckpt, artifacts.PRETRAIN_STATE, state)  # raises when the weights are another step's
+    assert state["sha256"] == artifacts.sha256_file(ckpt / "model.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]

@@ -144,7 +144,7 @@ def test_ray_engine_gives_the_rows_of_the_local_run(tmp_path, local_ray, spec, c
     for col in ("id", "source_label", "label", "label_index", "exit_layer", "top5_labels"):
         assert a.column(col).equals(b.column(col)), col  # same rows, same order
     np.testing.assert_allclose(a.column("probability").to_numpy(), b.column("probability").to_numpy(), atol=1e-5)
-    assert pq.read_table(tmp_path / "ray" / "errors.parquet").column("id").to_pylist() == ["zz_bad.jpg"]
+    assert pq.read_table(tmp_path / "ray" / "_errors.parquet").column("id").to_pylist() == ["zz_bad.jpg"]
     assert summary["exit_layers"] == local["exit_layers"]
     assert {"ray_startup_s", "encode_s", "decode_s", "write_s"} <= set(summary["stages"])
     assert not [p for p in (tmp_path / "ray").rglob("*") if p.name.endswith(".tmp")]

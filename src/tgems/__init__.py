@@ -13,6 +13,7 @@ _EXPORTS = {
     "TGEM": "tgems.tgem", "load_tgem": "tgems.tgem", "save_tgem": "tgems.tgem",
     "Jumper": "tgems.jumper", "ClassProfiles": "tgems.profiles",
     "fit_tgem": "tgems.training.fit", "FitSettings": "tgems.training.fit",
+    "PredictorSpec": "tgems.spec", "JobSpec": "tgems.spec",
     "run_early_exit": "tgems.engine", "extract_features": "tgems.features", "LayerFeatures": "tgems.features",
 }
 

@@ -7,7 +7,9 @@ drop); `predict` runs the engine, so the compute saving is real; `save` / `load`
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,23 +17,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tgems.calibration import (NEVER_EXIT, calibrate_budget, calibrate_max_drop, check_tau, min_calibration_size,
+import tgems.artifacts as artifacts
+from tgems.calibration import (ALWAYS_EXIT, NEVER_EXIT, calibrate_budget, calibrate_max_drop, check_tau, min_calibration_size,
                                simulate)
 from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
-from tgems.jumper import Jumper, fit_jumper, jumper_signals
+from tgems.jumper import Jumper, jumper_signals
 from tgems.policies import JumperPolicy
-from tgems.profiles import ClassProfiles, check_readable_labels, layer_probs, sample_profiles, zero_shot_head
-from tgems.tgem import TGEM, load_tensors, load_tgem
+from tgems.profiles import ClassProfiles, check_readable_labels, layer_probs
+from tgems.tgem import TGEM, load_tgem
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = artifacts.CLASSIFIER.format  # 2: the backbone's source, a content hash over labels and tensors
+CONFIG, TENSORS = artifacts.CLASSIFIER.config, artifacts.CLASSIFIER.tensors
 LABEL_COST_LIMIT = 0.05  # scoring the label set may add this share of the plain encoder's FLOPs before a warning
 
 
 class LabelSetCostWarning(UserWarning):
     """Scoring the label set at every candidate layer costs more than the exits can save."""
-CONFIG, TENSORS = "classifier.json", "classifier.safetensors"
 
 
 @dataclass
@@ -133,23 +136,6 @@ class EarlyExitClassifier:
     def tau(self) -> float:
         return self.calibration["tau"]
 
-    @classmethod
-    def from_samples(cls, backbone, data, labels=None, k: int = 16, space: str = "cls", templates=None,
-                     layers=None, seed: int = 0, feats: LayerFeatures | None = None, jumper_feats=None,
-                     progress: bool = False):
-        """Sample-based profiles (k images per class of `data`); the Jumper is fit on `jumper_feats` (default
-        `data`'s features). Uncalibrated, it never exits early."""
-        labels = list(labels or data.classes)
-        text = check_readable_labels(backbone, labels, templates or ["{}"])
-        feats = feats or extract_features(backbone, data, rates=space == "rates", progress=progress)
-        L = backbone.num_layers
-        layers = list(layers or range(1, L))
-        prof = sample_profiles(feats.space(space), feats.labels, len(labels), text, layers, L,
-                               zero_shot_head(backbone), space, k, seed)
-        jumper = fit_jumper(prof, jumper_feats if jumper_feats is not None else feats)
-        return cls(backbone, None, labels, templates, jumper=jumper, profiles=prof,
-                   calibration={"goal": "budget", "tau": NEVER_EXIT, "source": "uncalibrated"})
-
     # ----------------------------------------------------------- calibration on cached features
 
     def features(self, data_or_feats, progress: bool = False) -> LayerFeatures:
@@ -211,7 +197,12 @@ class EarlyExitClassifier:
         layers, L = self.profiles.exit_layers, self.backbone.num_layers
         if budget is not None:
             tau = calibrate_budget(scores, preds, layers, L, budget, labels)
-            info = {"goal": "budget", "budget": budget}
+            reachable = float(simulate(scores, preds, layers, ALWAYS_EXIT)[1].float().mean()) / L
+            if reachable > budget + 1e-9:
+                warnings.warn(f"budget {budget:g} is not reachable on this data: the earliest exits already cost "
+                              f"{reachable:.3f} (every image at its first candidate layer); calibrated for that",
+                              stacklevel=2)
+            info = {"goal": "budget", "budget": budget, "reachable_budget": reachable}
         else:
             need = min_calibration_size(max_drop, delta)
             if len(feats) < need:
@@ -264,42 +255,34 @@ class EarlyExitClassifier:
 
     def save(self, path) -> Path:
         """A directory with classifier.safetensors (profiles, Jumper) and classifier.json (labels, templates,
-        calibration, the backbone's name and fingerprint); written atomically."""
-        from safetensors.torch import save_file
-
-        from tgems.io import atomic_dir
-
+        calibration, the backbone's name, source and fingerprint, a hash over labels and tensors); written
+        atomically. A backbone in a local directory is recorded by its absolute path and its path relative to
+        the classifier, so a project moved as a whole still loads."""
         tensors = {**self.profiles.state(), **self.jumper.state()}
         config = {"format": FORMAT_VERSION, "kind": "tgems-classifier", "backbone": self.backbone.name,
+                  "backbone_source": backbone_source(self.backbone, path),
                   "family": self.backbone.family, "fingerprint": self.backbone.fingerprint(),
                   "labels": self.labels, "templates": self.templates, "profiles": self.profiles.config(),
                   "calibration": self.calibration, "tgem": {k: self.config[k] for k in ("space", "data", "settings")
-                                                            if k in self.config}}
-        with atomic_dir(path, CONFIG, "a saved classifier") as tmp:
-            save_file(tensors, str(tmp / TENSORS))
-            (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=float))
-        return Path(path)
+                                                            if k in self.config},
+                  "content": content_hash(self.labels, self.templates, tensors)}
+        return artifacts.write(path, artifacts.CLASSIFIER, config, tensors)
 
     @classmethod
     def load(cls, path, backbone=None, device="cpu", dtype="float32") -> "EarlyExitClassifier":
-        """Load a saved classifier; without `backbone`, the one it was saved with is loaded by name."""
+        """Load a saved classifier. Without `backbone`, the one it was saved with is found: a shipped name, a
+        hub id, its absolute path, or its path relative to the classifier's directory. A given `backbone` must
+        be the one it was saved for (same fingerprint)."""
         path = Path(path).expanduser()
-        if not (path / CONFIG).is_file() or not (path / TENSORS).is_file():
-            raise TGEMError(f"{path} is not a saved classifier (expected {CONFIG} and {TENSORS})")
-        try:
-            cfg = json.loads((path / CONFIG).read_text())
-            labels, prof_cfg, calibration = cfg["labels"], cfg["profiles"], cfg["calibration"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TGEMError(f"cannot read {path / CONFIG}: damaged ({type(e).__name__}: {e})") from None
+        cfg = artifacts.read_config(path, artifacts.CLASSIFIER, ("labels", "profiles", "calibration"))
+        labels, prof_cfg, calibration = cfg["labels"], cfg["profiles"], cfg["calibration"]
         if backbone is None:
-            from tgems.backbones import load_backbone
-
-            backbone = load_backbone(cfg.get("backbone"), device=device, dtype=dtype)
-        if cfg.get("fingerprint") != backbone.fingerprint():
-            raise TGEMError(f"classifier {path} was saved for another backbone ('{cfg.get('backbone')}', "
-                            f"fingerprint {str(cfg.get('fingerprint'))[:12]}), not for '{backbone.name}' "
-                            f"(fingerprint {backbone.fingerprint()[:12]})")
-        tensors = load_tensors(path / TENSORS)
+            backbone = _find_backbone(path, cfg, device, dtype)
+        artifacts.check_backbone(cfg, backbone, path, "classifier")
+        tensors = artifacts.read_tensors(path, artifacts.CLASSIFIER, cfg)
+        if "content" in cfg and cfg["content"] != content_hash(labels, cfg.get("templates"), tensors):
+            raise TGEMError(f"{path / CONFIG}: its labels or templates do not match the class profiles saved in "
+                            f"{TENSORS} (edited by hand?); calibrate a classifier for the new label texts instead")
         try:
             jumper = Jumper.from_state(tensors, calibration.get("tau", NEVER_EXIT))
             profiles = ClassProfiles.from_state(tensors, prof_cfg)
@@ -309,3 +292,56 @@ class EarlyExitClassifier:
                   calibration=calibration)
         clf.config = cfg.get("tgem", {})
         return clf
+
+
+def content_hash(labels, templates, tensors: dict) -> str:
+    """sha256 over the label texts, templates and tensors: a label edited in the JSON no longer matches."""
+    h = hashlib.sha256(json.dumps({"labels": list(labels), "templates": list(templates or [])}).encode())
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def backbone_source(backbone, saved_at) -> dict:
+    """Where a backbone comes from, so a saved classifier can find it again: a shipped name, a hub id, or a
+    local directory (absolute, and relative to the directory the classifier is saved to)."""
+    from tgems.pretrained import model_path
+
+    name = str(backbone.name)
+    try:
+        shipped = model_path(name) is not None
+    except TGEMError:
+        shipped = False
+    if shipped:
+        return {"kind": "shipped", "name": name}
+    if getattr(backbone, "path", None) is None:
+        return {"kind": "hub", "name": name}
+    where = Path(backbone.path).expanduser().absolute()
+    return {"kind": "path", "path": str(where),
+            "relative": os.path.relpath(where, Path(saved_at).expanduser().absolute())}
+
+
+def _find_backbone(path: Path, cfg: dict, device, dtype):
+    """The backbone a saved classifier names (see backbone_source); one line asking for it when not found."""
+    from tgems.backbones import load_backbone
+
+    name = str(cfg.get("backbone"))
+    src = cfg.get("backbone_source") or {}
+    if src.get("kind") in ("shipped", "hub"):
+        return load_backbone(src["name"], device=device, dtype=dtype)
+    if src.get("kind") == "path":
+        tried = [Path(src["path"]), path / src.get("relative", src["path"])]
+    else:  # format 1: the name as typed, a shipped name, a hub id or a path from where it was saved
+        from tgems.pretrained import model_path
+
+        if model_path(name) is not None or not (name.startswith((".", "/", "~")) or Path(name).exists()
+                                                or (path / name).exists()):
+            return load_backbone(name, device=device, dtype=dtype)
+        tried = [Path(name).expanduser(), path / name]
+    for where in tried:
+        if where.is_dir():
+            return load_backbone(str(where), device=device, dtype=dtype)
+    raise TGEMError(f"classifier {path} was saved for the backbone at {tried[0]} (fingerprint "
+                    f"{str(cfg.get('fingerprint'))[:12]}), which is not there (nor at {tried[1]}); give it with "
+                    f"--model DIR (backbone= in Python)")

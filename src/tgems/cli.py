@@ -16,6 +16,8 @@ from pathlib import Path
 from tgems import __version__
 from tgems.errors import TGEMError
 from tgems.io import write_json
+from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, DTYPES, ENGINES, default
+
 
 def _budget(value: str) -> float:
     try:
@@ -25,6 +27,13 @@ def _budget(value: str) -> float:
     if not 0 < b <= 1:
         raise argparse.ArgumentTypeError(f"budget must lie in (0, 1], got {b}")
     return b
+
+
+def _int_arg(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{value}'") from None
 
 
 def _positive_int(value: str) -> int:
@@ -185,35 +194,30 @@ def _degenerate_exit(args, warnings) -> int:
 
 
 def cmd_calibrate(args):
-    from tgems.pipeline import build_classifier, read_labels
+    from tgems.spec import specs_from_args
 
-    clf = build_classifier(args.model, args.tgem, read_labels(args.labels, args.labels_file), calib=args.calib,
-                           budget=args.budget, max_drop=args.max_drop, delta=args.delta,
-                           label_free=args.label_free, seed=args.seed, device=args.device, dtype=args.dtype,
-                           progress=_progress(args), log=_log(args))
+    spec, _ = specs_from_args(args, job=False)
+    clf = spec.check().build(progress=_progress(args), log=_log(args))
     clf.save(args.out)
     _log(args)(f"saved the calibrated classifier to {args.out}")
     if args.json:
-        write_json(args.json, {"model": args.model, "tgem": args.tgem, "labels": clf.labels,
+        write_json(args.json, {"model": clf.backbone.name, "tgem": spec.tgem or DEFAULT_TGEM, "labels": clf.labels,
                                "calibration": clf.calibration})
     return 0
 
 
 def cmd_classify(args):
-    from tgems.pipeline import build_classifier, classify_files, read_labels
+    from tgems.pipeline import classify_files
+    from tgems.spec import specs_from_args
 
     if args.data or args.out:  # a streamed job: --data SPEC --out DIR (tgems.batch)
         return cmd_embed(args, task="classify")
-    labels = None if args.classifier else read_labels(args.labels, args.labels_file)
-    if not args.classifier and not labels:
-        raise TGEMError("give --labels, --labels-file or --classifier")
+    spec, _ = specs_from_args(args)  # the same spec, and the same checks, as a streamed job
+    spec.check()
     if not args.images:
         raise TGEMError("no image files given")
-    clf = build_classifier(args.model, args.tgem, labels, classifier=args.classifier, calib=args.calib,
-                           budget=args.budget, max_drop=args.max_drop, delta=args.delta, tau=args.tau,
-                           label_free=args.label_free, seed=args.seed, device=args.device, dtype=args.dtype,
-                           log=_log(args))
-    records, failures = classify_files(clf, args.images)
+    clf = spec.build(log=_log(args))
+    records, failures = classify_files(clf, args.images, batch_size=spec.batch_size)
     L = clf.backbone.num_layers
     for f in failures:
         print(f"tgems: skipped: {f['reason']}", file=sys.stderr)
@@ -236,7 +240,7 @@ def cmd_embed(args, task="embed"):
     if getattr(args, "images", None):
         raise TGEMError("give image files or --data SPEC --out DIR, not both")
     args.task = task
-    return cmd_batch(args)
+    return cmd_batch(args, log=_log(args))
 
 
 def cmd_demo(args):
@@ -348,10 +352,10 @@ def _unit_interval(what):
 
 
 def _tau(value: str) -> float:
-    from tgems.calibration import check_tau
+    from tgems.spec import NEVER_EXIT, _number
 
     try:
-        return check_tau(value)
+        return _number(value, f"tau ({NEVER_EXIT:g} never exits early)", 0, NEVER_EXIT, lo_open=False)
     except TGEMError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -361,6 +365,26 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"tgems: error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_stream_arguments(p: argparse.ArgumentParser, required: bool = True):
+    """The JobSpec options of `tgems classify|embed --data SPEC --out DIR` (defaults: tgems.spec.JobSpec's)."""
+    p.add_argument("--data", required=required, help="folder:DIR[?block=N] | webdataset:PATTERN | parquet:PATH")
+    p.add_argument("--out", required=required,
+                   help="output directory: part-NNNNN.parquet, _errors.parquet, _SUCCESS (a rerun resumes)")
+    p.add_argument("--workers", type=_int_arg, default=default("workers"),
+                   help=f"image decoding processes, at most the CPUs (0: decode in a thread; default "
+                        f"{default('workers')})")
+    p.add_argument("--batch-size", type=_positive_int, default=default("batch_size"),
+                   help=f"images per encoder batch (default {default('batch_size')})")
+    p.add_argument("--engine", default=default("engine"), choices=ENGINES, help="local (default) or Ray Data")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--concurrency", type=_positive_int, default=default("concurrency"),
+                   help=f"Ray: predictor actors (default {default('concurrency')})")
+    p.add_argument("--num-gpus", type=float, default=default("num_gpus"), help="Ray: GPUs per actor (default 0)")
+    p.add_argument("--image-column", help="parquet: the image-bytes column (default: image, jpg, bytes, img or png)")
+    p.add_argument("--id-column", help="parquet: the id column (default: id, else FILE:ROW)")
+    p.add_argument("--block", type=_positive_int, help="folder: files per output part (default 1000)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,20 +398,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=_seed_value, default=0)
 
     def placement(sp):
-        sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-        sp.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+        sp.add_argument("--device", default=default("device"), help="cpu, cuda or cuda:N (default: cpu)")
+        sp.add_argument("--dtype", default=default("dtype"), choices=DTYPES)
 
     def goal(sp, required=False):
         g = sp.add_mutually_exclusive_group(required=required)
         g.add_argument("--budget", type=_budget, help="calibrate for this compute budget (mean layers / L) on --calib")
         g.add_argument("--max-drop", type=_fraction("max-drop"),
                        help="calibrate for at most this disagreement with the full model, w.p. >= 1 - delta")
-        sp.add_argument("--delta", type=_fraction("delta"), default=0.1, help="confidence of --max-drop (default 0.1)")
+        sp.add_argument("--delta", type=_fraction("delta"), default=default("delta"),
+                        help=f"confidence of --max-drop (default {default('delta')})")
         return g
 
     def labelled(sp):
-        sp.add_argument("--model", default="embedded", help="embedded, a local HF CLIP/SigLIP dir or a hub id")
-        sp.add_argument("--tgem", default="embedded:cls", help="T-GEM checkpoint: embedded:cls, embedded:rates or a dir")
+        """The options of a PredictorSpec (tgems.spec): their defaults are the spec's."""
+        sp.add_argument("--model", default=default("model"),
+                        help=f"{DEFAULT_MODEL} (default; with --classifier: the backbone it was saved with), "
+                             f"a local HF CLIP/SigLIP dir or a hub id")
+        sp.add_argument("--tgem", default=default("tgem"),
+                        help=f"T-GEM checkpoint: {DEFAULT_TGEM} (default), embedded:rates or a dir")
         sp.add_argument("--labels", help='comma-separated class texts, e.g. "a red circle,a blue star"')
         sp.add_argument("--labels-file", help="one class text per line")
         sp.add_argument("--calib", help="calibration data spec (images of the label set's classes)")
@@ -395,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="calibrate on agreement with the full model (images of any classes, no labels used)")
 
     d = sub.add_parser("demo", help="the whole story on the embedded default, offline")
-    d.add_argument("--model", default="embedded")
+    d.add_argument("--model", default=DEFAULT_MODEL)
     d.add_argument("--tgem", action="append", help="T-GEM checkpoints (default: embedded:cls and embedded:rates)")
     d.add_argument("--out", default="results/demo")
     d.add_argument("--n", type=_positive_int, default=None, help="number of test images (default: the whole split)")
@@ -450,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fit)
 
     e = sub.add_parser("eval", help="accuracy and compute of every method at a budget, a sweep or a max drop")
-    e.add_argument("--model", default="embedded")
+    e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--tgem", action="append", required=True, help="T-GEM checkpoint (repeat for cls and rates)")
     e.add_argument("--data", required=True)
     e.add_argument("--n", type=_positive_int, help="use N test images")
@@ -477,8 +506,6 @@ def build_parser() -> argparse.ArgumentParser:
     common(cb)
     cb.set_defaults(func=cmd_calibrate)
 
-    from tgems.batch import add_stream_arguments
-
     def classifier_source(sp):
         """A classifier from --model/--tgem/--labels and a goal or --tau, or a saved one (--classifier)."""
         labelled(sp)
@@ -503,13 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     em.set_defaults(func=cmd_embed)
 
     vo = sub.add_parser("vocab", help="the words a model's tokenizer knows (word-level tokenizers, e.g. embedded)")
-    vo.add_argument("--model", default="embedded")
+    vo.add_argument("--model", default=DEFAULT_MODEL)
     placement(vo)
     common(vo)
     vo.set_defaults(func=cmd_vocab)
 
     ix = sub.add_parser("index", help="encode images with early exit into a retrieval index (searched by text)")
-    ix.add_argument("--model", default="embedded", help="embedded, a local HF CLIP dir or a hub id")
+    ix.add_argument("--model", default=DEFAULT_MODEL, help="embedded, a local HF CLIP dir or a hub id")
     ix.add_argument("--tgem", default="embedded:retrieval",
                     help="retrieval maps + scorer: embedded:retrieval, or a dir from `tgems index-fit` for "
                          "another model")

@@ -75,8 +75,42 @@ def atomic_dir(path, marker: str, what: str = "a previous output"):
             if f.is_file():
                 os.chmod(f, _umask_mode())
         os.chmod(tmp, _umask_mode(0o777))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        swap_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def swap_dir(new: Path, path) -> None:
+    """Put directory `new` at `path` so that a reader of `path` finds the old or the new output at every
+    moment, never none: swapped in one step where the system can (Linux), else the old one renamed aside,
+    the new one renamed in, and only then the old one deleted."""
+    path = Path(path)
+    if not path.exists():
+        os.replace(new, path)
+        return
+    if _exchange(Path(new), path):
+        shutil.rmtree(new, ignore_errors=True)  # now the old output
+        return
+    old = path.with_name(f".{path.name}.old.{os.getpid()}.tmp")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except OSError:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

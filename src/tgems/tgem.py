@@ -5,7 +5,6 @@ A checkpoint is a directory: `tgem.safetensors` (the modules and the Jumper's we
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,12 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import tgems.artifacts as artifacts
 from tgems.errors import TGEMError
 from tgems.jumper import Jumper
 from tgems.profiles import SPACES, ClassProfiles, zero_shot_head
 
-FORMAT_VERSION = 1
-CONFIG, TENSORS = "tgem.json", "tgem.safetensors"
+FORMAT_VERSION = artifacts.TGEM.format
+CONFIG, TENSORS = artifacts.TGEM.config, artifacts.TGEM.tensors
 
 
 class _Head(nn.Module):
@@ -72,50 +72,27 @@ class TGEM(nn.Module):
 
 
 def save_tgem(path, tgem: TGEM, jumper: Jumper, backbone, info: dict, data_spec: str = "") -> Path:
-    """Write atomically; replaces an earlier checkpoint or an empty directory, never anything else."""
-    from safetensors.torch import save_file
-
-    from tgems.io import atomic_dir
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tgem.state_dict().items()}
+    """Write atomically (tgems.artifacts); replaces an earlier checkpoint or an empty directory, nothing else."""
+    tensors = dict(tgem.state_dict())
     tensors.update(jumper.state())
     config = {"format": FORMAT_VERSION, "backbone": backbone.name, "family": backbone.family,
               "fingerprint": backbone.fingerprint(), "num_layers": tgem.num_layers, "layers": tgem.layers,
               "space": tgem.space, "embed_dim": tgem.embed_dim, "out_dim": tgem.out_dim, "hidden": tgem.hidden,
               "tau": jumper.tau, "data": data_spec, **info}
-    with atomic_dir(path, CONFIG, "a T-GEM checkpoint") as tmp:
-        save_file(tensors, str(tmp / TENSORS))
-        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
-    return Path(path)
+    return artifacts.write(path, artifacts.TGEM, config, tensors)
+
+
+REQUIRED = ("layers", "num_layers", "embed_dim", "out_dim", "space", "hidden", "fingerprint")
 
 
 def read_tgem_config(name_or_path) -> dict:
     """The checkpoint's configuration; a name ("embedded:cls") or a directory."""
     from tgems.pretrained import tgem_path
 
-    path = tgem_path(name_or_path)
-    if not (path / CONFIG).is_file() or not (path / TENSORS).is_file():
-        raise TGEMError(f"{path} is not a T-GEM checkpoint (expected {CONFIG} and {TENSORS})")
-    try:
-        cfg = json.loads((path / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise TGEMError(f"cannot read {path / CONFIG}: {e}") from None
-    missing = [k for k in ("layers", "num_layers", "embed_dim", "out_dim", "space", "hidden", "fingerprint")
-               if k not in cfg] if isinstance(cfg, dict) else ["all keys"]
-    if missing:
-        raise TGEMError(f"{path / CONFIG} is damaged: missing {', '.join(missing)}")
-    return cfg
+    return artifacts.read_config(tgem_path(name_or_path), artifacts.TGEM, REQUIRED)
 
 
-def load_tensors(file: Path) -> dict:
-    """A safetensors file, every failure one line naming the file."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(file))
-    except Exception as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TGEMError(f"cannot read {file}: damaged or not a safetensors file ({why})") from None
+load_tensors = artifacts.load_tensors
 
 
 def load_tgem(name_or_path, backbone) -> tuple[TGEM, Jumper, dict]:
@@ -124,12 +101,9 @@ def load_tgem(name_or_path, backbone) -> tuple[TGEM, Jumper, dict]:
 
     path = tgem_path(name_or_path)
     cfg = read_tgem_config(path)
-    if cfg.get("fingerprint") != backbone.fingerprint():
-        raise TGEMError(f"T-GEM checkpoint {path} was made for another backbone "
-                        f"('{cfg.get('backbone')}', fingerprint {str(cfg.get('fingerprint'))[:12]}), "
-                        f"not for '{backbone.name}' (fingerprint {backbone.fingerprint()[:12]})")
+    artifacts.check_backbone(cfg, backbone, path, "T-GEM checkpoint")
     tgem = TGEM(cfg["layers"], cfg["num_layers"], cfg["embed_dim"], cfg["out_dim"], cfg["space"], cfg["hidden"])
-    tensors = load_tensors(path / TENSORS)
+    tensors = artifacts.read_tensors(path, artifacts.TGEM, cfg)
     try:
         jumper = Jumper.from_state(tensors, cfg.get("tau", 2.0))
         tgem.load_state_dict(tensors)

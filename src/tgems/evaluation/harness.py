@@ -270,7 +270,9 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
         w, b = fit_probes(ftr, ref.profiles.layers, len(labels), seed=seed)
         methods["probe"] = ProbeExits(w, b, ref.profiles)
     if fs is not None:
-        methods["sample"] = EarlyExitClassifier.from_samples(
+        from tgems.training.jumper_fit import from_samples  # the k-shot baseline fits its Jumper
+
+        methods["sample"] = from_samples(
             backbone, shots, labels, k=k_shot, templates=ref.templates, layers=ref.profiles.layers, seed=seed,
             feats=fs, jumper_feats=ftr if ftr is not None else fc)
     methods.update(clfs)

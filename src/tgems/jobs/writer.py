@@ -12,13 +12,13 @@ from pathlib import Path
 
 from tgems.errors import TGEMError
 from tgems.io import atomic_path, commit, tmp_path, write_json
+from tgems.spec import TASKS
 
-TASKS = ("classify", "embed")
 TOP_K = 5
 ROW_GROUP = 8192
 # Where unreadable inputs are listed: per shard while the job runs, then gathered into one file.
 ERRORS_DIR = "_errors"
-ERRORS_FILE = "errors.parquet"
+ERRORS_FILE = "_errors.parquet"  # beside the parts, not read as data (a leading underscore)
 
 
 def part_name(index: int) -> str:
@@ -160,6 +160,8 @@ def finish_job(out: Path, job: dict, task: str, started: float, counts: dict, st
     err_tables = [pq.read_table(p) for p in err_files]
     errors = pa.concat_tables(err_tables) if err_tables else error_schema().empty_table()
     write_table_atomic(errors_path(out), errors)
+    if (out / "errors.parquet").is_file():  # where tgems < 0.2 kept them: it hid the rows from pd.read_parquet
+        (out / "errors.parquet").unlink()
     seconds = time.perf_counter() - started
     images_now = counts.get("images", 0)
     summary = {

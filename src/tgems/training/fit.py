@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from tgems.calibration import calibrate_budget
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
-from tgems.jumper import check_jumper_target, fit_jumper, jumper_signals
+from tgems.jumper import jumper_signals
+from tgems.training.jumper_fit import check_jumper_target, fit_jumper
 from tgems.profiles import check_readable_labels, default_templates, layer_probs
 from tgems.tgem import TGEM
 

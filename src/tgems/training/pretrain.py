@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel
 
@@ -30,7 +30,9 @@ except ImportError:  # older transformers
 from tgems.backbones import as_device
 from tgems.backbones.transforms import OPENAI_CLIP_MEAN as CLIP_MEAN
 from tgems.backbones.transforms import OPENAI_CLIP_STD as CLIP_STD
+import tgems.artifacts as artifacts
 from tgems.errors import TGEMError
+from tgems.io import swap_dir
 from tgems.training.tokenizer import build_word_tokenizer
 
 
@@ -197,8 +199,25 @@ def _save_optimizer(opt, path: Path):
     save_file(tensors, str(path))
 
 
+def _save_checkpoint(ckpt: Path, model, opt, state: dict) -> None:
+    """The resume checkpoint as one directory (model, optimizer, state), swapped in whole: a run killed while
+    writing it resumes from the previous one."""
+    from tgems.io import atomic_dir
+
+    with atomic_dir(ckpt, artifacts.PRETRAIN_STATE.config, artifacts.PRETRAIN_STATE.what) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / artifacts.PRETRAIN_STATE.tensors))
+        _save_optimizer(opt, tmp / "optimizer.safetensors")
+        state = {**state, "sha256": artifacts.sha256_file(tmp / artifacts.PRETRAIN_STATE.tensors)}
+        (tmp / artifacts.PRETRAIN_STATE.config).write_text(json.dumps(state))
+
+
+def _read_state(ckpt: Path) -> dict:
+    return artifacts.read_config(ckpt, artifacts.PRETRAIN_STATE, ("step", "log", "elapsed_s", "recipe", "seed", "data"))
+
+
 def _load_optimizer(opt, path: Path):
-    tensors = load_file(str(path))
+    tensors = artifacts.load_tensors(path)
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         st = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
@@ -232,8 +251,7 @@ def _write_model(model, tokenizer, recipe: Recipe, out: Path, info: dict):
         keep = out / "checkpoint"
         if keep.exists():
             shutil.move(str(keep), str(tmp / "checkpoint"))
-        shutil.rmtree(out)
-    tmp.rename(out)
+    swap_dir(tmp, out)
 
 
 def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:train", seed: int = 0,
@@ -282,10 +300,11 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
                 user_callback(step, model, tokenizer)
         callback_every = math.gcd(eval_every, callback_every) if callback_every else eval_every
     if resume and (ckpt / "state.json").exists():
-        state = json.loads((ckpt / "state.json").read_text())
+        state = _read_state(ckpt)
         if state["recipe"] != asdict(recipe) or state["seed"] != seed or state["data"] != data:
             raise TGEMError(f"checkpoint in {ckpt} was made with another recipe/seed/data; use --no-resume")
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+        model.load_state_dict({k: v.to(device) for k, v in
+                               artifacts.read_tensors(ckpt, artifacts.PRETRAIN_STATE, state).items()})
         _load_optimizer(opt, ckpt / "optimizer.safetensors")
         start, log, elapsed = state["step"], state["log"], state["elapsed_s"]
         curve[:] = state.get("zero_shot", [])
@@ -312,13 +331,9 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
                 callback(step + 1, model, tokenizer)
             model.train()
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < recipe.steps:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(ckpt / "model.safetensors"))
-            _save_optimizer(opt, ckpt / "optimizer.safetensors")
-            (ckpt / "state.json").write_text(json.dumps(
-                {"step": step + 1, "log": log, "zero_shot": curve, "elapsed_s": time.time() - t0, "recipe": asdict(recipe),
-                 "seed": seed, "data": data}))
+            _save_checkpoint(ckpt, model, opt, {"step": step + 1, "log": log, "zero_shot": curve,
+                                                "elapsed_s": time.time() - t0, "recipe": asdict(recipe),
+                                                "seed": seed, "data": data})
     model.eval().cpu()
     info = {"preset": preset, "data": data, "seed": seed, "recipe": asdict(recipe),
             "train_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(), "device": str(device),

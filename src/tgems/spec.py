@@ -1,0 +1,343 @@
+"""What a predictor is and what a job is, written once: every entry point (CLI file mode and stream mode,
+`run_job` / `run_command` in Python, Ray, the service) builds a `PredictorSpec` (and a `JobSpec` for a
+streamed job), checks it with `check()` and builds the classifier with `build()`.
+
+Each option's default lives here (the CLI reads it from these dataclasses), every option is checked in
+`check()`, and a job's fingerprint comes from the *built* predictor (`predictor_settings`): labels and
+templates, goal and threshold, exit-module and Jumper weights, the backbone's fingerprint and dtype. So any
+change that can change a row changes the fingerprint. This module imports no torch (the CLI parser and
+`import tgems` stay light); `build()` does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from tgems.errors import TGEMError
+
+DEFAULT_MODEL = "embedded"
+DEFAULT_TGEM = "embedded:cls"
+DTYPES = ("float32", "float16", "bfloat16")
+TASKS = ("classify", "embed")
+ENGINES = ("local", "ray")
+NEVER_EXIT = 2.0  # the largest threshold (calibration.NEVER_EXIT: scores are probabilities)
+
+
+def _number(value, what: str, lo: float, hi: float, lo_open=True, hi_open=False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TGEMError(f"{what} must be a number, got {value!r}") from None
+    ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)  # also refuses nan
+    if not ok:
+        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise TGEMError(f"{what} must lie in {span}, got {x}")
+    return x
+
+
+def _int(value, what: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        span = f">= {lo}" if hi is None else f"in {lo} .. {hi}"
+        raise TGEMError(f"{what} must be an integer {span}, got {value!r}")
+    return value
+
+
+def check_label_list(labels) -> list[str]:
+    """Class texts (a list, or one comma-separated string): at least two, non-empty, no duplicates."""
+    if labels is None:
+        raise TGEMError("give --labels, --labels-file or --classifier")
+    if isinstance(labels, str):
+        labels = [t for t in labels.split(",") if t.strip()]
+    labels = list(labels)
+    if not labels:
+        raise TGEMError("the label list is empty")
+    if any(not isinstance(t, str) or not t.strip() for t in labels):
+        raise TGEMError("every label must be a non-empty string")
+    labels = [t.strip() for t in labels]
+    seen = set()
+    dups = sorted({t for t in labels if t in seen or seen.add(t)})
+    if dups:
+        raise TGEMError(f"duplicate labels: {', '.join(dups)}")
+    if len(labels) < 2:
+        raise TGEMError("give at least two class texts")
+    return labels
+
+
+def read_label_file(path) -> list[str]:
+    """One class text per line (blank lines skipped)."""
+    try:
+        return [ln.strip() for ln in Path(path).expanduser().read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TGEMError(f"cannot read labels file {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+@dataclass
+class PredictorSpec:
+    """A predictor: a saved `classifier` directory, or `model` + `tgem` + `labels` (+ `templates`); and a goal
+    (`budget` or `max_drop` with `delta`, calibrated on `calib`, or a hand-set `tau`). Plain data, so it
+    travels to Ray actors and into `_SUCCESS`; `build()` makes the `EarlyExitClassifier`.
+
+    `model=None` means the default model, or, with a `classifier`, the backbone it was saved with (a given
+    `model` is checked against the classifier's backbone fingerprint)."""
+
+    classifier: str | None = None
+    model: str | None = None
+    tgem: str | None = None
+    labels: list | None = None
+    templates: list | None = None
+    budget: float | None = None
+    max_drop: float | None = None
+    delta: float = 0.1
+    calib: str | None = None
+    tau: float | None = None
+    label_free: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 64
+    seed: int = 0
+
+    def check(self) -> "PredictorSpec":
+        """Every option checked once, before any model is loaded; returns self."""
+        if self.classifier is not None:
+            self.classifier = str(self.classifier)
+            if not Path(self.classifier).expanduser().is_dir():
+                raise TGEMError(f"saved classifier {self.classifier} is not a directory")
+            if self.labels:
+                raise TGEMError("--classifier already holds its labels; drop --labels")
+            if self.templates:
+                raise TGEMError("--classifier already holds its templates; drop templates")
+            if self.tgem is not None:
+                raise TGEMError("--classifier already holds its T-GEM; drop --tgem")
+        else:
+            self.labels = check_label_list(self.labels)
+            from tgems.artifacts import TGEM
+            from tgems.pretrained import tgem_path
+
+            tgem = tgem_path(self.tgem or DEFAULT_TGEM)
+            if not (tgem / TGEM.config).is_file() or not (tgem / TGEM.tensors).is_file():
+                raise TGEMError(f"{tgem} is not a T-GEM checkpoint (expected {TGEM.config} and {TGEM.tensors})")
+        if self.templates is not None:
+            self.templates = [str(t) for t in self.templates]
+            if not self.templates or any("{}" not in t for t in self.templates):
+                raise TGEMError("every template must hold {} where the label goes, e.g. 'a photo of {}'")
+        if self.budget is not None and self.max_drop is not None:
+            raise TGEMError("give --budget or --max-drop, not both")
+        goal = self.budget is not None or self.max_drop is not None
+        if self.tau is not None and goal:
+            raise TGEMError("--tau sets the threshold directly; it cannot be combined with --budget/--max-drop")
+        if goal and not self.calib:
+            raise TGEMError("--budget/--max-drop need --calib SPEC (held-out images to calibrate on)")
+        if self.calib and not goal:
+            raise TGEMError("--calib is only used with --budget or --max-drop")
+        if self.budget is not None:
+            self.budget = _number(self.budget, "budget", 0, 1)
+        if self.max_drop is not None:
+            self.max_drop = _number(self.max_drop, "max-drop", 0, 1, hi_open=True)
+        self.delta = _number(self.delta, "delta", 0, 1, hi_open=True)
+        if self.tau is not None:
+            self.tau = _number(self.tau, f"tau ({NEVER_EXIT:g} never exits early)", 0, NEVER_EXIT, lo_open=False)
+        if self.dtype not in DTYPES:
+            raise TGEMError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise TGEMError(f"device must be a name such as cpu, cuda or cuda:1, got {self.device!r}")
+        _int(self.batch_size, "batch size", 1)
+        _int(self.seed, "seed", 0, 2 ** 32 - 1)
+        return self
+
+    def build(self, backbone=None, progress: bool = False, log=None):
+        """The EarlyExitClassifier this spec describes (`backbone`: an already loaded one to use)."""
+        from tgems.classifier import EarlyExitClassifier
+
+        if backbone is None and (self.model is not None or self.classifier is None):
+            from tgems.backbones import load_backbone
+
+            backbone = load_backbone(self.model or DEFAULT_MODEL, device=self.device, dtype=self.dtype)
+        if self.classifier is not None:
+            clf = EarlyExitClassifier.load(self.classifier, backbone=backbone, device=self.device, dtype=self.dtype)
+        else:
+            from tgems.tgem import read_tgem_config
+
+            read_tgem_config(self.tgem or DEFAULT_TGEM)
+            clf = EarlyExitClassifier(backbone, self.tgem or DEFAULT_TGEM, self.labels, self.templates)
+        if self.budget is not None or self.max_drop is not None:
+            from tgems.data import load_dataset
+
+            clf = clf.calibrate(load_dataset(self.calib, seed=self.seed), budget=self.budget, max_drop=self.max_drop,
+                                delta=self.delta, use_labels=not self.label_free, progress=progress)
+            if log:
+                how = "on labels" if clf.calibration["labels_used"] else "label-free (agreement with the full model)"
+                log(f"calibrated {clf.goal} {how} on {clf.calibration['n_calib']} images: tau {clf.tau:.4f}, "
+                    f"{clf.calibration['calib_mean_layers']:.2f} mean layers")
+        elif self.tau is not None:
+            clf = clf.with_tau(self.tau)
+        self.__dict__["_built"] = clf
+        return clf
+
+    def built(self):
+        """The classifier of the last `build()` (built now if there was none)."""
+        return self.__dict__.get("_built") or self.build()
+
+    def options(self) -> dict:
+        """The options as plain data (what a Ray actor receives)."""
+        return asdict(self)
+
+    def settings(self) -> dict:
+        """What determines the rows, from the built predictor (the job fingerprint and _SUCCESS)."""
+        return predictor_settings(self.built())
+
+    def fingerprint(self) -> str:
+        return fingerprint(predictor_settings(self.built()))
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _tensor_hash(h, tensors: dict) -> None:
+    for k in sorted(tensors):
+        v = tensors[k]
+        h.update(k.encode())
+        v = v.detach().cpu().float().contiguous() if hasattr(v, "detach") else v
+        h.update(v.numpy().tobytes() if hasattr(v, "numpy") else repr(v).encode())
+
+
+def predictor_settings(predictor) -> dict:
+    """What makes a predictor's rows: its labels and templates, goal and threshold, the exit modules' and
+    Jumper's weights (a hash), and its backbone's fingerprint and dtype. An object without exit modules
+    (any `predict`-able thing) is fingerprinted by the state it holds."""
+    profiles, jumper = getattr(predictor, "profiles", None), getattr(predictor, "jumper", None)
+    if not (hasattr(profiles, "state") and hasattr(jumper, "state")):
+        return _object_settings(predictor)
+    h = hashlib.sha256()
+    _tensor_hash(h, {**profiles.state(), **jumper.state()})
+    h.update(json.dumps(profiles.config(), sort_keys=True, default=str).encode())
+    bb = predictor.backbone
+    return {"labels": list(predictor.labels), "templates": list(predictor.templates), "goal": predictor.goal,
+            "tau": float(predictor.tau), "weights": h.hexdigest()[:16], "backbone": bb.fingerprint(),
+            "backbone_name": str(bb.name), "dtype": str(bb.dtype).replace("torch.", "")}
+
+
+def _object_settings(predictor) -> dict:
+    """A fingerprint of any predictor object: its labels, threshold and the tensors it holds."""
+    h = hashlib.sha256()
+
+    def feed(obj, depth=0):
+        if depth > 3:
+            return
+        if hasattr(obj, "state_dict") and callable(obj.state_dict):
+            _tensor_hash(h, obj.state_dict())
+        elif hasattr(obj, "detach") and hasattr(obj, "cpu"):
+            h.update(obj.detach().float().cpu().numpy().tobytes())
+        elif hasattr(obj, "tobytes"):
+            h.update(obj.tobytes())
+        elif isinstance(obj, (int, float, str, bool)) or obj is None:
+            h.update(repr(obj).encode())
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                feed(v, depth + 1)
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                h.update(str(k).encode())
+                feed(obj[k], depth + 1)
+        elif hasattr(obj, "__dict__"):
+            feed(vars(obj), depth + 1)
+
+    for name in ("labels", "tau", "goal", "profiles", "jumper"):
+        h.update(name.encode())
+        feed(getattr(predictor, name, None))
+    desc = {"type": type(predictor).__name__, "labels": list(getattr(predictor, "labels", []))}
+    fp = getattr(getattr(predictor, "backbone", None), "fingerprint", None)
+    if callable(fp):
+        desc["backbone"] = fp()
+    desc["state"] = h.hexdigest()[:16]
+    return desc
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass
+class JobSpec:
+    """A streamed job: the input `data` spec, the output directory, the task, and how it runs (decoding
+    `workers`, the `engine` and its Ray options, the reader's options). The encoder batch size is the
+    predictor's (`PredictorSpec.batch_size`)."""
+
+    data: str
+    out: str
+    task: str = "classify"
+    workers: int = 2
+    engine: str = "local"
+    address: str | None = None
+    concurrency: int | None = None  # Ray actors; None: chosen from the cluster's CPUs (or GPUs)
+    num_gpus: float = 0.0
+    image_column: str | None = None
+    id_column: str | None = None
+    block: int | None = None
+
+    def check(self) -> "JobSpec":
+        if not self.data or not self.out:
+            raise TGEMError("a streamed job needs both --data SPEC and --out DIR")
+        if self.task not in TASKS:
+            raise TGEMError(f"unknown task '{self.task}' (use one of {', '.join(TASKS)})")
+        if self.engine not in ENGINES:
+            raise TGEMError(f"unknown engine '{self.engine}' (use {' or '.join(ENGINES)})")
+        _int(self.workers, "--workers (decoding processes; 0 decodes in a thread)", 0)
+        cpus = available_cpus()
+        if self.workers > cpus:
+            warnings.warn(f"--workers {self.workers} is more than the {cpus} CPUs here; using {cpus} workers",
+                          stacklevel=2)
+            self.workers = cpus
+        if self.concurrency is not None:
+            _int(self.concurrency, "--concurrency (Ray actors)", 1)
+        self.num_gpus = _number(self.num_gpus, "--num-gpus", 0, 1024, lo_open=False)
+        if self.block is not None:
+            _int(self.block, "--block (files per part)", 1)
+        return self
+
+    def reader_options(self) -> dict:
+        return {"block": self.block, "image_column": self.image_column, "id_column": self.id_column}
+
+
+PREDICTOR_FIELDS = tuple(f.name for f in fields(PredictorSpec))
+JOB_FIELDS = tuple(f.name for f in fields(JobSpec))
+
+
+def default(name: str):
+    """An option's default, from the spec that defines it (for the CLI's argparse)."""
+    for cls in (PredictorSpec, JobSpec):
+        for f in fields(cls):
+            if f.name == name:
+                return f.default
+    raise KeyError(name)
+
+
+def specs_from_options(**options) -> tuple[PredictorSpec, JobSpec | None]:
+    """Keyword options (`run_command`'s, the CLI's) -> (PredictorSpec, JobSpec or None when neither `data`
+    nor `out` is given), unchecked; an unknown option is an error; `labels_file` is read into `labels`."""
+    labels_file = options.pop("labels_file", None)
+    if labels_file:
+        if options.get("labels"):
+            raise TGEMError("give --labels or --labels-file, not both")
+        options["labels"] = read_label_file(labels_file)
+    unknown = sorted(set(options) - set(PREDICTOR_FIELDS) - set(JOB_FIELDS))
+    if unknown:
+        raise TGEMError(f"unknown option(s): {', '.join(unknown)}")
+    pred = PredictorSpec(**{k: v for k, v in options.items() if k in PREDICTOR_FIELDS})
+    job_opts = {k: v for k, v in options.items() if k in JOB_FIELDS and v is not None}
+    job = JobSpec(**{"data": None, "out": None, **job_opts}) if job_opts.get("data") or job_opts.get("out") else None
+    return pred, job
+
+
+def specs_from_args(args, job: bool = True) -> tuple[PredictorSpec, JobSpec | None]:
+    """An argparse namespace -> (PredictorSpec, JobSpec or None). `job=False`: `--out` is not a job's
+    (as for `tgems calibrate`)."""
+    names = set(PREDICTOR_FIELDS) | {"labels_file"} | (set(JOB_FIELDS) if job else set())
+    return specs_from_options(**{k: v for k, v in vars(args).items() if k in names})
