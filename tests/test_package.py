@@ -50,8 +50,6 @@ ALLOWED = {("tgems.evaluation.demo", "tgems.training.fit"),
 KNOWN = {
     ("tgems.batch", "tgems.integrations.ray"): "run_job dispatches engine='ray' to the integration built on it",
     ("tgems.data.streaming", "tgems.jobs.readers"): "stream_chunks and iter_items keep their old import path",
-    ("tgems.jobs.runner", "tgems.batch"): "the out-dir check and describe_predictor stay in batch.py for the spec",
-    ("tgems.integrations.ray", "tgems.batch"): "ClassifierSpec for a dict or a path (the spec module will own it)",
 }
 
 

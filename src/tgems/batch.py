@@ -15,18 +15,17 @@ in every Ray actor, and the job's fingerprint is taken from the built predictor.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 
 from tgems.errors import TGEMError
-from tgems.io import is_tmp, write_json
+from tgems.io import write_json
 # The reading / encoding / writing loop lives in tgems.jobs; its names stay importable from here.
 from tgems.jobs.runner import (JOB_FORMAT, _embeddings, _Progress, job_record as _job_record,  # noqa: F401
                                predict_items, predict_table, run_job)
 from tgems.jobs.writer import (ERRORS_DIR, ERRORS_FILE as ERRORS, ROW_GROUP, TOP_K,  # noqa: F401
-                               error_schema, finish_job, locked as _locked, part_name, result_schema,
+                               _diff, _fingerprint, error_schema, finish_job, locked as _locked, part_name,
+                               prepare_out_dir, result_schema,
                                write_shard_errors as _write_shard_errors, write_table_atomic)
 from tgems.spec import TASKS, JobSpec, PredictorSpec, predictor_settings, specs_from_args, specs_from_options
 
@@ -43,47 +42,6 @@ def describe_predictor(predictor) -> dict:
 
 
 # ------------------------------------------------------------------------------------- files
-
-
-def _fingerprint(job: dict) -> str:
-    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _diff(a: dict, b: dict, prefix="") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(prefix + k)
-    return keys
-
-
-def prepare_out_dir(out: Path, job: dict, engine: str) -> dict:
-    """Create or re-open OUT_DIR: the same job resumes, another job or a foreign directory is refused."""
-    if out.exists() and not out.is_dir():
-        raise TGEMError(f"output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    job = {**job, "fingerprint": _fingerprint(job)}
-    meta = out / "_job.json"
-    if meta.is_file():
-        try:
-            old = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            raise TGEMError(f"{meta} is unreadable; use a new --out directory") from None
-        if old.get("fingerprint") != job["fingerprint"]:
-            what = ", ".join(_diff(old.get("settings", {}), job["settings"])[:4]) or "settings"
-            raise TGEMError(f"{out} holds another job (different {what}); use a new --out directory or delete it")
-    elif any(p for p in out.iterdir() if p.name != ".tgems.lock" and not is_tmp(p)):
-        raise TGEMError(f"{out} is not empty and holds no tgems job (_job.json); use a new --out directory")
-    write_json(meta, job)
-    for d in (out, out / ERRORS_DIR):
-        if d.is_dir():
-            for p in d.iterdir():
-                if is_tmp(p):  # left by a killed run
-                    p.unlink()
-    return job
 
 
 # ------------------------------------------------------------------------------------- the CLI job

@@ -61,9 +61,9 @@ def actor_pool(ray, concurrency) -> dict:
 
 
 def _spec_class():
-    from tgems.batch import ClassifierSpec  # imported when used: batch.py imports this module only lazily too
+    from tgems.spec import PredictorSpec
 
-    return ClassifierSpec
+    return PredictorSpec
 
 
 def build_classifier(classifier):
@@ -290,7 +290,7 @@ def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size
         if hasattr(classifier, "settings"):
             settings = classifier.settings()
         else:
-            from tgems.batch import describe_predictor
+            from tgems.spec import predictor_settings as describe_predictor
 
             settings = describe_predictor(classifier)
     if num_gpus < 0:

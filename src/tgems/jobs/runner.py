@@ -181,7 +181,7 @@ def check_job_args(task, batch_size):
 def open_job(out_dir, record: dict):
     """Lock OUT_DIR and check it holds this job or nothing (a rerun resumes, another job is refused); yields
     (out path, the job record with its fingerprint)."""
-    from tgems.batch import prepare_out_dir  # the job's identity and resume check are the spec's concern
+    from tgems.jobs.writer import prepare_out_dir
 
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -208,7 +208,7 @@ def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int
     source = data if isinstance(data, StreamSource) else open_source(data, **(source_options or {}))
     started = time.perf_counter()
     if settings is None:
-        from tgems.batch import describe_predictor
+        from tgems.spec import predictor_settings as describe_predictor
 
         settings = describe_predictor(predictor)
     with open_job(out_dir, job_record(task, source, settings, batch_size, "local")) as (out, job):

@@ -6,12 +6,14 @@ before its part, so the part's rename is what commits the shard (a rerun skips i
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from tgems.errors import TGEMError
-from tgems.io import atomic_path, commit, tmp_path, write_json
+from tgems.io import atomic_path, commit, is_tmp, tmp_path, write_json
 from tgems.spec import TASKS
 
 TOP_K = 5
@@ -181,6 +183,48 @@ def finish_job(out: Path, job: dict, task: str, started: float, counts: dict, st
     return summary
 
 
-__all__ = ["TASKS", "TOP_K", "ROW_GROUP", "ERRORS_DIR", "ERRORS_FILE", "part_name", "errors_path", "result_schema",
+
+def _fingerprint(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _diff(a: dict, b: dict, prefix="") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+def prepare_out_dir(out: Path, job: dict, engine: str) -> dict:
+    """Create or re-open OUT_DIR: the same job resumes, another job or a foreign directory is refused."""
+    if out.exists() and not out.is_dir():
+        raise TGEMError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    job = {**job, "fingerprint": _fingerprint(job)}
+    meta = out / "_job.json"
+    if meta.is_file():
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            raise TGEMError(f"{meta} is unreadable; use a new --out directory") from None
+        if old.get("fingerprint") != job["fingerprint"]:
+            what = ", ".join(_diff(old.get("settings", {}), job["settings"])[:4]) or "settings"
+            raise TGEMError(f"{out} holds another job (different {what}); use a new --out directory or delete it")
+    elif any(p for p in out.iterdir() if p.name != ".tgems.lock" and not is_tmp(p)):
+        raise TGEMError(f"{out} is not empty and holds no tgems job (_job.json); use a new --out directory")
+    write_json(meta, job)
+    for d in (out, out / ERRORS_DIR):
+        if d.is_dir():
+            for p in d.iterdir():
+                if is_tmp(p):  # left by a killed run
+                    p.unlink()
+    return job
+
+
+__all__ = ["prepare_out_dir", "TASKS", "TOP_K", "ROW_GROUP", "ERRORS_DIR", "ERRORS_FILE", "part_name", "errors_path", "result_schema",
            "error_schema", "write_table_atomic", "locked", "shard_done", "write_shard_errors", "PartWriter",
            "finish_job"]
