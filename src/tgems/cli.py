@@ -380,7 +380,7 @@ def add_stream_arguments(p: argparse.ArgumentParser, required: bool = True):
     p.add_argument("--engine", default=default("engine"), choices=ENGINES, help="local (default) or Ray Data")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--concurrency", type=_positive_int, default=default("concurrency"),
-                   help=f"Ray: predictor actors (default {default('concurrency')})")
+                   help="Ray: predictor actors (default: chosen from the cluster's CPUs, or GPUs with --num-gpus)")
     p.add_argument("--num-gpus", type=float, default=default("num_gpus"), help="Ray: GPUs per actor (default 0)")
     p.add_argument("--image-column", help="parquet: the image-bytes column (default: image, jpg, bytes, img or png)")
     p.add_argument("--id-column", help="parquet: the id column (default: id, else FILE:ROW)")
