@@ -131,7 +131,13 @@ def cmd_fit(args):
                     lam=args.lam, r_target=args.r_target, soft_tau=args.soft_tau, jumper_target=args.jumper_target,
                     cross_fit=not args.no_cross_fit, seed=args.seed)
     info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
-                        progress=_progress(args))
+                        progress=_progress(args), cache=args.cache, max_images=args.max_images, workers=args.workers)
+    if "cache" in info:
+        c, sk = info["cache"], info["skipped"]
+        log(f"{c['images']} images from {c['shards']} shard(s), {c['encoded']} encoded now"
+            + (f" ({c['images_per_second']} images/s)" if c["images_per_second"] else "")
+            + (f"; {sk['count']} skipped: " + "; ".join(f"{k} ({v})" for k, v in sk["reasons"].items())
+               if sk["count"] else ""))
     if info.get("cross_fit_skipped"):
         log(f"cross-fitting skipped: {info['cross_fit_skipped']}")
     for row in info["per_layer_holdout"]:
@@ -360,11 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(pt)
     pt.set_defaults(func=cmd_pretrain)
 
-    f = sub.add_parser("fit", help="train T-GEMs and the Jumper for a backbone on a dataset")
+    f = sub.add_parser("fit", help="train T-GEMs and the Jumper for a backbone on a dataset (scenes:, cifar*:, or "
+                                   "streamed: folder:DIR, webdataset:PATTERN, parquet:PATH[?caption=COL&label=COL])")
     f.add_argument("--model", default="embedded")
     f.add_argument("--data", default="scenes:train")
     f.add_argument("--out", required=True)
-    f.add_argument("--n", type=_positive_int, help="use the first N images")
+    f.add_argument("--n", type=_positive_int, help="use the first N images (built-in datasets)")
+    f.add_argument("--cache", metavar="DIR",
+                   help="streamed data: keep the feature cache here, resume or reuse it (default: a temporary "
+                        "one, removed at the end)")
+    f.add_argument("--max-images", type=_positive_int, help="streamed data: use the first N usable images")
+    f.add_argument("--workers", type=int, default=None,
+                   help="streamed data: processes that decode images ahead of the encoder (default: 2; 0 = inline)")
     f.add_argument("--space", choices=("cls", "rates"), default="cls")
     f.add_argument("--layers", type=_layers, help="candidate exit layers, e.g. 2,4,6 (default: all)")
     f.add_argument("--hidden", type=_positive_int, default=256)
