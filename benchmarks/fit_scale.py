@@ -96,7 +96,8 @@ def child_fit(args) -> dict:
     cache = FeatureCache.open(args.cache, bb, need_rates=args.space == "rates")
     base = _peak_rss_mb()
     t0 = time.time()
-    _, _, info = fit_tgem_cached(bb, cache, FitSettings(space=args.space, epochs=args.epochs), progress=False)
+    s = FitSettings(space=args.space, epochs=args.epochs, **({"jumper_max": args.jumper_max} if args.jumper_max else {}))
+    _, _, info = fit_tgem_cached(bb, cache, s, progress=False)
     return {"seconds": round(time.time() - t0, 2), "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base,
             "num_jumper": info["num_jumper"]}
 
@@ -129,6 +130,8 @@ def main(argv=None):
     p.add_argument("--spaces", default="cls,rates")
     p.add_argument("--epochs", type=int, default=None, help="default: the fit default (30); --quick: 2")
     p.add_argument("--extract-n", type=int, default=2000)
+    p.add_argument("--jumper-max", type=int, help="FitSettings.jumper_max (default: the fit default)")
+    p.add_argument("--skip-extract", action="store_true")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", help="folder for the model, caches and JPEGs (default: a temporary one)")
     p.add_argument("--json")
@@ -161,13 +164,14 @@ def main(argv=None):
     for space in spaces:
         for n in sizes:
             cache = synthetic_cache(work / f"synthetic-{space}-{n}", bb, classes, n, space == "rates")
-            r = run_child("child-fit", "--model", model, "--cache", cache, "--space", space, "--epochs", epochs)
+            r = run_child("child-fit", "--model", model, "--cache", cache, "--space", space, "--epochs", epochs,
+                          *(["--jumper-max", args.jumper_max] if args.jumper_max else []))
             rows.append({"n": n, "space": space, **r})
             log(f"fit {space:5s} n={n:>7}: {r['seconds']:8.1f} s ({1000 * r['seconds'] / n:.2f} ms/image), "
                 f"peak RSS {r['peak_rss_mb']:.0f} MB (after loading {r['base_rss_mb']:.0f} MB)")
-    jpegs = make_jpegs(work / "jpegs", args.extract_n, 224)
     extraction = []
-    for space in spaces:
+    for space in [] if args.skip_extract else spaces:
+        jpegs = make_jpegs(work / "jpegs", args.extract_n, 224)
         r = run_child("child-extract", "--model", model, "--data", f"folder:{jpegs}", "--cache",
                       work / f"extract-{space}", "--space", space, "--workers", args.workers)
         extraction.append({"n": r["images"], "space": space, **r})
@@ -183,6 +187,7 @@ def main(argv=None):
         log(f"{space}: peak RSS x{checks[space]['rss_ratio']} (target <= 1.2), seconds per image "
             f"x{checks[space]['seconds_per_image_ratio']} (target <= 1.3) from {lo['n']} to {hi['n']}")
     report = {"model": "ViT-B/16 vision tower, random weights (fit_scale.vit_b16)", "epochs": epochs,
+              "jumper_max": args.jumper_max or FitSettings().jumper_max,
               "quick": args.quick, "rows": rows, "extraction": extraction, "checks": checks,
               "seconds": round(time.time() - t_all, 1)}
     if args.json:

@@ -209,3 +209,12 @@ def test_a_cache_is_refused_for_another_backbone_or_settings(trained_clip_dir, t
     rc, _, err = run_cli(capsys, "fit", "--model", tiny_clip_dir, "--data", spec, "--cache", cache, "--out", out,
                          "--max-images", "20", "--workers", "0", "--quiet")
     assert "made for another backbone" in assert_one_line_error(rc, err) and not out.exists()
+
+
+def test_stream_options_are_checked_before_any_work(tmp_path, capsys):
+    for argv, words in ((["--data", f"folder:{tmp_path}", "--n", "5"], "--max-images"),
+                        (["--data", "scenes:train:50", "--cache", tmp_path / "c"], "streamed data"),
+                        (["--data", f"folder:{tmp_path}?caption=x"], "class sub-folders")):
+        rc, _, err = run_cli(capsys, "fit", "--model", "no-such-model", "--out", tmp_path / "o", "--quiet", *argv)
+        assert words in assert_one_line_error(rc, err)
+        assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()

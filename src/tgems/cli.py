@@ -129,7 +129,8 @@ def cmd_fit(args):
     log = _log(args)
     s = FitSettings(space=args.space, layers=args.layers, hidden=args.hidden, epochs=args.epochs,
                     lam=args.lam, r_target=args.r_target, soft_tau=args.soft_tau, jumper_target=args.jumper_target,
-                    cross_fit=not args.no_cross_fit, seed=args.seed)
+                    cross_fit=not args.no_cross_fit, seed=args.seed,
+                    **({"jumper_max": args.jumper_max} if args.jumper_max is not None else {}))
     info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
                         progress=_progress(args), cache=args.cache, max_images=args.max_images, workers=args.workers)
     if "cache" in info:
@@ -391,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the exit score estimates: agreement with the full model (label-free), that "
                         "exiting costs no accuracy (needs labels), or per goal: the first for max_drop, the "
                         "second for budgets (the default)")
+    f.add_argument("--jumper-max", type=_positive_int,
+                   help="at most this many held-out images fit the Jumper and set tau (default: 4,000; its memory "
+                        "and time grow with it, not with the number of images)")
     f.add_argument("--no-cross-fit", action="store_true",
                    help="fit the budget Jumper on the main modules only (about half the fit time; it then "
                         "transfers less well to classes known only by text)")

@@ -178,7 +178,10 @@ def build_cache(backbone, spec: str, cache_dir, *, rates: bool = False, max_imag
         rates = bool(old["settings"]["rates"])
     elif root.exists() and (not root.is_dir() or any(not is_tmp(p) for p in root.iterdir())):
         raise TGEMError(f"--cache {root} exists and is not a tgems feature cache (no {MANIFEST}); refusing to use it")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TGEMError(f"cannot make --cache {root}: {e.strerror or e}") from None
     for p in root.iterdir():
         if is_tmp(p):  # left by a killed extraction
             p.unlink()

@@ -368,6 +368,10 @@ def fit_and_save(model: str, data: str, out, settings: FitSettings | None = None
     if not stream and (cache is not None or max_images is not None):
         raise TGEMError(f"--cache and --max-images are for streamed data (folder:, webdataset:, parquet:), not "
                         f"'{data}'")
+    if stream:
+        from tgems.training.captions import split_text_options
+
+        split_text_options(data)
     bb = load_backbone(model, device=device, dtype=dtype)
     t0 = time.time()
     if not stream:
