@@ -144,6 +144,7 @@ def _train_modules(backbone, tgem: TGEM, store, rows: np.ndarray, t: _Targets, s
 
 
 _CHUNK = 4096  # rows per pass of the statistics below (memory, not results)
+_CHUNK_VALUES = 1 << 23  # feature values per pass of _mean_features (64 MB in float64)
 
 
 def _final_confidence(backbone, store, rows: np.ndarray, t: _Targets, batch_size: int) -> torch.Tensor:
@@ -161,9 +162,9 @@ def _final_confidence(backbone, store, rows: np.ndarray, t: _Targets, batch_size
 
 def _mean_features(store, rows: np.ndarray, space: str, layers) -> torch.Tensor:
     """(n, F) mean of the features of `rows` at `layers`, summed chunk by chunk in float64."""
-    total = None
-    for a in range(0, len(rows), _CHUNK):
-        part = store.take(rows[a:a + _CHUNK], space, layers).double().sum(0)
+    total, step = None, max(1, _CHUNK_VALUES // (len(layers) * store.take(rows[:1], space, layers).shape[-1]))
+    for a in range(0, len(rows), step):
+        part = store.take(rows[a:a + step], space, layers).double().sum(0)
         total = part if total is None else total + part
         if hasattr(store, "release"):
             store.release()
