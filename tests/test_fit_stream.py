@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from helpers import assert_one_line_error, run_cli
 from stream_helpers import encode, make_folder
