@@ -138,9 +138,17 @@ def cmd_fit(args):
     log = _log(args)
     s = FitSettings(space=args.space, layers=args.layers, hidden=args.hidden, epochs=args.epochs,
                     lam=args.lam, r_target=args.r_target, soft_tau=args.soft_tau, jumper_target=args.jumper_target,
-                    cross_fit=not args.no_cross_fit, seed=args.seed)
+                    cross_fit=not args.no_cross_fit, seed=args.seed,
+                    **({"jumper_max": args.jumper_max} if args.jumper_max is not None else {}))
     info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
-                        progress=_progress(args), near_chance="warn" if args.accept_degenerate else "refuse")
+                        progress=_progress(args), cache=args.cache, max_images=args.max_images, workers=args.workers,
+                        near_chance="warn" if args.accept_degenerate else "refuse")
+    if "cache" in info:
+        c, sk = info["cache"], info["skipped"]
+        log(f"{c['images']} images from {c['shards']} shard(s), {c['encoded']} encoded now"
+            + (f" ({c['images_per_second']} images/s)" if c["images_per_second"] else "")
+            + (f"; {sk['count']} skipped: " + "; ".join(f"{k} ({v})" for k, v in sk["reasons"].items())
+               if sk["count"] else ""))
     if info.get("cross_fit_skipped"):
         log(f"cross-fitting skipped: {info['cross_fit_skipped']}")
     for row in info["per_layer_holdout"]:
@@ -450,11 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(pt)
     pt.set_defaults(func=cmd_pretrain)
 
-    f = sub.add_parser("fit", help="train T-GEMs and the Jumper for a backbone on a dataset")
+    f = sub.add_parser("fit", help="train T-GEMs and the Jumper for a backbone on a dataset (scenes:, cifar*:, or "
+                                   "streamed: folder:DIR, webdataset:PATTERN, parquet:PATH[?caption=COL&label=COL])")
     f.add_argument("--model", default="embedded")
     f.add_argument("--data", default="scenes:train")
     f.add_argument("--out", required=True)
-    f.add_argument("--n", type=_positive_int, help="use the first N images")
+    f.add_argument("--n", type=_positive_int, help="use the first N images (built-in datasets)")
+    f.add_argument("--cache", metavar="DIR",
+                   help="streamed data: keep the feature cache here, resume or reuse it (default: a temporary "
+                        "one, removed at the end)")
+    f.add_argument("--max-images", type=_positive_int, help="streamed data: use the first N usable images")
+    f.add_argument("--workers", type=int, default=None,
+                   help="streamed data: processes that decode images ahead of the encoder (default: 2; 0 = inline)")
     f.add_argument("--space", choices=("cls", "rates"), default="cls")
     f.add_argument("--layers", type=_layers, help="candidate exit layers, e.g. 2,4,6 (default: all)")
     f.add_argument("--hidden", type=_positive_int, default=256)
@@ -468,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the exit score estimates: agreement with the full model (label-free), that "
                         "exiting costs no accuracy (needs labels), or per goal: the first for max_drop, the "
                         "second for budgets (the default)")
+    f.add_argument("--jumper-max", type=_positive_int,
+                   help="at most this many held-out images fit the Jumper and set tau (default: 4,000; its memory "
+                        "and time grow with it, not with the number of images)")
     f.add_argument("--no-cross-fit", action="store_true",
                    help="fit the budget Jumper on the main modules only (about half the fit time; it then "
                         "transfers less well to classes known only by text)")

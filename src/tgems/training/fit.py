@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,9 +18,9 @@ from tgems.calibration import calibrate_budget
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
 from tgems.jumper import jumper_signals
-from tgems.training.jumper_fit import check_jumper_target, fit_jumper
 from tgems.profiles import check_readable_labels, default_templates, layer_probs
 from tgems.tgem import TGEM
+from tgems.training.jumper_fit import check_jumper_target, fit_jumper
 
 
 @dataclass
@@ -40,6 +41,8 @@ class FitSettings:
     default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
     jumper_target: str = "goal"  # what the Jumper's score estimates: see fit_jumper
     cross_fit: bool = True  # the budget Jumper also learns from two half-class T-GEMs (see fit_tgem)
+    jumper_max: int = 4000  # at most this many images fit the Jumper and set tau: its memory stays flat in N
+    caption_set: int = 1000  # captioned data: the Jumper learns caption retrieval among this many captions
     seed: int = 0
 
 
@@ -49,49 +52,91 @@ def _soft_exit_terms(logits, ce, final_ce, layers, num_layers, s: FitSettings):
     e = torch.sigmoid(s.soft_k * (conf - s.soft_tau))
     stay = torch.cumprod(torch.cat([torch.ones_like(e[:, :1]), 1 - e], 1), 1)  # (B, n + 1)
     q = torch.cat([e * stay[:, :-1], stay[:, -1:]], 1)
-    depth = torch.tensor(list(layers) + [num_layers], dtype=torch.float32) / num_layers
+    depth = torch.tensor(list(layers) + [num_layers], dtype=torch.float32, device=logits.device) / num_layers
     r = (q * depth).sum(1)
     weighted = (q[:, :-1] * ce).sum(1) + q[:, -1] * final_ce
     return r, weighted
 
 
-def _train_modules(tgem: TGEM, x, y, cap_idx, cap_text, class_text, final_ce, s: FitSettings, progress, desc):
+@dataclass
+class _Targets:
+    """What the exit modules are trained against (docs/fit.md).
+
+    `labels`: the class texts (`class_text`, (C, D)), row r of the features has class `y[r]`; with
+    captions too, the caption-contrastive term reads `caption_emb`. `captions`: each image's own caption,
+    scored against the other captions of its batch (equal captions, by `caption_key`, count as positives)."""
+
+    mode: str
+    y: torch.Tensor | None = None
+    class_text: torch.Tensor | None = None
+    caption_emb: Callable | None = None  # rows -> (B, D) unit caption embeddings
+    caption_key: Callable | None = None  # rows -> (B,) int64, equal for equal captions
+
+
+def _soft_targets(keys: torch.Tensor) -> torch.Tensor:
+    pos = (keys[:, None] == keys[None, :]).float()
+    return pos / pos.sum(1, keepdim=True)
+
+
+def _batch_loss(backbone, tgem: TGEM, store, gi, t: _Targets, s: FitSettings, dev):
+    """(loss, expected depth r) of one batch of rows `gi`, read from the feature store."""
     layers = tgem.layers
+    xb = store.take(gi, tgem.space, layers).to(dev)  # (B, n, F)
+    if tgem.space == "rates":
+        xb = xb - tgem.center[None]
+    xb = F.normalize(xb, dim=-1)
+    scale = tgem.log_scale.exp()[None, :, None]
+    z_last = store.final_z(gi).to(dev)
+    if t.mode == "labels":
+        yb = t.y[torch.as_tensor(gi)].to(dev)
+        class_text = t.class_text.to(dev)
+        logits = scale * torch.einsum("bnf,ncf->bnc", xb, tgem.raw_profiles(class_text))
+        ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat_interleave(len(layers)),
+                             reduction="none").view(len(gi), -1)
+        final_ce = F.cross_entropy(backbone.zero_shot_logits(z_last, class_text).to(dev), yb, reduction="none")
+        loss = ce.mean()
+        if t.caption_emb is not None and s.caption_weight > 0:
+            cap_logits = scale * torch.einsum("bnf,nkf->bnk", xb, tgem.raw_profiles(t.caption_emb(gi).to(dev)))
+            target = _soft_targets(yb)[:, None].expand_as(cap_logits)
+            loss = loss + s.caption_weight * -(target * cap_logits.log_softmax(-1)).sum(-1).mean()
+    else:
+        text = t.caption_emb(gi).to(dev)
+        target = _soft_targets(t.caption_key(gi).to(dev))
+        logits = scale * torch.einsum("bnf,nkf->bnk", xb, tgem.raw_profiles(text))
+        ce = -(target[:, None] * logits.log_softmax(-1)).sum(-1)  # (B, n)
+        final_ce = -(target * backbone.zero_shot_logits(z_last, text).to(dev).log_softmax(-1)).sum(-1)
+        loss = ce.mean()
+    r, weighted = _soft_exit_terms(logits, ce, final_ce, layers, tgem.num_layers, s)
+    loss = loss + weighted.mean()
+    if s.lam > 0:
+        loss = loss + s.lam * F.relu(r.mean() - s.r_target) ** 2
+    return loss, r
+
+
+def _train_modules(backbone, tgem: TGEM, store, rows: np.ndarray, t: _Targets, s: FitSettings, progress, desc,
+                   dev):
+    """AdamW over minibatches of `rows` read from the store (in memory or on disk) in a seeded order."""
     opt = torch.optim.AdamW(tgem.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     g = torch.Generator().manual_seed(s.seed)
-    steps_per_epoch = max(1, math.ceil(len(y) / s.batch_size))
+    steps_per_epoch = max(1, math.ceil(len(rows) / s.batch_size))
     total = s.epochs * steps_per_epoch
     # OneCycleLR divides by zero when pct_start * total_steps == 1 (10 steps in all with 0.1)
     pct_start = 0.1 if total != 10 else 0.2
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=pct_start)
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+    release = getattr(store, "release", None)
     history = []
     for epoch in range(s.epochs):
-        perm = torch.randperm(len(y), generator=g)
+        perm = torch.randperm(len(rows), generator=g)
         for i in range(steps_per_epoch):
-            b = perm[i * s.batch_size:(i + 1) * s.batch_size]
-            xb = x[b].float()  # (B, n, F)
-            if tgem.space == "rates":
-                xb = xb - tgem.center[None]
-            xb = F.normalize(xb, dim=-1)
-            scale = tgem.log_scale.exp()[None, :, None]
-            logits = scale * torch.einsum("bnf,ncf->bnc", xb, tgem.raw_profiles(class_text))
-            ce = F.cross_entropy(logits.flatten(0, 1), y[b].repeat_interleave(len(layers)),
-                                 reduction="none").view(len(b), -1)
-            loss = ce.mean()
-            if cap_text is not None and s.caption_weight > 0:
-                cap_logits = scale * torch.einsum("bnf,nkf->bnk", xb, tgem.raw_profiles(cap_text[cap_idx[b]]))
-                pos = (y[b][:, None] == y[b][None, :]).float()
-                target = (pos / pos.sum(1, keepdim=True))[:, None].expand_as(cap_logits)
-                loss = loss + s.caption_weight * -(target * cap_logits.log_softmax(-1)).sum(-1).mean()
-            r, weighted = _soft_exit_terms(logits, ce, final_ce[b], layers, tgem.num_layers, s)
-            loss = loss + weighted.mean()
-            if s.lam > 0:
-                loss = loss + s.lam * F.relu(r.mean() - s.r_target) ** 2
+            gi = rows[perm[i * s.batch_size:(i + 1) * s.batch_size].numpy()]
+            loss, r = _batch_loss(backbone, tgem, store, gi, t, s, dev)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if release is not None:
+                release()
             bar.update(1)
         history.append({"epoch": epoch, "loss": round(loss.item(), 4), "expected_depth": round(r.mean().item(), 4)})
         bar.set_postfix(loss=f"{loss.item():.3f}", r=f"{r.mean().item():.3f}")
@@ -99,24 +144,51 @@ def _train_modules(tgem: TGEM, x, y, cap_idx, cap_text, class_text, final_ce, s:
     return history
 
 
-def _fit_modules(backbone, x, y, class_text, final_logits, cap_idx, cap_text, s: FitSettings, progress,
-                 seed: int, desc: str):
-    """G_l for every candidate layer, trained on readouts x (N, n, F) with labels y indexing class_text.
-    Returns (tgem, settings with soft_tau filled in, history)."""
-    final_ce = F.cross_entropy(final_logits, y, reduction="none")
+_CHUNK = 4096  # rows per pass of the statistics below (memory, not results)
+_CHUNK_VALUES = 1 << 23  # feature values per pass of _mean_features (64 MB in float64)
+
+
+def _final_confidence(backbone, store, rows: np.ndarray, t: _Targets, batch_size: int) -> torch.Tensor:
+    """The full model's top-1 probability on `rows`: over the class texts, or (captions) over the captions of
+    consecutive groups of `batch_size` rows, as a training batch scores them."""
+    out, step = [], _CHUNK if t.mode == "labels" else batch_size
+    for a in range(0, len(rows), step):
+        gi = rows[a:a + step]
+        text = t.class_text if t.mode == "labels" else t.caption_emb(gi)
+        out.append(backbone.zero_shot_logits(store.final_z(gi), text).cpu().softmax(-1).max(-1).values)
+        if hasattr(store, "release"):
+            store.release()
+    return torch.cat(out)
+
+
+def _mean_features(store, rows: np.ndarray, space: str, layers) -> torch.Tensor:
+    """(n, F) mean of the features of `rows` at `layers`, summed chunk by chunk in float64."""
+    total, step = None, max(1, _CHUNK_VALUES // (len(layers) * store.take(rows[:1], space, layers).shape[-1]))
+    for a in range(0, len(rows), step):
+        part = store.take(rows[a:a + step], space, layers).double().sum(0)
+        total = part if total is None else total + part
+        if hasattr(store, "release"):
+            store.release()
+    return (total / len(rows)).float()
+
+
+def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings, progress, seed: int, desc: str,
+                 dev="cpu"):
+    """G_l for every candidate layer, trained on the feature rows `rows` against targets `t`.
+    Returns (tgem on the CPU, settings with soft_tau filled in, history)."""
     if s.soft_tau is None:
         # where "confident" lies depends on the number of classes and the logit scale: take the full
         # model's median top-1 probability on the training images, so the soft exits (and with them
         # the regularizer) neither vanish nor fire everywhere
-        s = replace(s, soft_tau=round(float(final_logits.softmax(-1).max(-1).values.median()), 4))
+        s = replace(s, soft_tau=round(float(_final_confidence(backbone, store, rows, t, s.batch_size).median()), 4))
     torch.manual_seed(seed)
     out_dim = backbone.embed_dim if s.space == "cls" else backbone.mlp_dim
     tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden)
     if s.space == "rates":
-        tgem.center.copy_(x.float().mean(0))
-    history = _train_modules(tgem, x, y, cap_idx, cap_text, class_text, final_ce, replace(s, seed=seed), progress,
-                             desc)
-    tgem.eval()
+        tgem.center.copy_(_mean_features(store, rows, s.space, s.layers))
+    tgem.to(dev)
+    history = _train_modules(backbone, tgem, store, rows, t, replace(s, seed=seed), progress, desc, dev)
+    tgem.to("cpu").eval()
     return tgem, s, history
 
 
@@ -135,44 +207,57 @@ def cross_fit_halves(train_labels: np.ndarray, num_classes: int, seed: int) -> l
     return class_halves(num_classes, seed)
 
 
-def _check_full_model(final_logits, y, near_chance: str) -> dict:
+def _check_full_model(backbone, store, rows: np.ndarray, t: _Targets, near_chance: str) -> dict | None:
+    """The full model's zero-shot accuracy on the labels (`tgems.chance`), before any training: at or near
+    chance `near_chance="warn"` warns and records it, "refuse" raises (what `tgems fit` does unless
+    --accept-degenerate). None for caption targets (no label set to be at chance on)."""
     from tgems.chance import chance_check, chance_message, warn_if_near_chance
 
     if near_chance not in ("warn", "refuse"):
         raise TGEMError(f"near_chance must be 'warn' or 'refuse', got {near_chance!r}")
+    if t.mode != "labels":
+        return None
+    hits = 0
+    for a in range(0, len(rows), _CHUNK):
+        gi = rows[a:a + _CHUNK]
+        hits += int((backbone.zero_shot_logits(store.final_z(gi), t.class_text).cpu().argmax(-1)
+                     == t.y[torch.as_tensor(gi)]).sum())
+        if hasattr(store, "release"):
+            store.release()
     what = "the full model's zero-shot accuracy"
-    check = chance_check(int((final_logits.argmax(-1) == y).sum()), len(y), final_logits.shape[1])
+    check = chance_check(hits, len(rows), len(t.class_text))
     if check["degenerate"] and near_chance == "refuse":
         raise TGEMError(f"{chance_message(check, what)}; nothing fitted (--accept-degenerate fits anyway)")
     warn_if_near_chance(check, what)
     return check
 
 
-def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None, feats: LayerFeatures | None = None,
-             progress: bool = True, near_chance: str = "warn"):
-    """Train T-GEMs (G_l for each candidate layer) and the Jumper on a captioned/labelled dataset.
-
-    The Jumper is fit on images held out of G_l's training (`jumper_fraction`). With `cross_fit` (the
-    default, a budget Jumper, and at least 4 classes, each with training images), two more T-GEMs are trained, each on the images of
-    one half of the classes; the budget Jumper learns from the held-out images scored by the main modules
-    and by each half-model on all classes, so half of its examples come from classes that model knows only
-    by their text, as a label set never seen in fitting is at inference (docs/design.md). This costs about
-    one more module fit. Returns (tgem, jumper, info). Only the classes present in `data` are used.
-
-    The full model's zero-shot accuracy on the labels is checked before any training
-    (`tgems.chance`): at or near chance, `near_chance="warn"` warns and records it
-    (info["degenerate"]), "refuse" raises a TGEMError instead (what `tgems fit` does unless
-    --accept-degenerate)."""
+def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
     L = backbone.num_layers
     s = settings or FitSettings()
     layers = sorted(set(s.layers or range(1, L)))
     if not layers or layers[0] < 1 or layers[-1] >= L:
         raise TGEMError(f"candidate layers must lie in 1..{L - 1} (the last layer is always an exit)")
-    s = replace(s, layers=layers)  # the caller's settings stay as given
-    given_soft_tau = s.soft_tau
     check_jumper_target(s.jumper_target)
     if s.soft_tau is not None and not 0 < s.soft_tau < 1:
         raise TGEMError(f"soft_tau must lie in (0, 1), got {s.soft_tau}")
+    if s.jumper_max < 1 or s.caption_set < 2:
+        raise TGEMError(f"jumper_max must be >= 1 and caption_set >= 2, got {s.jumper_max} and {s.caption_set}")
+    return replace(s, layers=layers)  # the caller's settings stay as given
+
+
+def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None, feats: LayerFeatures | None = None,
+             progress: bool = True, device="cpu", near_chance: str = "warn"):
+    """Train T-GEMs (G_l for each candidate layer) and the Jumper on a captioned/labelled dataset in memory.
+
+    The Jumper is fit on images held out of G_l's training (`jumper_fraction`, at most `jumper_max`). With
+    `cross_fit` (the default, a budget Jumper, and at least 4 classes, each with training images), two more
+    T-GEMs are trained, each on the images of one half of the classes; the budget Jumper learns from the
+    held-out images scored by the main modules and by each half-model on all classes, so half of its
+    examples come from classes that model knows only by their text, as a label set never seen in fitting is
+    at inference (docs/design.md). This costs about one more module fit. Returns (tgem, jumper, info). Only
+    the classes present in `data` are used. `device`: where the modules train."""
+    s = _checked_settings(backbone, settings)
     templates = list(templates or default_templates(data.name))
     present = np.unique(data.labels)
     if len(present) < 2:
@@ -184,44 +269,89 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
         feats = extract_features(backbone, data, rates=s.space == "rates", progress=progress, desc="cache features")
     remap = torch.full((len(data.classes),), -1, dtype=torch.long)
     remap[torch.as_tensor(present)] = torch.arange(len(present))
-    y_all = remap[feats.labels]
-
-    rng = np.random.default_rng(s.seed)
-    perm = rng.permutation(len(y_all))
-    n_j = int(round(len(perm) * s.jumper_fraction))
-    jump_idx, train_idx = np.sort(perm[:n_j]), np.sort(perm[n_j:])
-    ti = torch.as_tensor(train_idx)
-
-    x_all = feats.space(s.space)[:, [l - 1 for l in layers]]
-    final_logits = backbone.zero_shot_logits(feats.z[:, -1], class_text).cpu()
-    full_check = _check_full_model(final_logits, y_all, near_chance)
-    cap_idx = cap_text = None
+    t = _Targets("labels", y=remap[feats.labels], class_text=class_text)
     if data.captions is not None:
         uniq, inv = np.unique(np.asarray(data.captions, dtype=object).astype(str), return_inverse=True)
         cap_text = F.normalize(backbone.encode_text(list(uniq)).float().cpu(), dim=-1)
         cap_idx = torch.as_tensor(inv, dtype=torch.long)
-    tgem, s, history = _fit_modules(backbone, x_all[ti], y_all[ti], class_text, final_logits[ti],
-                                    None if cap_idx is None else cap_idx[ti], cap_text, s, progress, s.seed,
-                                    f"fit T-GEM ({s.space})")
+        t.caption_emb = lambda rows: cap_text[cap_idx[torch.as_tensor(rows)]]
+        t.caption_key = lambda rows: cap_idx[torch.as_tensor(rows)]
+    return _fit(backbone, feats, np.arange(len(feats)), t, classes, s, templates, progress, device, near_chance)
 
-    profiles = tgem.profiles(class_text, backbone).to("cpu")
-    jfeats = feats.subset(jump_idx)
-    jfeats.labels = y_all[torch.as_tensor(jump_idx)]
-    cross, cross_info = [], None
-    halves = cross_fit_halves(y_all[ti].numpy(), len(present), s.seed)
+
+def fit_tgem_cached(backbone, cache, settings: FitSettings | None = None, templates=None, progress: bool = True,
+                    device="cpu", data_name: str = "", near_chance: str = "warn"):
+    """`fit_tgem` on a feature cache on disk (`tgems.features.FeatureCache`), read in minibatches.
+
+    Targets (docs/fit.md): the class labels when every image has one (captions, when every image has one
+    too, add the caption-contrastive term); otherwise each image's own caption, and images without one
+    are left out and counted. Returns (tgem, jumper, info); info["skipped"] counts what was left out."""
+    s = _checked_settings(backbone, settings)
+    templates = list(templates or default_templates(data_name))
+    labels = cache.labels
+    left_out = {}
+    if len(labels) and (labels >= 0).all():
+        if len(cache.classes) < 2:
+            raise TGEMError(f"{data_name or cache.root} has images of {len(cache.classes)} class(es): fitting T-GEMs "
+                            f"needs at least two (or captions on every image)")
+        class_text = check_readable_labels(backbone, cache.classes, templates).cpu()
+        t = _Targets("labels", y=torch.as_tensor(labels), class_text=class_text)
+        if cache.has_caption.all():
+            t.caption_emb, t.caption_key = cache.text, cache.caption_keys
+        rows, classes = np.arange(len(labels)), list(cache.classes)
+    else:
+        rows = np.flatnonzero(cache.has_caption)
+        if len(rows) < len(labels):
+            left_out["no caption (not every image has a label, so the fit trains on captions)"] = \
+                len(labels) - len(rows)
+        keys = cache.caption_keys(rows) if len(rows) else torch.zeros(0, dtype=torch.long)
+        if len(torch.unique(keys)) < 2:
+            raise TGEMError(f"{data_name or cache.root}: fitting T-GEMs needs class labels on every image or at "
+                            f"least two different captions ({len(rows)} captioned images of {len(labels)})")
+        t = _Targets("captions", caption_emb=cache.text, caption_key=cache.caption_keys)
+        classes = None
+    tgem, jumper, info = _fit(backbone, cache, rows, t, classes, s, templates, progress, device, near_chance)
+    info["fit_left_out"] = left_out
+    return tgem, jumper, info
+
+
+def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettings, templates, progress, device,
+         near_chance: str = "warn"):
+    """The fit shared by both feature stores: seeded Jumper / training split, modules, cross-fit, Jumper, tau."""
+    full_check = _check_full_model(backbone, store, usable, t, near_chance)
+    L = backbone.num_layers
+    layers = s.layers
+    given_soft_tau = s.soft_tau
+    rng = np.random.default_rng(s.seed)
+    perm = rng.permutation(len(usable))
+    cap = s.jumper_max if t.mode == "labels" else min(s.jumper_max, s.caption_set)
+    n_j = min(int(round(len(perm) * s.jumper_fraction)), cap)
+    jump_idx, train_idx = np.sort(usable[perm[:n_j]]), np.sort(usable[perm[n_j:]])
+    tgem, s, history = _fit_modules(backbone, store, train_idx, t, s, progress, s.seed, f"fit T-GEM ({s.space})",
+                                    device)
+    jfeats = store.subset(jump_idx)
+    cross, cross_info, halves = [], None, None
+    if t.mode == "labels":
+        jfeats.labels = t.y[torch.as_tensor(jump_idx)]
+        profiles = tgem.profiles(t.class_text, backbone).to("cpu")
+        num_classes = len(t.class_text)
+        halves = cross_fit_halves(t.y[torch.as_tensor(train_idx)].numpy(), num_classes, s.seed)
+    else:
+        # the Jumper's label set: the captions of its own images (caption retrieval among them)
+        _, first, inv = np.unique(t.caption_key(jump_idx).numpy(), return_index=True, return_inverse=True)
+        jfeats.labels = torch.as_tensor(inv.reshape(-1), dtype=torch.long)
+        profiles = tgem.profiles(F.normalize(t.caption_emb(jump_idx[first]).float(), dim=-1), backbone).to("cpu")
     if s.cross_fit and s.jumper_target != "agree" and halves is not None:
         cross_info = []
         for h, half in enumerate(halves):
-            hi = ti[torch.as_tensor(np.isin(y_all[ti].numpy(), half))]
-            hmap = torch.full((len(present),), -1, dtype=torch.long)
+            hi = train_idx[np.isin(t.y[torch.as_tensor(train_idx)].numpy(), half)]
+            hmap = torch.full((num_classes,), -1, dtype=torch.long)
             hmap[torch.as_tensor(half)] = torch.arange(len(half))
-            h_text = class_text[torch.as_tensor(half)]
-            h_tgem, _, h_hist = _fit_modules(backbone, x_all[hi], hmap[y_all[hi]], h_text,
-                                             final_logits[hi][:, torch.as_tensor(half)],
-                                             None if cap_idx is None else cap_idx[hi], cap_text,
-                                             replace(s, soft_tau=given_soft_tau), progress, s.seed + 1 + h,
-                                             f"cross-fit T-GEM {h + 1}/2 ({s.space})")
-            cross.append(h_tgem.profiles(class_text, backbone).to("cpu"))
+            t_half = replace(t, y=hmap[t.y], class_text=t.class_text[torch.as_tensor(half)])
+            h_tgem, _, h_hist = _fit_modules(backbone, store, hi, t_half, replace(s, soft_tau=given_soft_tau),
+                                             progress, s.seed + 1 + h, f"cross-fit T-GEM {h + 1}/2 ({s.space})",
+                                             device)
+            cross.append(h_tgem.profiles(t.class_text, backbone).to("cpu"))
             cross_info.append({"classes": [classes[i] for i in half], "num_train": len(hi),
                                "final_loss": h_hist[-1]["loss"] if h_hist else None})
     jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross)
@@ -232,29 +362,80 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     per_layer = [{"layer": l, "accuracy": round((preds[:, j] == jfeats.labels).float().mean().item(), 4),
                   "agreement": round((preds[:, j] == preds[:, -1]).float().mean().item(), 4)}
                  for j, l in enumerate(profiles.exit_layers)]
-    info = {"settings": asdict(s), "templates": templates, "train_classes": classes, "history": history,
-            "num_train": len(train_idx), "num_jumper": len(jump_idx), "per_layer_holdout": per_layer,
-            "cross_fit": cross_info, "full_model": full_check, "degenerate": full_check["degenerate"]}
+    info = {"settings": asdict(s), "templates": templates, "targets": t.mode, "train_classes": classes,
+            "history": history, "num_train": len(train_idx), "num_jumper": len(jump_idx),
+            "per_layer_holdout": per_layer, "cross_fit": cross_info}
+    if full_check is not None:
+        info["full_model"], info["degenerate"] = full_check, full_check["degenerate"]
     if s.cross_fit and s.jumper_target != "agree" and halves is None:
-        info["cross_fit_skipped"] = ("fewer than 4 classes, or a class without training images: the budget Jumper "
-                                     "was fit on the main modules only")
+        info["cross_fit_skipped"] = (
+            "fewer than 4 classes, or a class without training images: the budget Jumper was fit on the main "
+            "modules only" if t.mode == "labels" else
+            "captions: the Jumper's captions are unseen by the modules already (each is text-only to them)")
     return tgem, jumper, info
 
 
 def fit_and_save(model: str, data: str, out, settings: FitSettings | None = None, n: int | None = None,
-                 device="cpu", dtype="float32", progress: bool = True, near_chance: str = "warn") -> dict:
-    """`tgems fit`: load the model and data by name, fit, save the checkpoint; returns the fit's info."""
+                 device="cpu", dtype="float32", progress: bool = True, cache=None, max_images: int | None = None,
+                 workers: int | None = None, near_chance: str = "warn") -> dict:
+    """`tgems fit`: load the model and data by name, fit, save the checkpoint; returns the fit's info.
+
+    Streamed data (folder:, webdataset:, parquet:) go through a feature cache on disk: `cache` keeps it
+    (and resumes or reuses it), otherwise a temporary one beside `out` is removed at the end."""
+    import shutil
+    import tempfile
     import time
+    from pathlib import Path
 
     from tgems.backbones import load_backbone
-    from tgems.data import load_dataset
     from tgems.tgem import save_tgem
+    from tgems.training.feature_cache import DEFAULT_WORKERS, is_stream_spec, open_cache, summarize_skipped
 
     s = settings or FitSettings()
+    stream = is_stream_spec(data)
+    if stream and n is not None:
+        raise TGEMError("--n picks images of the built-in datasets; streamed data (folder:, webdataset:, parquet:) "
+                        "take --max-images")
+    if not stream and (cache is not None or max_images is not None):
+        raise TGEMError(f"--cache and --max-images are for streamed data (folder:, webdataset:, parquet:), not "
+                        f"'{data}'")
+    if stream:
+        from tgems.training.captions import split_text_options
+
+        split_text_options(data)
     bb = load_backbone(model, device=device, dtype=dtype)
-    ds = load_dataset(data, n=n, seed=s.seed)
     t0 = time.time()
-    tgem, jumper, info = fit_tgem(bb, ds, s, progress=progress, near_chance=near_chance)
+    if not stream:
+        from tgems.data import load_dataset
+
+        ds = load_dataset(data, n=n, seed=s.seed)
+        tgem, jumper, info = fit_tgem(bb, ds, s, progress=progress, device=device, near_chance=near_chance)
+    else:
+        _checked_settings(bb, s)
+        tmp = None
+        if cache is None:
+            base = Path(out).expanduser().absolute().parent
+            while not base.exists():
+                base = base.parent
+            tmp = tempfile.mkdtemp(prefix=".tgems-fit-cache-", dir=base)
+        try:
+            store, summary = open_cache(bb, data, cache or tmp, rates=s.space == "rates", max_images=max_images,
+                                        workers=DEFAULT_WORKERS if workers is None else workers,
+                                        progress=progress)
+            t1 = time.time()
+            tgem, jumper, info = fit_tgem_cached(bb, store, s, progress=progress, device=device, data_name=data,
+                                                 near_chance=near_chance)
+            info["train_seconds"] = round(time.time() - t1, 1)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        skipped = summarize_skipped(store.skipped())
+        for reason, k in info.pop("fit_left_out").items():
+            skipped["reasons"][reason] = k
+            skipped["count"] += k
+        info["skipped"] = skipped
+        info["cache"] = {k: summary[k] for k in ("images", "shards", "encoded", "extract_seconds",
+                                                 "images_per_second")} | {"path": None if tmp else str(cache)}
     info["fit_seconds"] = round(time.time() - t0, 1)
     save_tgem(out, tgem, jumper, bb, info, data_spec=data)
     return info
