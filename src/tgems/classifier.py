@@ -75,10 +75,14 @@ class EarlyExitClassifier:
             raise TGEMError("an early-exit classifier needs a Jumper (load a T-GEM checkpoint, or give jumper=)")
         self.templates = list(templates or self.config.get("templates") or ["{}"])
         self.labels = list(labels)
+        # what the profiles are made from, for the job fingerprint: the stored module weights when they are
+        # computed here (their values move in the last bit with the thread count), else the profiles themselves
+        self.profile_source = None
         if profiles is None:
             if tgem is None:
                 raise TGEMError("give T-GEM modules (or a checkpoint name or path) or sample-based profiles")
             profiles = tgem.profiles(check_readable_labels(backbone, self.labels, self.templates), backbone)
+            self.profile_source = {f"tgem.{k}": v for k, v in tgem.state_dict().items()}
         if profiles.num_classes != len(self.labels):
             raise TGEMError(f"profiles have {profiles.num_classes} classes for {len(self.labels)} labels")
         self.profiles = profiles.to(backbone.device)

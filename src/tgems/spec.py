@@ -213,11 +213,13 @@ def predictor_settings(predictor) -> dict:
     if not (hasattr(profiles, "state") and hasattr(jumper, "state")):
         return _object_settings(predictor)
     h = hashlib.sha256()
-    _tensor_hash(h, {**profiles.state(), **jumper.state()})
+    source = getattr(predictor, "profile_source", None)  # module weights: bit-stable across thread counts
+    _tensor_hash(h, {**(source if source is not None else profiles.state()), **jumper.state()})
     h.update(json.dumps(profiles.config(), sort_keys=True, default=str).encode())
     bb = predictor.backbone
     return {"labels": list(predictor.labels), "templates": list(predictor.templates), "goal": predictor.goal,
-            "tau": float(predictor.tau), "weights": h.hexdigest()[:16], "backbone": bb.fingerprint(),
+            "tau": float(f"{float(predictor.tau):.6g}"),  # a calibrated tau moves in the last bits with the threads
+            "weights": h.hexdigest()[:16], "backbone": bb.fingerprint(),
             "backbone_name": str(bb.name), "dtype": str(bb.dtype).replace("torch.", "")}
 
 

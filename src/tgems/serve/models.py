@@ -32,11 +32,11 @@ class ServeSettings:
 
 
 def load_served(name: str, path, device: str = "cpu", dtype: str = "float32"):
-    """The classifier a server serves under `name`. One place to build it, so it can come from a predictor
-    spec (issue 19) without touching the rest of the server."""
-    from tgems.classifier import EarlyExitClassifier
+    """The classifier a server serves under `name`: built from a `PredictorSpec`, as every other entry point
+    builds it (the same checks, the same backbone resolution of a saved classifier)."""
+    from tgems.spec import PredictorSpec
 
-    return EarlyExitClassifier.load(path, device=device, dtype=dtype)
+    return PredictorSpec(classifier=str(path), device=device, dtype=dtype).check().build()
 
 
 def _same(a, b) -> bool:
