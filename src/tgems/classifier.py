@@ -57,6 +57,15 @@ def _norm_text(t: str) -> str:
     return " ".join(t.lower().split())
 
 
+def _modules_hash(tgem: TGEM) -> str:
+    """A hash of the exit modules' stored weights (float32 bytes): what computed profiles are made from."""
+    h = hashlib.sha256()
+    for k, v in sorted(tgem.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class EarlyExitClassifier:
     """Early-exit zero-shot classifier over a label set.
 
@@ -82,7 +91,7 @@ class EarlyExitClassifier:
             if tgem is None:
                 raise TGEMError("give T-GEM modules (or a checkpoint name or path) or sample-based profiles")
             profiles = tgem.profiles(check_readable_labels(backbone, self.labels, self.templates), backbone)
-            self.profile_source = {f"tgem.{k}": v for k, v in tgem.state_dict().items()}
+            self.profile_source = _modules_hash(tgem)
         if profiles.num_classes != len(self.labels):
             raise TGEMError(f"profiles have {profiles.num_classes} classes for {len(self.labels)} labels")
         self.profiles = profiles.to(backbone.device)
@@ -270,6 +279,8 @@ class EarlyExitClassifier:
                   "calibration": self.calibration, "tgem": {k: self.config[k] for k in ("space", "data", "settings")
                                                             if k in self.config},
                   "content": content_hash(self.labels, self.templates, tensors)}
+        if self.profile_source is not None:
+            config["profile_source"] = self.profile_source
         return artifacts.write(path, artifacts.CLASSIFIER, config, tensors)
 
     @classmethod
@@ -295,6 +306,7 @@ class EarlyExitClassifier:
         clf = cls(backbone, None, labels, cfg.get("templates"), jumper=jumper, profiles=profiles,
                   calibration=calibration)
         clf.config = cfg.get("tgem", {})
+        clf.profile_source = cfg.get("profile_source")
         return clf
 
 

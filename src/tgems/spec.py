@@ -213,8 +213,10 @@ def predictor_settings(predictor) -> dict:
     if not (hasattr(profiles, "state") and hasattr(jumper, "state")):
         return _object_settings(predictor)
     h = hashlib.sha256()
-    source = getattr(predictor, "profile_source", None)  # module weights: bit-stable across thread counts
-    _tensor_hash(h, {**(source if source is not None else profiles.state()), **jumper.state()})
+    source = getattr(predictor, "profile_source", None)  # the modules' hash: bit-stable across thread counts
+    if source is not None:
+        h.update(f"modules {source}".encode())
+    _tensor_hash(h, {**(profiles.state() if source is None else {}), **jumper.state()})
     h.update(json.dumps(profiles.config(), sort_keys=True, default=str).encode())
     bb = predictor.backbone
     return {"labels": list(predictor.labels), "templates": list(predictor.templates), "goal": predictor.goal,
