@@ -17,10 +17,9 @@ from tqdm.auto import tqdm
 from tgems.calibration import calibrate_budget
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
-from tgems.jumper import jumper_signals
-from tgems.profiles import check_readable_labels, default_templates, layer_probs
+from tgems.profiles import check_readable_labels, default_templates
 from tgems.tgem import TGEM
-from tgems.training.jumper_fit import check_jumper_target, fit_jumper
+from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_signals
 
 
 @dataclass
@@ -315,6 +314,25 @@ def fit_tgem_cached(backbone, cache, settings: FitSettings | None = None, templa
     return tgem, jumper, info
 
 
+class _Rows:
+    """Rows `rows` of a feature store, read only when `subset` asks (the Jumper's images: what is in memory
+    at once is one chunk of them, not all; docs/fit.md)."""
+
+    def __init__(self, store, rows: np.ndarray):
+        self.store, self.rows, self.labels = store, np.asarray(rows), None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, idx) -> LayerFeatures:
+        part = self.store.subset(self.rows[np.asarray(idx)])
+        if hasattr(self.store, "release"):
+            self.store.release()
+        if self.labels is not None:
+            part.labels = self.labels[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
+        return part
+
+
 def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettings, templates, progress, device,
          near_chance: str = "warn"):
     """The fit shared by both feature stores: seeded Jumper / training split, modules, cross-fit, Jumper, tau."""
@@ -329,7 +347,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
     jump_idx, train_idx = np.sort(usable[perm[:n_j]]), np.sort(usable[perm[n_j:]])
     tgem, s, history = _fit_modules(backbone, store, train_idx, t, s, progress, s.seed, f"fit T-GEM ({s.space})",
                                     device)
-    jfeats = store.subset(jump_idx)
+    jfeats = _Rows(store, jump_idx)
     cross, cross_info, halves = [], None, None
     if t.mode == "labels":
         jfeats.labels = t.y[torch.as_tensor(jump_idx)]
@@ -355,9 +373,9 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
             cross_info.append({"classes": [classes[i] for i in half], "num_train": len(hi),
                                "final_loss": h_hist[-1]["loss"] if h_hist else None})
     jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross)
-    probs = layer_probs(profiles, jfeats)
-    preds = probs.argmax(-1)
-    scores = jumper.for_goal("budget").scores(jumper_signals(probs, jfeats, layers, profiles.text))
+    signals, preds = training_signals([profiles], jfeats)
+    scores = jumper.for_goal("budget").scores(signals)
+    del signals
     jumper.tau = calibrate_budget(scores, preds, profiles.exit_layers, L, s.default_budget)
     per_layer = [{"layer": l, "accuracy": round((preds[:, j] == jfeats.labels).float().mean().item(), 4),
                   "agreement": round((preds[:, j] == preds[:, -1]).float().mean().item(), 4)}

@@ -2,6 +2,7 @@
 tgems.jumper, which now holds only what inference needs), and k-shot classifiers from sample profiles."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -15,21 +16,23 @@ JUMPER_TARGETS = ("goal", "agree", "no_loss")
 def fit_logistic(signals: torch.Tensor, target: torch.Tensor, l2: float = 1e-3, steps: int = 200,
                  standardize: bool = False) -> Jumper:
     """signals (N, n, S), target (N, n) in {0, 1}: fit every layer's logistic model by L-BFGS.
-    `standardize`: fit (and penalise) on signals scaled to unit variance over all layers, then fold the
-    scaling into the weights, so scoring reads the raw signals as before."""
-    n = signals.shape[1]
-    x = signals.float()
+    `standardize`: fit (and penalise) weights on signals scaled to unit variance over all layers, then fold
+    the scaling into the weights, so scoring reads the raw signals as before. The scaling lives in the
+    weights, never in a scaled copy of `signals`: the fit holds no copy of them (docs/fit.md, memory)."""
+    n, S = signals.shape[1], signals.shape[2]
+    x = signals if signals.dtype == torch.float32 else signals.float()
     y = target.float()
+    mu, sd = torch.zeros(S), torch.ones(S)
     if standardize:
-        mu, sd = x.mean((0, 1)), x.std((0, 1)).clamp_min(1e-3)
-        x = (x - mu) / sd
-    w = torch.zeros(n, x.shape[2], requires_grad=True)
+        mu, sd = _column_moments(x)
+    w = torch.zeros(n, S, requires_grad=True)
     b = torch.zeros(n, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        logit = (x * w[None]).sum(-1) + b[None]
+        ws = w / sd
+        logit = torch.stack([x[:, j] @ ws[j] for j in range(n)], 1) + (b - (ws * mu).sum(-1))[None]
         loss = F.binary_cross_entropy_with_logits(logit, y) + l2 * (w ** 2).sum()
         loss.backward()
         return loss
@@ -42,21 +45,49 @@ def fit_logistic(signals: torch.Tensor, target: torch.Tensor, l2: float = 1e-3, 
     return Jumper(weight, bias)
 
 
+def _column_moments(x: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each signal over rows and layers (the last dimension kept), in float64
+    chunk by chunk: no temporary of the size of `x`."""
+    m = x.shape[0] * x.shape[1]
+    total = sum(x[a:a + chunk].double().sum((0, 1)) for a in range(0, len(x), chunk))
+    mu = total / m
+    sq = sum(((x[a:a + chunk].double() - mu) ** 2).sum((0, 1)) for a in range(0, len(x), chunk))
+    sd = (sq / max(m - 1, 1)).sqrt()
+    return mu.float(), sd.float().clamp_min(1e-3)
+
+
 def check_jumper_target(target: str) -> None:
     if target not in JUMPER_TARGETS:
         raise TGEMError(f"unknown Jumper target '{target}' (choose from {', '.join(JUMPER_TARGETS)})")
 
 
-def _training_set(profiles: ClassProfiles, feats) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signals (N, n, S), predictions (N, n + 1)) of one set of exit modules on cached features."""
-    profiles = profiles.to("cpu")
-    probs = layer_probs(profiles, feats)
-    return jumper_signals(probs, feats, profiles.layers, profiles.text), probs.argmax(-1)
+_ROWS = 1024  # rows per pass of training_signals (memory, not results)
+
+
+def training_signals(profile_sets: list[ClassProfiles], feats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signals (K N, n, S), predictions (K N, n + 1)) of K sets of exit modules on the same N images, set
+    after set in one buffer. `feats`: anything with `len` and `subset(rows) -> LayerFeatures` (in-memory
+    features, or a view of a cache on disk); it is read `_ROWS` rows at a time, so only those rows' features
+    are in memory besides the signals."""
+    n_rows, signals, preds = len(feats), None, None
+    for k, profiles in enumerate(profile_sets):
+        profiles = profiles.to("cpu")
+        for a in range(0, n_rows, _ROWS):
+            part = feats.subset(np.arange(a, min(n_rows, a + _ROWS)))
+            probs = layer_probs(profiles, part)
+            sig = jumper_signals(probs, part, profiles.layers, profiles.text)
+            if signals is None:
+                signals = torch.empty((len(profile_sets) * n_rows, *sig.shape[1:]), dtype=sig.dtype)
+                preds = torch.empty((len(profile_sets) * n_rows, probs.shape[1]), dtype=torch.long)
+            signals[k * n_rows + a:k * n_rows + a + len(sig)] = sig
+            preds[k * n_rows + a:k * n_rows + a + len(sig)] = probs.argmax(-1)
+    return signals, preds
 
 
 def _fit_on(signals: torch.Tensor, target: torch.Tensor, cols: torch.Tensor) -> Jumper:
     """A Jumper fit on standardised signal columns `cols`, zero weights on the others."""
-    fit = fit_logistic(signals[..., cols], target.float(), standardize=True)
+    every = len(cols) == signals.shape[-1] and bool((cols == torch.arange(len(cols))).all())
+    fit = fit_logistic(signals if every else signals[..., cols], target.float(), standardize=True)
     weight = torch.zeros(fit.weight.shape[0], signals.shape[-1])
     weight[:, cols] = fit.weight
     return Jumper(weight, fit.bias)
@@ -76,21 +107,20 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list
     own classes only, a readout-based model learned which images of those classes settle early, and did
     not transfer to text-only classes (docs/design.md)."""
     check_jumper_target(target)
-    signals, preds = _training_set(profiles, feats)
     labelled = bool((feats.labels >= 0).all())
     if target == "no_loss" and not labelled:
         raise TGEMError("the no_loss Jumper target needs labelled images")
+    sets = [profiles] + (list(cross) if labelled and target != "agree" else [])
+    signals, preds = training_signals(sets, feats)
+    n_rows = len(feats)
     width = signals.shape[-1]
     readable = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS, width)])
     agree = None
     if target != "no_loss":
-        agree = _fit_on(signals, preds[:, :-1] == preds[:, -1:], readable)
+        agree = _fit_on(signals[:n_rows], preds[:n_rows, :-1] == preds[:n_rows, -1:], readable)
     if target == "agree" or not labelled:
         return agree
-    if cross:
-        sets = [(signals, preds)] + [_training_set(p, feats) for p in cross]
-        signals, preds = torch.cat([x for x, _ in sets]), torch.cat([p for _, p in sets])
-    labels = feats.labels.repeat(len(cross) + 1)[:, None]
+    labels = feats.labels.repeat(len(sets))[:, None]
     no_loss = _fit_on(signals, (preds[:, :-1] == labels) | (preds[:, -1:] != labels),
                       torch.arange(width) if cross else readable)
     if target == "no_loss":
