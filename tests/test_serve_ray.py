@@ -237,7 +237,24 @@ def test_the_serve_run_builder_reads_serve_settings(saved):
     deployment = getattr(app, "_bound_deployment", None)
     if deployment is not None:  # a private attribute of ray.serve.Application: checked where it exists
         assert deployment.num_replicas == 3 and deployment.max_ongoing_requests == 1024
+        assert deployment.max_queued_requests == 1024 and deployment.ray_actor_options["num_cpus"] == 1
+        config = getattr(deployment, "backpressure_config", None)
+        assert config is None or config.status_code == 429  # a full proxy queue is a full queue
     with pytest.raises(TGEMError, match="unknown setting"):
         build_app({"classifier": str(saved[0]), "replica": "3"})
     with pytest.raises(TGEMError, match="--replicas must be a whole number >= 1"):
         build_app({"classifier": str(saved[0]), "replicas": "0"})
+
+
+def test_a_replica_that_refuses_its_classifier_gives_the_refusal_line():
+    """Serve reports a replica that failed to start with its traceback; the command says the TGEMError's line
+    (seen end to end with a damaged classifier.safetensors: one line, exit 2, about a minute)."""
+    from tgems.integrations.ray_serve import _reason
+
+    status = ("Deploying application tgems failed: Failed to update the deployments ['tgems'].\n"
+              "Traceback (most recent call last):\n  File \"x.py\", line 74, in read_tensors\n"
+              "    raise TGEMError(f\"{file} is damaged\")\n"
+              "tgems.errors.TGEMError: /c/classifier.safetensors is damaged (its checksum does not match)\n")
+    assert _reason(status) == (True, "/c/classifier.safetensors is damaged (its checksum does not match)")
+    assert _reason("Traceback ...\n  File \"y.py\"\nRuntimeError: CUDA out of memory\n") == (
+        False, "RuntimeError: CUDA out of memory")

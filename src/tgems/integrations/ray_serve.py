@@ -153,15 +153,16 @@ def deploy(sources: dict, settings, log=None) -> RayService:
         service.cpus_per_replica = replica_cpus(settings, ray.cluster_resources().get("CPU", 1.0))
         serve.start(http_options={"host": settings.host, "port": settings.port})
         log(f"tgems serve: starting {settings.replicas} replica(s) on Ray "
-            f"({service.cpus_per_replica:g} CPUs each; loading {', '.join(sources)})")
+            f"({service.cpus_per_replica:g} CPU{'' if service.cpus_per_replica == 1 else 's'} each; loading "
+            f"{', '.join(sources)})")
         serve.run(application(sources, settings, service.cpus_per_replica), name=APP_NAME, route_prefix="/")
     except BaseException as e:
-        service.close()
-        if isinstance(e, TGEMError):
+        if isinstance(e, TGEMError) or not isinstance(e, Exception):
+            service.close()
             raise
-        if isinstance(e, Exception):
-            raise TGEMError(f"the Ray Serve deployment failed: {_reason(e)}") from None
-        raise
+        refused, reason = _reason("\n".join([str(e)] + _deployment_messages(serve)))
+        service.close()
+        raise TGEMError(reason if refused else f"the Ray Serve deployment failed: {reason}") from None
     return service
 
 
@@ -240,15 +241,24 @@ def _init(ray, **kwargs) -> None:
                  logging_level=logging.ERROR, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, OSError) as e:
         where = f"at RAY_ADDRESS={kwargs['address']}" if kwargs.get("address") != "local" else "(local)"
-        raise TGEMError(f"cannot reach a Ray cluster {where}: {_reason(e)}") from None
+        raise TGEMError(f"cannot reach a Ray cluster {where}: {_reason(e)[1]}") from None
 
 
-def _reason(exc) -> str:
-    """One line from a Serve failure, whose message carries the replica's traceback: the TGEMError's line
-    when a replica refused its input, else the last line that says something."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+def _deployment_messages(serve) -> list[str]:
+    """What Serve says of the deployment: a replica that failed to start leaves its traceback here."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+        return [d.message for d in app.deployments.values() if d.message] if app else []
+    except Exception:  # Serve itself is gone: the exception has to do
+        return []
+
+
+def _reason(text) -> tuple[bool, str]:
+    """(refused, one line) from a Serve failure: the TGEMError's line when a replica refused its input, else
+    the last line that says something."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
     for ln in reversed(lines):
         for marker in ("tgems.errors.TGEMError: ", "TGEMError: "):
             if marker in ln:
-                return ln.split(marker, 1)[1]
-    return lines[-1] if lines else type(exc).__name__
+                return True, ln.split(marker, 1)[1]
+    return False, lines[-1] if lines else "no reason given"
