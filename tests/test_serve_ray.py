@@ -218,7 +218,7 @@ def test_a_directory_that_is_no_classifier_is_refused_before_ray_starts(tmp_path
     from tgems.serve.models import ServeSettings
 
     with pytest.raises(TGEMError, match="is not a saved classifier"):
-        deploy({"x": str(tmp_path)}, ServeSettings(engine="ray", port=_free_port()))
+        deploy({"x": str(tmp_path)}, ServeSettings(port=_free_port()))
     assert not ray.is_initialized()
 
 

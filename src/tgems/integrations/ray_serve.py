@@ -51,8 +51,8 @@ def require_serve():
 
 
 def replica_cpus(settings, cluster_cpus: float) -> float:
-    """CPUs a replica reserves (its torch threads follow): `settings.replica_cpus`, else an equal share of
-    the cluster's CPUs (at most 1 below a whole CPU per replica)."""
+    """CPUs a replica reserves (Ray sets its torch threads to match): `settings.replica_cpus`, else an equal
+    share of the cluster's CPUs, in whole CPUs when there is at least one per replica."""
     if settings.replica_cpus is not None:
         if settings.replica_cpus <= 0:
             raise TGEMError(f"--replica-cpus must be positive, got {settings.replica_cpus}")
@@ -62,8 +62,9 @@ def replica_cpus(settings, cluster_cpus: float) -> float:
 
 
 def application(sources: dict, settings, cpus_per_replica: float = 1.0):
-    """The Serve application (bind it with `serve.run`): `settings.replicas` replicas of the `tgems serve`
-    app on {name: classifier dir}, each reserving `cpus_per_replica` CPUs and, on a CUDA device, one GPU."""
+    """The Serve application (run it with `serve.run`): `settings.replicas` replicas of the `tgems serve`
+    app on {name: classifier dir}, each reserving `cpus_per_replica` CPUs and, on a CUDA device, one GPU.
+    Serve's proxy listens where Serve was started (`serve.start(http_options=...)`), not at settings.port."""
     _, serve = require_serve()
     _check_settings(settings)
     sources = {name: str(path) for name, path in sources.items()}
@@ -191,8 +192,6 @@ def run_ray_server(sources: dict, settings, log) -> int:
 
 
 def _check_settings(settings) -> None:
-    if settings.engine != "ray":
-        raise TGEMError(f"the Ray Serve deployment runs with engine 'ray', got '{settings.engine}'")
     if not isinstance(settings.replicas, int) or settings.replicas < 1:
         raise TGEMError(f"--replicas must be a whole number >= 1, got {settings.replicas!r}")
 
@@ -221,7 +220,7 @@ def _settings_from(base, args: dict):
             given[k] = kind(v) if isinstance(v, str) and kind is not str else v
         except ValueError:
             raise TGEMError(f"{k}={v!r} is not a {kind.__name__}") from None
-    return replace(base, engine="ray", **given)
+    return replace(base, **given)
 
 
 def _deployment_options(serve) -> set:
