@@ -34,6 +34,7 @@ RANKS = {
     "tgems.jobs": 8.5,
     "tgems.batch": 9,
     "tgems.integrations": 10, "tgems.serve": 10,
+    "tgems.integrations.ray_serve": 10.5,  # the server's app, as a Ray Serve deployment
     "tgems.training": 11, "tgems.evaluation": 11,
     "tgems": 12,
     "tgems.cli": 13,

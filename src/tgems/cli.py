@@ -303,10 +303,19 @@ def cmd_serve(args):
     from tgems.serve.models import ServeSettings
     from tgems.serve.server import parse_sources, run_server
 
-    settings = replace(ServeSettings(), **{k: getattr(args, k) for k in (
+    ray_only = {k: getattr(args, k) for k in ("replicas", "replica_cpus") if getattr(args, k) is not None}
+    if ray_only and args.engine != "ray":
+        flags = " and ".join("--" + k.replace("_", "-") for k in ray_only)
+        raise TGEMError(f"{flags} {'needs' if len(ray_only) == 1 else 'need'} --engine ray")
+    settings = replace(ServeSettings(), **ray_only, **{k: getattr(args, k) for k in (
         "host", "port", "max_batch_size", "max_wait_ms", "queue_size", "max_client_batch", "max_inflight",
-        "audit_rate", "seed", "device", "dtype", "tgem")})
-    return run_server(parse_sources(args.classifier), settings, lambda msg: print(msg, file=sys.stderr, flush=True))
+        "audit_rate", "seed", "device", "dtype", "tgem", "engine")})
+    sources, log = parse_sources(args.classifier), lambda msg: print(msg, file=sys.stderr, flush=True)
+    if settings.engine == "ray":
+        from tgems.integrations.ray_serve import run_ray_server
+
+        return run_ray_server(sources, settings, log)
+    return run_server(sources, settings, log)
 
 
 def cmd_index_fit(args):
@@ -617,6 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images in one request; more are refused with 413 (default %(default)s)")
     sv.add_argument("--audit-rate", type=_unit_interval("audit-rate"), default=sd.audit_rate,
                     help="fraction of early exits also run to full depth to check the guarantee live (seeded)")
+    sv.add_argument("--engine", default=sd.engine, choices=ENGINES,
+                    help="local (default) or ray: replicas on Ray Serve (the cluster at RAY_ADDRESS, else a local Ray)")
+    sv.add_argument("--replicas", type=_positive_int, help=f"--engine ray: replicas (default {sd.replicas})")
+    sv.add_argument("--replica-cpus", type=float, help="--engine ray: CPUs per replica (default: an equal share)")
     sv.add_argument("--quiet", action="store_true")
     sv.add_argument("--seed", type=_seed_value, default=sd.seed)
     placement(sv)

@@ -29,6 +29,9 @@ class ServeSettings:
     device: str = "cpu"
     dtype: str = "float32"
     tgem: str | None = None
+    engine: str = "local"  # "ray": replicas of the same app on Ray Serve (tgems.integrations.ray_serve)
+    replicas: int = 1  # engine "ray": Serve replicas, each with its own scheduler
+    replica_cpus: float | None = None  # engine "ray": CPUs a replica reserves (default: an equal share)
 
 
 def load_served(name: str, path, device: str = "cpu", dtype: str = "float32"):
