@@ -16,7 +16,8 @@ after the first tenth of the soak and at the end.
 Models: a ViT-B/32-shaped CLIP with random weights (224 px, 12 x 768; sample profiles, calibrated to budget
 0.5 as batch_throughput.py does) and the shipped embedded model. Every phase is bounded in requests and in
 seconds; the run prints an upper bound of its duration first, and an estimate once the first rate is known.
-`--quick` runs every phase of both models small (a 12 x 64 tower stands in for ViT-B/32's width).
+`--quick` runs every phase small on the embedded model (with `--models vit_b32`, a 12 x 64 tower of the same
+input size stands in for ViT-B/32: it checks the code path, its figures mean nothing).
 
     python benchmarks/serve_load.py --quick --json /tmp/serve_load_quick.json     # about a minute
     python benchmarks/serve_load.py --json results/serve_load.json                 # the full run
@@ -505,8 +506,8 @@ class Clock:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="every phase small, the ViT-B/32 stand-in only unless "
-                   "--models says otherwise (about a minute on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="every phase small, the embedded model only unless "
+                   "--models says otherwise (vit_b32 then is a 12 x 64 stand-in); about a minute on 2 cores")
     p.add_argument("--models", default="vit_b32,embedded", help="comma-separated: vit_b32, embedded")
     p.add_argument("--batch", type=int, default=None, help="the servers' --max-batch-size (default: 64 on cuda, "
                    "16 on cpu)")
@@ -530,7 +531,9 @@ def parse_args(argv=None):
     p.add_argument("--soak-seconds", type=float, default=3600.0, help="the soak's limit in seconds")
     p.add_argument("--pool", type=int, default=64, help="distinct request bodies per mode")
     p.add_argument("--n-calib", type=int, default=300, help="images for the sample profiles and calibration")
-    p.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the servers")
+    p.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the servers (default on "
+                   "cpu: every core but one, which the load generator keeps; two threads on a shared 2-core "
+                   "machine ran the encoder up to 10x slower than one)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="the servers' --device (cpu or cuda)")
@@ -539,12 +542,14 @@ def parse_args(argv=None):
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.quick:
-        args.models = "vit_b32" if args.models == p.get_default("models") else args.models
+        args.models = "embedded" if args.models == p.get_default("models") else args.models
         args.requests, args.seconds, args.warmup_seconds = 2000, 3.0, 3.0
         args.loads, args.open_seconds, args.open_requests, args.drain_seconds = "0.5", 2.0, 200, 10.0
         args.soak, args.soak_seconds, args.n_calib, args.pool = 400, 20.0, 60, 16
         args.batch = args.batch or 8
     args.batch = args.batch or (64 if args.device.startswith("cuda") else 16)
+    if args.server_threads is None and not args.device.startswith("cuda"):
+        args.server_threads = max(1, (os.cpu_count() or 2) - 1)
     args.loads = [float(x) for x in str(args.loads).split(",") if x]
     return args
 
