@@ -19,7 +19,7 @@ seconds; the run prints an upper bound of its duration first, and an estimate on
 `--quick` runs every phase small on the embedded model (with `--models vit_b32`, a 12 x 64 tower of the same
 input size stands in for ViT-B/32: it checks the code path, its figures mean nothing).
 
-    python benchmarks/serve_load.py --quick --json /tmp/serve_load_quick.json     # about a minute
+    python benchmarks/serve_load.py --quick --json /tmp/serve_load_quick.json     # 1.5 min on 2 shared cores
     python benchmarks/serve_load.py --json results/serve_load.json                 # the full run
 """
 from __future__ import annotations
@@ -507,7 +507,7 @@ class Clock:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="every phase small, the embedded model only unless "
-                   "--models says otherwise (vit_b32 then is a 12 x 64 stand-in); about a minute on 2 cores")
+                   "--models says otherwise (vit_b32 then is a 12 x 64 stand-in); about 1.5 minutes on 2 shared cores")
     p.add_argument("--models", default="vit_b32,embedded", help="comma-separated: vit_b32, embedded")
     p.add_argument("--batch", type=int, default=None, help="the servers' --max-batch-size (default: 64 on cuda, "
                    "16 on cpu)")
