@@ -346,6 +346,31 @@ def test_drop_scheduler_answers_as_predict(saved):
         assert type(served.scheduler).__name__ == "DropScheduler"
 
 
+def test_drop_scheduler_mixes_policies_cancels_and_refuses_a_full_queue(saved):
+    from tgems.engine import run_early_exit
+    from tgems.scheduler import QueueFull
+    from tgems.serve.drop import DropScheduler
+
+    _, clf, test = saved
+    bb = clf.backbone
+    px = bb.preprocess(list(test.images[:9]))
+    pols = {"a": clf.policy(), "b": clf.with_tau(0.3).policy()}
+    s = DropScheduler(bb, max_batch_size=8, queue_size=9)
+    got = {"a": [None] * 3, "b": [None] * 3, "c": []}
+    s.submit(px[:3], pols["a"], lambda i, r: got["a"].__setitem__(i, r), tag="a")
+    s.submit(px[3:6], pols["b"], lambda i, r: got["b"].__setitem__(i, r), tag="b")
+    s.submit(px[6:9], pols["a"], lambda i, r: got["c"].append(r), tag="c")
+    with pytest.raises(QueueFull, match="queue is full"):
+        s.submit(px[:1], pols["a"], lambda i, r: None)
+    assert s.cancel("c") == 3 and s.pending == 6
+    s.run_until_idle()
+    assert got["c"] == [] and s.stats["answered"] == 6
+    for k, sl in (("a", slice(0, 3)), ("b", slice(3, 6))):
+        ref = run_early_exit(bb, px[sl], pols[k])
+        assert [r.exit_layer for r in got[k]] == ref.exit_layers.tolist()
+        assert torch.allclose(torch.stack([r.probs for r in got[k]]), ref.outputs.float(), atol=1e-5)
+
+
 @pytest.mark.parametrize("argv,reason", [
     ([], "give at least one --classifier"),
     (["--classifier", ".", "--max-body-mb", "0"], "max-body-mb must be a positive number"),
