@@ -11,11 +11,19 @@ throughput against the plain transformers forward on a ViT-B/32-shaped CLIP.
 2. Speed: a random-init ViT-B/32-shaped CLIP (224 px, 12 blocks, width 768) at batch `--batch`: plain
    `get_image_features`, the engine never exiting, every row exiting at layer 6, and exits spread evenly over
    the 12 layers; median of `--repeats` interleaved runs, synchronised.
+3. Serving: benchmarks/serve_load.py on the ViT-B/32 shape, `tgems serve` on the device in the given dtype
+   over loopback HTTP: the depth queues at budget 0.5, never exiting, and exit-and-drop batching; the keys
+   rps_exit, rps_never_exit, rps_drop_batching, p95_ms_exit, min_layer_occupancy, rss_growth (and the
+   per-mode tables under "serve"). `--serve quick` runs serve_load's --quick on the ViT-B/32 stand-in (checks
+   the path anywhere); `--serve off` skips it. Without CUDA, `--device cuda` skips every case in one line.
+
+    python benchmarks/gpu_check.py --device cpu --dtype float32 --batch 16 --n 64 --serve quick  # the path, here
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 
@@ -96,6 +104,25 @@ def speed(device: str, dtype, batch: int, repeats: int) -> dict:
                 "ips_max": round(batch / min(times[k]), 1)} for k in cases}
 
 
+SERVE_GPU = ["--seconds", "20", "--warmup-seconds", "20", "--open-seconds", "10", "--drain-seconds", "10",
+             "--soak", "20000", "--soak-seconds", "180"]  # the device time of a lent GPU is short
+
+
+def serving(device: str, dtype: str, mode: str, work: str) -> dict:
+    """serve_load's measurement on the ViT-B/32 shape; its summary keys, with the per-mode tables."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import serve_load
+
+    argv = ["--models", "vit_b32", "--device", device, "--dtype", dtype, "--work", work]
+    argv += ["--quick"] if mode == "quick" else SERVE_GPU
+    report = serve_load.run(serve_load.parse_args(argv))
+    keys = ("rps_exit", "rps_never_exit", "rps_drop_batching", "p95_ms_exit", "min_layer_occupancy", "rss_growth",
+            "speedup_vs_never_exit", "speedup_vs_drop", "images_per_s_exit", "flops_ratio_exit", "targets")
+    return {**{k: report[k] for k in keys}, "quick": mode == "quick", "serve_load": report}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -103,9 +130,17 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--n", type=int, default=512, help="images for the agreement check")
+    ap.add_argument("--serve", choices=("full", "quick", "off"), default="full",
+                    help="the serving case: full (ViT-B/32 shape), quick (serve_load --quick, a stand-in), off")
+    ap.add_argument("--work", default="results/gpu_check_work", help="scratch folder of the serving case")
     ap.add_argument("--json")
     args = ap.parse_args()
     device, dtype = args.device, as_dtype(args.dtype)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here: skipped (run with --device cpu --dtype float32 for a dry run)")
+        if args.json:
+            write_json(args.json, {"device": device, "skipped": "no CUDA device"})
+        return
     out = {"device": device, "dtype": args.dtype, "batch": args.batch,
            "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
            "torch": torch.__version__}
@@ -115,6 +150,14 @@ def main():
     print(f"{'case':<12}{'img/s':>10}{'vs plain':>10}{'FLOPs':>8}")
     for k, r in out["speed"].items():
         print(f"{k:<12}{r['images_per_second']:>10.1f}{r['vs_plain']:>10.3f}{r['flops_ratio']:>8.3f}")
+    if args.serve != "off":
+        serve = serving(device, args.dtype, args.serve, args.work)
+        out["serve"] = serve
+        for k in ("rps_exit", "rps_never_exit", "rps_drop_batching", "p95_ms_exit", "min_layer_occupancy",
+                  "rss_growth"):
+            out[k] = serve[k]
+        print("serving:", {k: serve[k] for k in ("rps_exit", "rps_never_exit", "rps_drop_batching", "p95_ms_exit",
+                                                 "min_layer_occupancy", "rss_growth")})
     if args.json:
         write_json(args.json, out)
 

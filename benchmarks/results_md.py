@@ -403,6 +403,35 @@ FORMATTERS = {"demo": fmt_report, "eval": fmt_report, "engine_speed": fmt_engine
               "jumper_study": fmt_jumper_study, "jumper_seeds": fmt_jumper_seeds}
 
 
+def fmt_serve_load(rec: dict) -> str:
+    """serve_load.py: per model, the closed loop of each mode, the open-loop latency and the soak."""
+    d, parts = rec["data"], []
+    for r in d["results"]:
+        modes = r["modes"]
+        rows = [[m, num(c["rps"]), num(c["images_per_s"], 1), num(c["p50_ms"], 0), num(c["p95_ms"], 0),
+                 num(c["p99_ms"], 0), num(c["flops_ratio"], 3), num(c["mean_exit_layer"]),
+                 num(c["min_layer_occupancy"])] for m, c in ((m, v["closed"]) for m, v in modes.items())]
+        parts.append(f"**{r['model']}** ({r['num_layers']} layers, batch cap {r['batch']}, {r['clients']} clients x "
+                     f"{r['images_per_request']} images, {r['device']} {r['dtype']}), closed loop:\n\n"
+                     + table(["mode", "req/s", "img/s", "p50 ms", "p95 ms", "p99 ms", "FLOPs", "exit layer",
+                              "least occupancy"], rows, "lrrrrrrrr"))
+        rows = [[m, num(o["load"]), num(o["rate"]), num(o["requests"], 0), num(o["p50_ms"], 0), num(o["p95_ms"], 0),
+                 num(o["p99_ms"], 0), json.dumps(o["errors"]) if o["errors"] else ""]
+                for m, v in modes.items() for o in v["open"]]
+        parts.append("open loop:\n\n" + table(["mode", "load", "req/s offered", "answered", "p50 ms", "p95 ms",
+                                                 "p99 ms", "errors"], rows, "lrrrrrrl"))
+        s = r["soak"]
+        parts.append(f"soak: {s['requests']} requests, server RSS {num(s['rss_mb_warm'], 0)} MB after the first "
+                     f"tenth, {num(s['rss_mb_end'], 0)} MB at the end ({pct(s['rss_growth'])} %)")
+    keys = ("rps_exit", "rps_never_exit", "rps_drop_batching", "speedup_vs_never_exit", "p95_ms_exit",
+            "min_layer_occupancy", "rss_growth")
+    parts.append(f"{d.get('model')}: " + ", ".join(f"{k} {num(d.get(k), 3)}" for k in keys)
+                 + "; targets met: " + ", ".join(f"{k}: {v}" for k, v in (d.get("targets") or {}).items()))
+    return "\n\n".join(parts)
+
+
+FORMATTERS["serve_load"] = fmt_serve_load
+
 def kind_of(rec: dict) -> str:
     """The record's kind when a formatter knows it; a record without a kind (or "generic") is recognised
     by the shape of its data; any other kind gets the generic view."""

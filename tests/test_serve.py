@@ -1,8 +1,10 @@
 """`tgems serve` in process (Starlette's TestClient): the routes answer as the library does (classify equals
 EarlyExitClassifier.predict, embeddings equal the backbone's), every bad input is a one-line 4xx naming the
 input, health / models / metrics. On the shipped embedded model and a classifier calibrated in the test."""
+import asyncio
 import base64
 import io
+import json
 import struct
 import time
 import warnings
@@ -279,8 +281,100 @@ def test_page_is_served(client):
     assert r.status_code == 200 and "<html" in r.text.lower() and "/v1/classify" in r.text
 
 
+def test_a_body_past_the_limit_is_413_before_it_is_read(saved):
+    """Content-Length past --max-body-mb: refused from the header; a chunked body (no Content-Length): refused
+    once the bytes counted while streaming pass the limit, the rest of it never read."""
+    limit = 0.01  # MB
+    big = b'{"inputs": "' + b"A" * int(limit * 2 ** 20) + b'"}'
+    pulled = []
+
+    async def chunked(app):
+        """The body in 1 KB chunks without a Content-Length, straight through ASGI (TestClient would read a
+        streamed body whole before the app sees it)."""
+        sent = []
+
+        async def receive():
+            pulled.append(1024)
+            return {"type": "http.request", "body": b" " * 1024, "more_body": len(pulled) < 64}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                              (b"transfer-encoding", b"chunked")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await app(scope, receive, send)
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+    with make_client(saved, max_body_mb=limit) as c:
+        wait_ready(c)
+        r = c.post("/v1/classify", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert "past the limit of 0.01 MB" in err and "\n" not in err
+        status, body = asyncio.run(chunked(c.app))
+        assert status == 413 and "past the limit" in body["error"], body
+        assert limit * 2 ** 20 < sum(pulled) <= limit * 2 ** 20 + 1024 < 64 * 1024
+        files = [("image", ("0.png", b"\0" * int(limit * 2 ** 20), "image/png"))]
+        assert c.post("/v1/classify", files=files).status_code == 413
+        r = c.post("/v1/embeddings", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        # under the limit: answered as before
+        r = c.post("/v1/classify", json={"inputs": b64(saved[2].images[0])})
+        assert r.status_code == 200, r.text
+        assert 'tgems_requests_total{code="413",route="classify"} 3.0' in c.get("/metrics").text
+
+
+def test_drop_scheduler_answers_as_predict(saved):
+    """--scheduler drop (exit-and-drop micro-batches, the benchmark's baseline) answers as predict does."""
+    _, clf, test = saved
+    ref = clf.predict(list(test.images[:6]))
+    with make_client(saved, scheduler="drop") as c:
+        wait_ready(c)
+        r = c.post("/v1/classify", json={"inputs": [b64(a) for a in test.images[:6]]})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert [o["labels"][0]["label"] for o in out] == ref.labels
+        assert [o["exit_layer"] for o in out] == ref.exit_layers.tolist()
+        assert np.allclose([o["labels"][0]["score"] for o in out], ref.probs.max(1), atol=1e-5)
+        assert np.allclose([o["flops_ratio"] for o in out], ref.flops_ratio, atol=1e-6)
+        text = c.get("/metrics").text
+        assert 'tgems_layer_rows_total{layer="1",model="shapes"} 6.0' in text
+        served = c.app.state.tgems["models"]["shapes"]
+        assert type(served.scheduler).__name__ == "DropScheduler"
+
+
+def test_drop_scheduler_mixes_policies_cancels_and_refuses_a_full_queue(saved):
+    from tgems.engine import run_early_exit
+    from tgems.scheduler import QueueFull
+    from tgems.serve.drop import DropScheduler
+
+    _, clf, test = saved
+    bb = clf.backbone
+    px = bb.preprocess(list(test.images[:9]))
+    pols = {"a": clf.policy(), "b": clf.with_tau(0.3).policy()}
+    s = DropScheduler(bb, max_batch_size=8, queue_size=9)
+    got = {"a": [None] * 3, "b": [None] * 3, "c": []}
+    s.submit(px[:3], pols["a"], lambda i, r: got["a"].__setitem__(i, r), tag="a")
+    s.submit(px[3:6], pols["b"], lambda i, r: got["b"].__setitem__(i, r), tag="b")
+    s.submit(px[6:9], pols["a"], lambda i, r: got["c"].append(r), tag="c")
+    with pytest.raises(QueueFull, match="queue is full"):
+        s.submit(px[:1], pols["a"], lambda i, r: None)
+    assert s.cancel("c") == 3 and s.pending == 6
+    s.run_until_idle()
+    assert got["c"] == [] and s.stats["answered"] == 6
+    for k, sl in (("a", slice(0, 3)), ("b", slice(3, 6))):
+        ref = run_early_exit(bb, px[sl], pols[k])
+        assert [r.exit_layer for r in got[k]] == ref.exit_layers.tolist()
+        assert torch.allclose(torch.stack([r.probs for r in got[k]]), ref.outputs.float(), atol=1e-5)
+
+
 @pytest.mark.parametrize("argv,reason", [
     ([], "give at least one --classifier"),
+    (["--classifier", ".", "--max-body-mb", "0"], "max-body-mb must be a positive number"),
+    (["--classifier", ".", "--scheduler", "fifo"], "invalid choice: 'fifo'"),
     (["--classifier", "/no/such/dir"], "/no/such/dir is not a directory"),
     (["--classifier", "a=.", "--classifier", "a=."], "two classifiers named 'a'"),
 ])

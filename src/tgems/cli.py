@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -309,7 +310,7 @@ def cmd_serve(args):
         raise TGEMError(f"{flags} {'needs' if len(ray_only) == 1 else 'need'} --engine ray")
     settings = replace(ServeSettings(), **ray_only, **{k: getattr(args, k) for k in (
         "host", "port", "max_batch_size", "max_wait_ms", "queue_size", "max_client_batch", "max_inflight",
-        "audit_rate", "seed", "device", "dtype", "tgem", "engine")})
+        "audit_rate", "seed", "device", "dtype", "tgem", "engine", "max_body_mb", "scheduler")})
     sources, log = parse_sources(args.classifier), lambda msg: print(msg, file=sys.stderr, flush=True)
     if settings.engine == "ray":
         from tgems.integrations.ray_serve import run_ray_server
@@ -352,6 +353,18 @@ def _fraction(what):
             raise argparse.ArgumentTypeError(f"{what} must be a number in (0, 1), got '{value}'") from None
         if not 0 < x < 1:
             raise argparse.ArgumentTypeError(f"{what} must lie in (0, 1), got {x}")
+        return x
+    return parse
+
+
+def _positive_float(what):
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a positive number, got '{value}'") from None
+        if not (x > 0 and math.isfinite(x)):
+            raise argparse.ArgumentTypeError(f"{what} must be a positive number, got {x}")
         return x
     return parse
 
@@ -604,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(se)
     se.set_defaults(func=cmd_search)
 
-    from tgems.serve.models import ServeSettings
+    from tgems.serve.models import SCHEDULERS, ServeSettings
 
     sd = ServeSettings()
     sv = sub.add_parser("serve", help="HTTP service: classify and embed images with early exit (tgems[serve])")
@@ -624,6 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images waiting to enter; more are refused with 429 (default %(default)s)")
     sv.add_argument("--max-client-batch", type=_positive_int, default=sd.max_client_batch,
                     help="images in one request; more are refused with 413 (default %(default)s)")
+    sv.add_argument("--max-body-mb", type=_positive_float("max-body-mb"), default=sd.max_body_mb,
+                    help="largest request body in MB; a larger one is refused with 413 (default %(default)s)")
+    sv.add_argument("--scheduler", choices=SCHEDULERS, default=sd.scheduler,
+                    help="depth: depth queues, every block on a full batch (default); drop: exit-and-drop "
+                    "micro-batches, for comparison")
     sv.add_argument("--audit-rate", type=_unit_interval("audit-rate"), default=sd.audit_rate,
                     help="fraction of early exits also run to full depth to check the guarantee live (seeded)")
     sv.add_argument("--engine", default=sd.engine, choices=ENGINES,

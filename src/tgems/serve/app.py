@@ -23,6 +23,43 @@ class _ClientGone(Exception):
     pass
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body past `max_bytes` is refused with 413, at once when its Content-Length
+    says so (nothing of it is read), else as soon as the bytes streamed in pass the limit."""
+
+    def __init__(self, app, max_mb: float, on_refused=None):
+        self.app, self.max_mb, self.on_refused = app, max_mb, on_refused
+        self.max_bytes = int(max_mb * 2 ** 20)
+
+    def reason(self, size: str) -> str:
+        return f"the request body ({size}) is past the limit of {self.max_mb:g} MB (--max-body-mb)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            from starlette.responses import JSONResponse
+
+            if self.on_refused:
+                self.on_refused(scope["path"])
+            resp = JSONResponse({"error": self.reason(f"{int(length)} bytes")}, status_code=413,
+                                headers={"Connection": "close"})
+            return await resp(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BadRequest(self.reason(f"over {self.max_bytes} bytes so far"), 413, {"Connection": "close"})
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def _stderr(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
@@ -33,6 +70,7 @@ def create_app(sources: dict | None = None, settings=None, models: dict | None =
     until then), or for ready `models` ({name: ServedModel}). `on_load_error(message)` is called when
     loading fails (the CLI then stops the server)."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
@@ -224,7 +262,10 @@ def create_app(sources: dict | None = None, settings=None, models: dict | None =
               Route("/v1/models", list_models), Route("/v1/classify", classify, methods=["POST"]),
               Route("/v1/embeddings", embeddings, methods=["POST"]),
               Mount("/static", StaticFiles(directory=STATIC), name="static")]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    names = {"/v1/classify": "classify", "/v1/embeddings": "embeddings"}
+    refused = lambda path: metrics.observe_request(names.get(path, "other"), 413, 0.0)  # noqa: E731
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(_BodyLimit, max_mb=settings.max_body_mb, on_refused=refused)])
     app.state.tgems = state
     app.state.metrics = metrics
     return app

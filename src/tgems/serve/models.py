@@ -23,6 +23,7 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     queue_size: int = 1024
     max_client_batch: int = 256
+    max_body_mb: float = 64.0  # a request body past this is refused with 413 before it is read whole
     max_inflight: int | None = None  # default: max_batch_size * num_layers (see tgems.scheduler)
     audit_rate: float = 0.0
     seed: int = 0
@@ -32,6 +33,10 @@ class ServeSettings:
     engine: str = "local"  # "ray": replicas of the same app on Ray Serve (tgems.integrations.ray_serve)
     replicas: int = 1  # engine "ray": Serve replicas, each with its own scheduler
     replica_cpus: float | None = None  # engine "ray": CPUs a replica reserves (default: an equal share)
+    scheduler: str = "depth"  # "depth": depth queues (tgems.scheduler); "drop": exit-and-drop micro-batches
+
+
+SCHEDULERS = ("depth", "drop")
 
 
 def load_served(name: str, path, device: str = "cpu", dtype: str = "float32"):
@@ -56,10 +61,21 @@ class ServedModel:
         self.name, self.clf, self.backbone = name, clf, clf.backbone
         self.tgem = tgem
         cal = clf.calibration
-        self.scheduler = DepthScheduler(
-            self.backbone, settings.max_batch_size, settings.max_inflight, settings.max_wait_ms / 1000,
-            settings.queue_size, settings.audit_rate, cal.get("max_drop") if cal.get("goal") == "max_drop" else None,
-            float(cal.get("delta", 0.1)), settings.seed, log)
+        if settings.scheduler not in SCHEDULERS:
+            raise TGEMError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {settings.scheduler!r}")
+        if settings.scheduler == "drop":
+            from tgems.serve.drop import DropScheduler
+
+            if settings.audit_rate:
+                raise TGEMError("the live audit runs on the depth queues: --audit-rate needs --scheduler depth")
+            self.scheduler = DropScheduler(self.backbone, settings.max_batch_size, settings.max_wait_ms / 1000,
+                                           settings.queue_size)
+        else:
+            self.scheduler = DepthScheduler(
+                self.backbone, settings.max_batch_size, settings.max_inflight, settings.max_wait_ms / 1000,
+                settings.queue_size, settings.audit_rate,
+                cal.get("max_drop") if cal.get("goal") == "max_drop" else None,
+                float(cal.get("delta", 0.1)), settings.seed, log)
         self._profiles = OrderedDict()
         self._policies = OrderedDict()
         self._lock = threading.Lock()

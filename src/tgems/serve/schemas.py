@@ -168,6 +168,8 @@ async def parse_classify_form(request, max_client_batch: int) -> ClassifyRequest
     (candidate_labels comma-separated or repeated)."""
     try:
         form = await request.form(max_files=max_client_batch + 1)
+    except BadRequest:  # the body limit, counted while it streams in
+        raise
     except Exception as e:
         raise BadRequest(f"malformed multipart body: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     files = [v for k, v in form.multi_items() if k in ("image", "file", "inputs", "images") and hasattr(v, "read")]
