@@ -201,7 +201,7 @@ def main():
     if args.scheduler:
         skip |= {"plain", "ray", "plain_1080p", "tgems_1080p", "rss"}
         if args.quick:  # the ViT case smaller than the full quick run (its random exits are all at layer 1), the
-            args.n, args.n_calib, args.n_embedded = 64, 24, 1000  # embedded one (real exits) larger: < 1 min
+            args.n, args.n_calib, args.n_embedded = 64, 24, 320  # embedded one (real exits) larger: < 1 min
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     res = {"n": args.n, "batch_size": args.batch_size, "workers": args.workers, "threads": torch.get_num_threads(),

@@ -292,7 +292,7 @@ def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size
 
     ray = require_ray()
     scheduler = default("scheduler") if scheduler is None else scheduler
-    check_job_args(task, batch_size, scheduler, None if hasattr(classifier, "build") else classifier)
+    check_job_args(task, batch_size, scheduler, classifier if hasattr(classifier, "predict") else None)
     source = data if isinstance(data, StreamSource) else open_source(data)
     if isinstance(classifier, dict):
         classifier = _spec_class()(**classifier)
