@@ -157,6 +157,24 @@ def test_ray_engine_gives_the_rows_of_the_local_run(tmp_path, local_ray, spec, c
     assert "running locally" in capsys.readouterr().err and small["engine"] == "local" and small["images"] == 100
 
 
+def test_ray_engine_with_depth_queues_gives_the_rows_of_the_local_depth_run(tmp_path, local_ray, spec, clf):
+    """`--scheduler depth` on Ray: each actor runs a folder block whole through its depth queues, so the rows
+    are the local depth run's (and the drop path's), in the same order."""
+    images, classes = scene_images(100)
+    make_folder(tmp_path / "f", images, classes)
+    data = f"folder:{tmp_path / 'f'}?block=50"
+    run_job(clf, data, tmp_path / "local", batch_size=16, workers=0, settings=spec.settings(), progress=False,
+            scheduler="depth")
+    summary, code = run_command(data=data, out=str(tmp_path / "ray"), tgem=tgem_checkpoint(), labels=LABELS,
+                                engine="ray", batch_size=16, quiet=True, scheduler="depth")
+    assert code == 0 and summary["engine"] == "ray" and summary["settings"]["scheduler"] == "depth"
+    a, b = read_parts(tmp_path / "local"), read_parts(tmp_path / "ray")
+    for col in ("id", "label", "label_index", "exit_layer", "flops_ratio", "top5_labels"):
+        assert a.column(col).equals(b.column(col)), col
+    np.testing.assert_allclose(a.column("probability").to_numpy(), b.column("probability").to_numpy(), atol=1e-5)
+    assert len(set(a.column("exit_layer").to_pylist())) > 3
+
+
 def test_num_gpus_on_a_cluster_without_gpus_is_refused(tmp_path, local_ray, spec):
     images, classes = scene_images(4)
     make_folder(tmp_path / "f", images, classes)
