@@ -303,7 +303,7 @@ class DepthScheduler:
         exits = [False] * len(rows)
         if read:
             idx = torch.tensor(read, dtype=torch.long, device=h.device)
-            z = bb.readout(h[idx], l)
+            z = bb.readout(h if len(read) == len(rows) else h[idx], l)  # no copy of h when every row reads out
             groups = {}
             for j, i in enumerate(read):
                 groups.setdefault(id(rows[i].policy), []).append(j)
@@ -318,6 +318,8 @@ class DepthScheduler:
         if l == self.L or not keep:
             self._release(rows)
             return None
+        if len(keep) == len(rows):
+            return h, rows
         self._release([r for r, e in zip(rows, exits) if e])
         return h[torch.tensor(keep, dtype=torch.long, device=h.device)], [rows[i] for i in keep]
 
