@@ -9,7 +9,9 @@ same batch size, same writer:
   plain_1080p, tgems_1080p   plain and tgems on --n-1080p JPEGs of 1920x1080 (the workers resize and crop)
   embedded  the shipped embedded model and T-GEM (budget 0.5) on `scenes` JPEGs (32 px)
   tgems_depth  (with --scheduler: only this and tgems) the same classifier with `--scheduler depth`
-            (depth queues refilled from the stream) against exit-and-drop; `depth_over_drop` is the ratio
+            (depth queues refilled from the stream) against exit-and-drop; `depth_over_drop` is the ratio;
+            also embedded / embedded_depth, and `encoder_*`: the encode stage alone on one thread, timed by
+            CPU time (the steady figure when other jobs share the machine)
 on a ViT-B/32-shaped CLIP with random weights (the decisions are meaningless, their cost is real) and
 --n JPEGs at 224 px. Each case also reports its per-stage seconds (`<case>_stages`: read, decode,
 preprocess, normalize, encode, write, queue waits). `--quick` is a smoke run of every case (a minute or
@@ -130,6 +132,43 @@ def timed_job(predictor, data, out, args, settings, scheduler=None):
     dt, dc = time.perf_counter() - t, _cpu_seconds() - c
     s["images_per_cpu_s"] = round(s["images"] / dc, 2) if dc > 0 else None
     return s["images"] / dt, s
+
+
+def encoder_only(clf, pixels, batch_size: int, repeats: int) -> dict:
+    """The encode stage alone on the same pixels: micro-batches through `predict` (drop) against
+    `predict_rows` through a DepthScheduler (depth). Torch on one thread, timed by this process's CPU time
+    (other jobs on a shared machine barely move it), median of interleaved repeats."""
+    import statistics
+
+    import torch
+
+    from tgems.scheduler import DepthScheduler, predict_rows
+
+    def drop():
+        return [clf.predict(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+
+    def depth():
+        sched = DepthScheduler(clf.backbone, max_batch_size=batch_size, queue_size=len(pixels))
+        return predict_rows(sched, [(pixels, clf.policy())])[0]
+
+    threads, times = torch.get_num_threads(), {"drop": [], "depth": []}
+    torch.set_num_threads(1)
+    try:
+        for _ in range(repeats):
+            for name, fn in (("drop", drop), ("depth", depth)):
+                c = time.process_time()
+                out = fn()
+                times[name].append(time.process_time() - c)
+                if name == "drop":
+                    layers = np.concatenate([p.exit_layers for p in out])
+                else:
+                    assert np.array_equal(layers, [r.exit_layer for r in out]), "depth took other exits than drop"
+    finally:
+        torch.set_num_threads(threads)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"n": len(pixels), "drop_per_cpu_s": round(len(pixels) / med["drop"], 2),
+            "depth_per_cpu_s": round(len(pixels) / med["depth"], 2),
+            "depth_over_drop": round(med["drop"] / med["depth"], 3), "mean_exit_layer": round(float(layers.mean()), 3)}
 
 
 def rss_child(argv):
@@ -289,21 +328,38 @@ def main():
 
     built = {}
 
-    def embedded(name="embedded", scheduler="drop"):
-        n = args.n_embedded or args.n
-        edata = "folder:" + make_jpegs(work / f"scenes32_{n}", n, None, seed=1)
+    def embedded_classifier():
         if not built:
             labels = tgems.load_dataset("scenes:test:10").classes
             # label-free calibration: scenes:calib has no image of the 12 held-out (text-only) classes
             calib = f"scenes:calib:{200 if args.quick else 2000}"
             spec = ClassifierSpec(labels=labels, budget=0.5, calib=calib, label_free=True).check()
             built.update(clf=spec.build(), settings=spec.settings())
+        return built["clf"]
+
+    def embedded(name="embedded", scheduler="drop"):
+        n = args.n_embedded or args.n
+        edata = "folder:" + make_jpegs(work / f"scenes32_{n}", n, None, seed=1)
+        embedded_classifier()
         ips, s = timed_job(built["clf"], edata, work / f"out_{name}", args, built["settings"], scheduler)
         return {name: round(ips, 1), f"{name}_per_cpu_s": s["images_per_cpu_s"],
                 f"{name}_flops_ratio": round(s["flops_ratio"], 4), "n_embedded": n, f"{name}_stages": s["stages"]}
 
     def embedded_depth():
         return embedded("embedded_depth", "depth")
+
+    def encoders():
+        """drop vs depth on the encode stage alone (one thread, CPU time): the steady figure on a shared machine."""
+        out = {}
+        if "embedded" not in skip:
+            eclf = embedded_classifier()
+            n = 256 if args.quick else 1024
+            px = eclf.backbone.preprocess(list(tgems.load_dataset(f"scenes:test:{n}", seed=3).images))
+            out["encoder_embedded"] = encoder_only(eclf, px, args.batch_size, 3)
+        if clf is not None and not args.quick:  # the quick ViT's random exits are all at layer 1: nothing to see
+            px = clf.backbone.preprocess(list(tgems.load_dataset("scenes:test:64", seed=3).images))
+            out["encoder_vit_b32"] = encoder_only(clf, px, args.batch_size, 2)
+        return out
 
     def rss():
         return {"rss_mb_2000": measure_rss(work, args.rss_n or args.n), "rss_mb_20000": measure_rss(work, args.n_big),
@@ -322,7 +378,9 @@ def main():
     case("ray", ray_case)
     case("plain_1080p", hd(plain, "plain_1080p"))
     case("tgems_1080p", hd(tg, "tgems_1080p"))
-    if not args.scheduler:
+    if args.scheduler:
+        case("encoders", encoders)
+    else:
         case("embedded", embedded)
     case("rss", rss)
     if res.get("plain") and res.get("tgems"):
