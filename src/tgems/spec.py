@@ -275,7 +275,7 @@ class JobSpec:
     `workers`, the `engine` and its Ray options, the reader's options). The encoder batch size is the
     predictor's (`PredictorSpec.batch_size`). `scheduler`: "drop" runs one micro-batch at a time, its later
     blocks on the rows that have not exited; "depth" keeps every block's batch full, refilled from the
-    stream (the faster on accelerators; "drop" measured faster on CPUs, docs/batch.md)."""
+    stream (for accelerators; on a CPU the two measured equally fast, docs/batch.md)."""
 
     data: str
     out: str
