@@ -27,7 +27,7 @@ from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
 
 from tgems.batch import run_command, run_job
 from tgems.errors import TGEMError
-from tgems.integrations.ray import TGEMPredictor, plan_actors, run_ray_job
+from tgems.integrations.ray import TGEMPredictor, _units, plan_actors, run_ray_job
 
 pytestmark = pytest.mark.ray
 
@@ -173,6 +173,20 @@ def test_ray_engine_with_depth_queues_gives_the_rows_of_the_local_depth_run(tmp_
         assert a.column(col).equals(b.column(col)), col
     np.testing.assert_allclose(a.column("probability").to_numpy(), b.column("probability").to_numpy(), atol=1e-5)
     assert len(set(a.column("exit_layer").to_pylist())) > 3
+
+
+def test_depth_queues_take_folder_blocks_whole(tmp_path):
+    """The drop path splits a folder block into pieces of whole batches (its batches do not depend on the
+    split); the depth queues are drained at a piece's end, so a piece is the whole block, as locally."""
+    from tgems.data.streaming import open_source
+
+    images, classes = scene_images(40)
+    make_folder(tmp_path / "f", images, classes)
+    source = open_source(f"folder:{tmp_path / 'f'}?block=30")
+    drop = _units(source, source.shards, 4, 4, "drop")
+    assert len(drop) > len(source.shards) and all(u["start"] % 4 == 0 for u in drop)  # pieces of whole batches
+    assert _units(source, source.shards, 4, 4, "depth") == [{"shard": 0, "start": 0, "stop": 30},
+                                                              {"shard": 1, "start": 0, "stop": 10}]
 
 
 def test_num_gpus_on_a_cluster_without_gpus_is_refused(tmp_path, local_ray, spec):
