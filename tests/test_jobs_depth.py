@@ -211,3 +211,43 @@ def test_cli_scheduler_option_and_what_it_cannot_serve(tmp_path, capsys, imgs, c
         run_job(PredictOnly(), f"folder:{tmp_path / 'f'}", tmp_path / "z", batch_size=4, workers=0, progress=False,
                 scheduler="depth")
     assert not (tmp_path / "z").exists()  # refused before the output directory is touched
+
+
+def test_an_image_the_encoder_refuses_is_an_error_record_as_in_the_drop_path(tmp_path, imgs, clf):
+    """Without a reader geometry the encoder gets decoded images and preprocesses them itself; a batch it
+    refuses is retried image by image, so the one odd image is an error record and the rest are rows."""
+    images, classes = imgs
+    odd = list(images[:16])
+    odd[5] = odd[5].resize((7, 7))
+    make_folder(tmp_path / "f", odd, classes[:16])
+
+    class Picky:
+        """The embedded backbone, less its transform (so the readers only decode), refusing 7 px images."""
+
+        transform = None
+
+        def __getattr__(self, name):
+            return getattr(clf.backbone, name)
+
+        def preprocess(self, images):
+            if any(im.size[0] == 7 for im in images):
+                raise TGEMError("7 px is too small")
+            return clf.backbone.preprocess(images)
+
+    class Predictor:
+        labels, backbone = clf.labels, Picky()
+
+        def policy(self):
+            return clf.policy()
+
+        def predict(self, images):
+            return clf.predict(self.backbone.preprocess(images))
+
+    for scheduler in ("drop", "depth"):
+        s = run_job(Predictor(), f"folder:{tmp_path / 'f'}", tmp_path / scheduler, batch_size=4, workers=0,
+                    progress=False, scheduler=scheduler, settings={"picky": 1})
+        assert s["errors"] == 1 and s["images"] == 15
+    _same_rows(read_parts(tmp_path / "drop"), read_parts(tmp_path / "depth"))
+    errors = pq.read_table(tmp_path / "depth" / "_errors.parquet")
+    assert errors.equals(pq.read_table(tmp_path / "drop" / "_errors.parquet"))
+    assert errors.column("reason").to_pylist() == ["cannot encode image: 7 px is too small"]
