@@ -8,6 +8,10 @@ same batch size, same writer:
             tgems); `ray` is images per second once Ray and the actors are up, `ray_startup_s` beside it
   plain_1080p, tgems_1080p   plain and tgems on --n-1080p JPEGs of 1920x1080 (the workers resize and crop)
   embedded  the shipped embedded model and T-GEM (budget 0.5) on `scenes` JPEGs (32 px)
+  tgems_depth  (with --scheduler: only this and tgems) the same classifier with `--scheduler depth`
+            (depth queues refilled from the stream) against exit-and-drop; `depth_over_drop` is the ratio;
+            also embedded / embedded_depth, and `encoder_*`: the encode stage alone on one thread, timed by
+            CPU time (the steady figure when other jobs share the machine)
 on a ViT-B/32-shaped CLIP with random weights (the decisions are meaningless, their cost is real) and
 --n JPEGs at 224 px. Each case also reports its per-stage seconds (`<case>_stages`: read, decode,
 preprocess, normalize, encode, write, queue waits). `--quick` is a smoke run of every case (a minute or
@@ -16,6 +20,7 @@ on --rss-n and --rss-n-big images (embedded model, scenes JPEGs, so the big case
 streams, so the two should be about equal.
 
     python benchmarks/batch_throughput.py --n 2000 --n-big 20000 --json results/batch_throughput.json
+    python benchmarks/batch_throughput.py --scheduler [--quick]    # drop vs depth only (quick: under a minute)
 """
 from __future__ import annotations
 
@@ -116,17 +121,54 @@ def _cpu_seconds() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def timed_job(predictor, data, out, args, settings):
+def timed_job(predictor, data, out, args, settings, scheduler=None):
     """(images per wall second, summary, images per CPU second): on a shared machine the CPU figure is the
     steadier one."""
     from tgems.batch import run_job
 
     t, c = time.perf_counter(), _cpu_seconds()
     s = run_job(predictor, data, out, batch_size=args.batch_size, workers=args.workers, settings=settings,
-                progress=False)
+                progress=False, scheduler=scheduler)
     dt, dc = time.perf_counter() - t, _cpu_seconds() - c
     s["images_per_cpu_s"] = round(s["images"] / dc, 2) if dc > 0 else None
     return s["images"] / dt, s
+
+
+def encoder_only(clf, pixels, batch_size: int, repeats: int) -> dict:
+    """The encode stage alone on the same pixels: micro-batches through `predict` (drop) against
+    `predict_rows` through a DepthScheduler (depth). Torch on one thread, timed by this process's CPU time
+    (other jobs on a shared machine barely move it), median of interleaved repeats."""
+    import statistics
+
+    import torch
+
+    from tgems.scheduler import DepthScheduler, predict_rows
+
+    def drop():
+        return [clf.predict(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+
+    def depth():
+        sched = DepthScheduler(clf.backbone, max_batch_size=batch_size, queue_size=len(pixels))
+        return predict_rows(sched, [(pixels, clf.policy())])[0]
+
+    threads, times = torch.get_num_threads(), {"drop": [], "depth": []}
+    torch.set_num_threads(1)
+    try:
+        for _ in range(repeats):
+            for name, fn in (("drop", drop), ("depth", depth)):
+                c = time.process_time()
+                out = fn()
+                times[name].append(time.process_time() - c)
+                if name == "drop":
+                    layers = np.concatenate([p.exit_layers for p in out])
+                else:
+                    assert np.array_equal(layers, [r.exit_layer for r in out]), "depth took other exits than drop"
+    finally:
+        torch.set_num_threads(threads)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"n": len(pixels), "drop_per_cpu_s": round(len(pixels) / med["drop"], 2),
+            "depth_per_cpu_s": round(len(pixels) / med["depth"], 2),
+            "depth_over_drop": round(med["drop"] / med["depth"], 3), "mean_exit_layer": round(float(layers.mean()), 3)}
 
 
 def rss_child(argv):
@@ -175,6 +217,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of plain and tgems (best counts)")
     p.add_argument("--skip", default="",
                    help="comma-separated cases to skip: plain,tgems,ray,plain_1080p,tgems_1080p,embedded,rss")
+    p.add_argument("--scheduler", action="store_true",
+                   help="compare the job schedulers only: exit-and-drop (tgems) against depth queues (tgems_depth)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--_rss-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -193,10 +237,14 @@ def main():
     from tgems.io import write_json
 
     skip = set(filter(None, args.skip.split(",")))
+    if args.scheduler:
+        skip |= {"plain", "ray", "plain_1080p", "tgems_1080p", "rss"}
+        if args.quick:  # the ViT case smaller than the full quick run (its random exits are all at layer 1), the
+            args.n, args.n_calib, args.n_embedded = 64, 24, 320  # embedded one (real exits) larger: < 1 min
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     res = {"n": args.n, "batch_size": args.batch_size, "workers": args.workers, "threads": torch.get_num_threads(),
-           "cpus": os.cpu_count(), "quick": args.quick}
+           "cpus": os.cpu_count(), "quick": args.quick, "scheduler_comparison": args.scheduler}
 
     vit_cases = {"plain", "tgems", "ray", "plain_1080p", "tgems_1080p"}
     if vit_cases <= skip:  # nothing needs the ViT-B/32-shaped model
@@ -237,12 +285,18 @@ def main():
         ips, s = timed_job(PlainCLIP(bb, clf.labels), data, work / f"out_{name}", args, {**settings, "plain": 1})
         return {name: round(ips, 1), f"{name}_per_cpu_s": s["images_per_cpu_s"], f"{name}_stages": s["stages"]}
 
-    def tg(name="tgems", data=data):
-        ips, s = timed_job(clf, data, work / f"out_{name}", args, settings)
+    def tg(name="tgems", data=data, scheduler="drop"):
+        ips, s = timed_job(clf, data, work / f"out_{name}", args, settings, scheduler)
         out = {name: round(ips, 1), f"{name}_per_cpu_s": s["images_per_cpu_s"], f"{name}_stages": s["stages"]}
         if name == "tgems":
             out.update(flops_ratio=round(s["flops_ratio"], 4), tgems_mean_exit_layer=round(s["mean_exit_layer"], 3))
+        if name == "tgems_depth":
+            out.update(depth_flops_ratio=round(s["flops_ratio"], 4),
+                       depth_mean_exit_layer=round(s["mean_exit_layer"], 3))
         return out
+
+    def tg_depth():
+        return tg("tgems_depth", scheduler="depth")
 
     def hd(fn, name):
         def run():
@@ -272,24 +326,49 @@ def main():
         finally:
             ray.shutdown()
 
-    def embedded():
+    built = {}
+
+    def embedded_classifier():
+        if not built:
+            labels = tgems.load_dataset("scenes:test:10").classes
+            # label-free calibration: scenes:calib has no image of the 12 held-out (text-only) classes
+            calib = f"scenes:calib:{200 if args.quick else 2000}"
+            spec = ClassifierSpec(labels=labels, budget=0.5, calib=calib, label_free=True).check()
+            built.update(clf=spec.build(), settings=spec.settings())
+        return built["clf"]
+
+    def embedded(name="embedded", scheduler="drop"):
         n = args.n_embedded or args.n
         edata = "folder:" + make_jpegs(work / f"scenes32_{n}", n, None, seed=1)
-        labels = tgems.load_dataset("scenes:test:10").classes
-        # label-free calibration: scenes:calib has no image of the 12 held-out (text-only) classes
-        calib = f"scenes:calib:{200 if args.quick else 2000}"
-        spec = ClassifierSpec(labels=labels, budget=0.5, calib=calib, label_free=True).check()
-        eclf = spec.build()
-        ips, s = timed_job(eclf, edata, work / "out_embedded", args, spec.settings())
-        return {"embedded": round(ips, 1), "embedded_flops_ratio": round(s["flops_ratio"], 4), "n_embedded": n,
-                "embedded_stages": s["stages"]}
+        embedded_classifier()
+        ips, s = timed_job(built["clf"], edata, work / f"out_{name}", args, built["settings"], scheduler)
+        return {name: round(ips, 1), f"{name}_per_cpu_s": s["images_per_cpu_s"],
+                f"{name}_flops_ratio": round(s["flops_ratio"], 4), "n_embedded": n, f"{name}_stages": s["stages"]}
+
+    def embedded_depth():
+        return embedded("embedded_depth", "depth")
+
+    def encoders():
+        """drop vs depth on the encode stage alone (one thread, CPU time): the steady figure on a shared machine."""
+        out = {}
+        if "embedded" not in skip:
+            eclf = embedded_classifier()
+            n = 256 if args.quick else 1024
+            px = eclf.backbone.preprocess(list(tgems.load_dataset(f"scenes:test:{n}", seed=3).images))
+            out["encoder_embedded"] = encoder_only(eclf, px, args.batch_size, 3)
+        if clf is not None and not args.quick:  # the quick ViT's random exits are all at layer 1: nothing to see
+            px = clf.backbone.preprocess(list(tgems.load_dataset("scenes:test:64", seed=3).images))
+            out["encoder_vit_b32"] = encoder_only(clf, px, args.batch_size, 2)
+        return out
 
     def rss():
         return {"rss_mb_2000": measure_rss(work, args.rss_n or args.n), "rss_mb_20000": measure_rss(work, args.n_big),
                 "rss_n": args.rss_n or args.n, "rss_n_big": args.n_big}
 
+    timed = (("plain", plain), ("tgems", tg)) + ((("tgems_depth", tg_depth), ("embedded", embedded),
+                                                  ("embedded_depth", embedded_depth)) if args.scheduler else ())
     for r in range(args.repeats):  # interleaved, best of R: the machine may be shared
-        for name, fn in (("plain", plain), ("tgems", tg)):
+        for name, fn in timed:
             best = {k: res.get(k) for k in (name, f"{name}_per_cpu_s")}
             case(name, fn)
             for k, v in best.items():
@@ -299,12 +378,23 @@ def main():
     case("ray", ray_case)
     case("plain_1080p", hd(plain, "plain_1080p"))
     case("tgems_1080p", hd(tg, "tgems_1080p"))
-    case("embedded", embedded)
+    if args.scheduler:
+        case("encoders", encoders)
+    else:
+        case("embedded", embedded)
     case("rss", rss)
     if res.get("plain") and res.get("tgems"):
         res["tgems_over_plain"] = round(res["tgems"] / res["plain"], 3)
     if res.get("plain_per_cpu_s") and res.get("tgems_per_cpu_s"):
         res["tgems_over_plain_cpu"] = round(res["tgems_per_cpu_s"] / res["plain_per_cpu_s"], 3)
+    if res.get("tgems") and res.get("tgems_depth"):
+        res["depth_over_drop"] = round(res["tgems_depth"] / res["tgems"], 3)
+        res["depth_over_drop_cpu"] = round(res["tgems_depth_per_cpu_s"] / res["tgems_per_cpu_s"], 3)
+        res["depth_same_exits"] = res["flops_ratio"] == res["depth_flops_ratio"]
+    if res.get("embedded") and res.get("embedded_depth"):
+        res["embedded_depth_over_drop"] = round(res["embedded_depth"] / res["embedded"], 3)
+        res["embedded_depth_over_drop_cpu"] = round(res["embedded_depth_per_cpu_s"] / res["embedded_per_cpu_s"], 3)
+        res["embedded_depth_same_exits"] = res["embedded_flops_ratio"] == res["embedded_depth_flops_ratio"]
     if res.get("ray") and res.get("tgems"):
         res["ray_over_tgems"] = round(res["ray"] / res["tgems"], 3)
     if res.get("plain_1080p") and res.get("tgems_1080p"):

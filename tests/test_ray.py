@@ -27,7 +27,7 @@ from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
 
 from tgems.batch import run_command, run_job
 from tgems.errors import TGEMError
-from tgems.integrations.ray import TGEMPredictor, plan_actors, run_ray_job
+from tgems.integrations.ray import TGEMPredictor, _units, plan_actors, run_ray_job
 
 pytestmark = pytest.mark.ray
 
@@ -155,6 +155,38 @@ def test_ray_engine_gives_the_rows_of_the_local_run(tmp_path, local_ray, spec, c
     # a job of fewer than two batches per actor runs locally, and says so
     small = run_ray_job(spec, f"folder:{root}", tmp_path / "small", batch_size=32, progress=True)
     assert "running locally" in capsys.readouterr().err and small["engine"] == "local" and small["images"] == 100
+
+
+def test_ray_engine_with_depth_queues_gives_the_rows_of_the_local_depth_run(tmp_path, local_ray, spec, clf):
+    """`--scheduler depth` on Ray: each actor runs a folder block whole through its depth queues, so the rows
+    are the local depth run's (and the drop path's), in the same order."""
+    images, classes = scene_images(100)
+    make_folder(tmp_path / "f", images, classes)
+    data = f"folder:{tmp_path / 'f'}?block=50"
+    run_job(clf, data, tmp_path / "local", batch_size=16, workers=0, settings=spec.settings(), progress=False,
+            scheduler="depth")
+    summary, code = run_command(data=data, out=str(tmp_path / "ray"), tgem=tgem_checkpoint(), labels=LABELS,
+                                engine="ray", batch_size=16, quiet=True, scheduler="depth")
+    assert code == 0 and summary["engine"] == "ray" and summary["settings"]["scheduler"] == "depth"
+    a, b = read_parts(tmp_path / "local"), read_parts(tmp_path / "ray")
+    for col in ("id", "label", "label_index", "exit_layer", "flops_ratio", "top5_labels"):
+        assert a.column(col).equals(b.column(col)), col
+    np.testing.assert_allclose(a.column("probability").to_numpy(), b.column("probability").to_numpy(), atol=1e-5)
+    assert len(set(a.column("exit_layer").to_pylist())) > 3
+
+
+def test_depth_queues_take_folder_blocks_whole(tmp_path):
+    """The drop path splits a folder block into pieces of whole batches (its batches do not depend on the
+    split); the depth queues are drained at a piece's end, so a piece is the whole block, as locally."""
+    from tgems.data.streaming import open_source
+
+    images, classes = scene_images(40)
+    make_folder(tmp_path / "f", images, classes)
+    source = open_source(f"folder:{tmp_path / 'f'}?block=30")
+    drop = _units(source, source.shards, 4, 4, "drop")
+    assert len(drop) > len(source.shards) and all(u["start"] % 4 == 0 for u in drop)  # pieces of whole batches
+    assert _units(source, source.shards, 4, 4, "depth") == [{"shard": 0, "start": 0, "stop": 30},
+                                                              {"shard": 1, "start": 0, "stop": 10}]
 
 
 def test_num_gpus_on_a_cluster_without_gpus_is_refused(tmp_path, local_ray, spec):

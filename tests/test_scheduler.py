@@ -179,3 +179,23 @@ def test_every_layer_runs_full_batches_while_images_wait(emb):
     ran = [o for o in sat if o is not None]
     assert len(ran) >= 8 and all(o == 1.0 for o in ran)
     assert len(set(ref.exit_layers.tolist())) > 3  # rows did leave at several depths meanwhile
+
+
+def test_flops_are_the_engines_with_a_shortlisted_label_set(monkeypatch):
+    """Above SHORTLIST_ABOVE labels the layers between full scorings score only a shortlist, so the exit head
+    costs differ by layer: a row's FLOPs are still the engine's one count (`exit_flops`)."""
+    from tgems import profiles as P
+
+    monkeypatch.setattr(P, "SHORTLIST_ABOVE", 32)
+    monkeypatch.setattr(P, "SHORTLIST_SIZE", 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bb = tgems.load_backbone("embedded")
+        ds = tgems.load_dataset("scenes:test:40")
+        clf = tgems.EarlyExitClassifier(bb, "embedded:cls", ds.classes)
+    assert clf.profiles.shortlist == 8 and len(clf.labels) > 32
+    px = bb.preprocess(list(ds.images))
+    ref = clf.predict(px)
+    got = predict_rows(DepthScheduler(bb, max_batch_size=8), [(px, clf.policy())])[0]
+    _check_same(got, ref, clf)
+    assert len(set(ref.exit_layers.tolist())) > 2

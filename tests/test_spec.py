@@ -194,7 +194,7 @@ def test_cli_defaults_are_the_specs():
     args.task = "classify"
     pred, job = specs_from_args(args)
     assert pred == PredictorSpec(labels="a,b")
-    assert (job.workers, job.engine, job.concurrency, job.num_gpus) == (2, "local", None, 0.0)
+    assert (job.workers, job.engine, job.concurrency, job.num_gpus, job.scheduler) == (2, "local", None, 0.0, "drop")
     args = build_parser().parse_args(["classify", "--labels", "a,b", "x.png"])
     assert specs_from_args(args) == (PredictorSpec(labels="a,b"), None)
 

@@ -70,11 +70,12 @@ def run_command(predictor: PredictorSpec | None = None, job: JobSpec | None = No
 
         summary = run_ray_job(predictor, source, job.out, task=job.task, batch_size=predictor.batch_size,
                               concurrency=job.concurrency, num_gpus=job.num_gpus, address=job.address,
-                              progress=not quiet, workers=job.workers)
+                              progress=not quiet, workers=job.workers, scheduler=job.scheduler)
     else:
         clf = predictor.build(log=log)
         summary = run_job(clf, source, job.out, task=job.task, batch_size=predictor.batch_size,
-                          workers=job.workers, settings=predictor_settings(clf), progress=not quiet)
+                          workers=job.workers, settings=predictor_settings(clf), progress=not quiet,
+                          scheduler=job.scheduler)
     if json_path:
         write_json(json_path, summary)
     return summary, (1 if summary["errors"] else 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tgems import __version__
 from tgems.errors import TGEMError
 from tgems.io import write_json
-from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, DTYPES, ENGINES, default
+from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, DTYPES, ENGINES, SCHEDULERS, default
 
 
 def _budget(value: str) -> float:
@@ -223,6 +223,8 @@ def cmd_classify(args):
         return cmd_embed(args, task="classify")
     spec, _ = specs_from_args(args)  # the same spec, and the same checks, as a streamed job
     spec.check()
+    if args.scheduler != default("scheduler"):
+        raise TGEMError(f"--scheduler {args.scheduler} is for a streamed job (--data SPEC --out DIR)")
     if not args.images:
         raise TGEMError("no image files given")
     clf = spec.build(log=_log(args))
@@ -415,6 +417,9 @@ def add_stream_arguments(p: argparse.ArgumentParser, required: bool = True):
     p.add_argument("--image-column", help="parquet: the image-bytes column (default: image, jpg, bytes, img or png)")
     p.add_argument("--id-column", help="parquet: the id column (default: id, else FILE:ROW)")
     p.add_argument("--block", type=_positive_int, help="folder: files per output part (default 1000)")
+    p.add_argument("--scheduler", default=default("scheduler"), choices=SCHEDULERS,
+                   help=f"drop: micro-batches, rows that exit leave the batch; depth: every block on a full batch, "
+                        f"refilled from the stream (for accelerators; docs/batch.md) (default {default('scheduler')})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -157,10 +157,10 @@ def exit_flops(backbone, exit_layers: torch.Tensor, readout_layers, head_flops: 
     """The one FLOPs count, per row (float64): embedding, the blocks up to the exit layer, and at every readout
     layer visited the readout plus the exit head (`head_flops`, or `head_flops_by_layer[l]` where given)."""
     readout_layers = sorted(readout_layers)
-    visits = torch.searchsorted(torch.tensor(readout_layers), exit_layers, right=True)
+    visits = torch.searchsorted(torch.tensor(readout_layers, device=exit_layers.device), exit_layers, right=True)
     base = backbone.flops_embed() + exit_layers.double() * backbone.flops_block()
     if head_flops_by_layer is None:
         return base + visits.double() * (backbone.flops_readout() + head_flops)
     per_visit = torch.tensor([backbone.flops_readout() + head_flops_by_layer.get(l, head_flops)
-                              for l in readout_layers], dtype=torch.float64)
+                              for l in readout_layers], dtype=torch.float64, device=exit_layers.device)
     return base + per_visit.cumsum(0)[(visits - 1).clamp_min(0)]

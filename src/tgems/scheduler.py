@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tgems.calibration import clopper_pearson_upper, min_calibration_size
-from tgems.engine import _as_policy, _split_decision
+from tgems.engine import _as_policy, _split_decision, exit_flops
 from tgems.errors import TGEMError
 
 
@@ -93,13 +93,12 @@ class AuditStats:
 
 
 class _Row:
-    __slots__ = ("policy", "done", "tag", "t_submit", "t_enqueue", "slot", "visits", "audit", "answer",
-                 "auditable")
+    __slots__ = ("policy", "done", "tag", "t_submit", "t_enqueue", "slot", "audit", "answer", "auditable")
 
     def __init__(self, policy, done, tag, auditable, now):
         self.policy, self.done, self.tag, self.auditable = policy, done, tag, auditable
         self.t_submit = self.t_enqueue = now
-        self.slot, self.visits, self.audit, self.answer = -1, 0, False, None
+        self.slot, self.audit, self.answer = -1, False, None
 
 
 @dataclass
@@ -112,13 +111,17 @@ class _Piece:
 
 
 class _Policy:
-    """What the scheduler keeps of a policy: its readout layers and per-row FLOPs of one exit head."""
+    """What the scheduler keeps of a policy: its readout layers and the FLOPs of a row that exits at each layer
+    (the engine's one count, `exit_flops`, per-layer exit heads included)."""
 
     def __init__(self, policy, backbone, capacity):
         self.policy, layers = _as_policy(policy, backbone.num_layers)
         self.readout = frozenset(layers)
         self.needs_rates = bool(getattr(self.policy, "needs_rates", False))
-        self.per_head = backbone.flops_readout() + float(getattr(self.policy, "head_flops", 0.0) or 0.0)
+        head = float(getattr(self.policy, "head_flops", 0.0) or 0.0)
+        at = torch.arange(1, backbone.num_layers + 1, device="cpu")
+        self.flops_at = [0.0] + exit_flops(backbone, at, layers, head,
+                                           getattr(self.policy, "head_flops_by_layer", None)).tolist()
         if hasattr(self.policy, "start"):
             self.policy.start(capacity)  # per-row state indexed by slot
 
@@ -153,9 +156,7 @@ class DepthScheduler:
         self.audit = AuditStats(audit_rate, audit_max_drop, audit_delta)
         self._rng = random.Random(seed)
         self._log = log or (lambda msg: None)
-        flops = backbone
-        self.flops_embed, self.flops_block, self.flops_full = (flops.flops_embed(), flops.flops_block(),
-                                                               float(flops.flops_full()))
+        self.flops_full = float(backbone.flops_full())
         self.stats = {"steps": [0] * self.L, "rows": [0] * self.L, "steps_saturated": [0] * self.L,
                       "rows_saturated": [0] * self.L, "answered": 0, "cancelled": 0,
                       "flops": 0.0, "flops_full": 0.0, "exit_layers": [0] * (self.L + 1),
@@ -302,7 +303,7 @@ class DepthScheduler:
         exits = [False] * len(rows)
         if read:
             idx = torch.tensor(read, dtype=torch.long, device=h.device)
-            z = bb.readout(h[idx], l)
+            z = bb.readout(h if len(read) == len(rows) else h[idx], l)  # no copy of h when every row reads out
             groups = {}
             for j, i in enumerate(read):
                 groups.setdefault(id(rows[i].policy), []).append(j)
@@ -317,6 +318,8 @@ class DepthScheduler:
         if l == self.L or not keep:
             self._release(rows)
             return None
+        if len(keep) == len(rows):
+            return h, rows
         self._release([r for r, e in zip(rows, exits) if e])
         return h[torch.tensor(keep, dtype=torch.long, device=h.device)], [rows[i] for i in keep]
 
@@ -326,7 +329,7 @@ class DepthScheduler:
         pol = info.policy
         slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=z.device)
         live = [k for k, r in enumerate(rows) if not r.audit]
-        mask = torch.zeros(len(rows), dtype=torch.bool)
+        mask = torch.zeros(len(rows), dtype=torch.bool, device="cpu")  # decided in Python
         outputs = None
         if live and (l in info.readout or l == self.L):
             sel = torch.tensor(live, dtype=torch.long, device=z.device)
@@ -353,13 +356,11 @@ class DepthScheduler:
             if r.audit:
                 out.append(l == self.L)
                 continue
-            if l in info.readout or l == self.L:
-                r.visits += 1
             if not mask[k]:
                 out.append(False)
                 continue
             probs = None if outputs is None else outputs[position[k]].float().cpu()
-            flops = self.flops_embed + l * self.flops_block + r.visits * info.per_head
+            flops = info.flops_at[l]
             res = RowResult(l, self.L, z[k].float().cpu(), probs, flops, flops / self.flops_full,
                             r.t_enqueue - r.t_submit)
             audit = (l < self.L and r.auditable and probs is not None and self.audit.rate > 0

@@ -24,6 +24,7 @@ DEFAULT_TGEM = "embedded:cls"
 DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("classify", "embed")
 ENGINES = ("local", "ray")
+SCHEDULERS = ("drop", "depth")  # a job's encoding: exit-and-drop micro-batches, or depth queues (tgems.jobs.depth)
 NEVER_EXIT = 2.0  # the largest threshold (calibration.NEVER_EXIT: scores are probabilities)
 
 
@@ -272,7 +273,9 @@ def available_cpus() -> int:
 class JobSpec:
     """A streamed job: the input `data` spec, the output directory, the task, and how it runs (decoding
     `workers`, the `engine` and its Ray options, the reader's options). The encoder batch size is the
-    predictor's (`PredictorSpec.batch_size`)."""
+    predictor's (`PredictorSpec.batch_size`). `scheduler`: "drop" runs one micro-batch at a time, its later
+    blocks on the rows that have not exited; "depth" keeps every block's batch full, refilled from the
+    stream (for accelerators; on a CPU the two measured equally fast, docs/batch.md)."""
 
     data: str
     out: str
@@ -285,6 +288,7 @@ class JobSpec:
     image_column: str | None = None
     id_column: str | None = None
     block: int | None = None
+    scheduler: str = "drop"
 
     def check(self) -> "JobSpec":
         if not self.data or not self.out:
@@ -293,6 +297,8 @@ class JobSpec:
             raise TGEMError(f"unknown task '{self.task}' (use one of {', '.join(TASKS)})")
         if self.engine not in ENGINES:
             raise TGEMError(f"unknown engine '{self.engine}' (use {' or '.join(ENGINES)})")
+        if self.scheduler not in SCHEDULERS:
+            raise TGEMError(f"unknown scheduler '{self.scheduler}' (use {' or '.join(SCHEDULERS)})")
         _int(self.workers, "--workers (decoding processes; 0 decodes in a thread)", 0)
         cpus = available_cpus()
         if self.workers > cpus:

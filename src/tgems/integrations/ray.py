@@ -216,47 +216,56 @@ class ShardWorker:
         self.task = task
         self.geometry = reader_geometry(self.predictor)
 
-    def run(self, source, unit: dict, batch_size: int):
-        """One piece of one shard -> (table or None, [(id, reason)], seconds per stage)."""
+    def run(self, source, unit: dict, batch_size: int, scheduler: str = "drop"):
+        """One piece of one shard -> (table or None, [(id, reason)], seconds per stage); the encoding as the
+        local runner's (`encoded`: micro-batches, or depth queues refilled from the piece)."""
         import dataclasses
 
         import pyarrow as pa
+
+        from tgems.data.streaming import Chunk
+        from tgems.jobs.runner import encoded
 
         shard = source.shards[unit["shard"]]
         if source.kind == "folder":
             shard = dataclasses.replace(shard, files=shard.files[unit["start"]:unit["stop"]])
         stats = {"read_s": 0.0, "decode_s": 0.0, "preprocess_s": 0.0}
-        tables, errors, recs = [], [], []
-        records = iter(source.records(shard))
-        while True:
-            t = time.perf_counter()
-            rec = next(records, None)
-            stats["read_s"] += time.perf_counter() - t
-            if rec is not None:
-                recs.append(rec)
-            if recs and (rec is None or len(recs) == batch_size):
-                items, spent = prepare_records(recs, self.geometry)
-                for k, v in spent.items():
-                    stats[k] += v
-                good = [it for it in items if it.error is None]
-                table, bad = predict_items(self.predictor, good, self.task, stats)
-                errors += [(it.id, it.error) for it in items if it.error is not None] + bad
-                if table is not None:
-                    tables.append(table)
-                recs = []
-            if rec is None:
-                break
+
+        def chunks():
+            recs, records = [], iter(source.records(shard))
+            while True:
+                t = time.perf_counter()
+                rec = next(records, None)
+                stats["read_s"] += time.perf_counter() - t
+                if rec is not None:
+                    recs.append(rec)
+                if recs and (rec is None or len(recs) == batch_size):
+                    items, spent = prepare_records(recs, self.geometry)
+                    for k, v in spent.items():
+                        stats[k] += v
+                    yield Chunk(shard, items, rec is None)
+                    recs = []
+                if rec is None:
+                    return
+
+        tables, errors = [], []
+        for chunk, table, bad in encoded(self.predictor, chunks(), self.task, batch_size, scheduler, stats):
+            errors += [(it.id, it.error) for it in chunk.items if it.error is not None] + bad
+            if table is not None:
+                tables.append(table)
         return (pa.concat_tables(tables) if tables else None), errors, stats
 
 
-def _units(source, shards, batch_size: int, actors: int) -> list:
+def _units(source, shards, batch_size: int, actors: int, scheduler: str = "drop") -> list:
     """Pieces of work: a tar or parquet shard whole; a folder block in pieces of whole batches, so the
-    batches are the local runner's and every actor has work even when there are few shards."""
+    batches are the local runner's and every actor has work even when there are few shards. With depth
+    queues a folder block stays whole too: the scheduler is drained at the end of a piece, and the local
+    runner drains it at the end of a shard."""
     units = []
     for s in shards:
         if source.kind == "folder":
             n = len(s.files)
-            per = batch_size * max(1, -(-n // (batch_size * actors)))  # about one piece per actor, whole batches
+            per = batch_size * max(1, -(-n // (batch_size * actors))) if scheduler == "drop" else n
             units += [{"shard": s.index, "start": a, "stop": min(a + per, n)} for a in range(0, n, per)]
         else:
             units.append({"shard": s.index, "start": 0, "stop": -1})
@@ -270,17 +279,20 @@ def _say(progress: bool, text: str):
 
 def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size: int = 64,
                 concurrency: int | None = None, num_gpus: float = 0, address: str | None = None,
-                progress: bool = True, settings: dict | None = None, workers: int = 2) -> dict:
+                progress: bool = True, settings: dict | None = None, workers: int = 2,
+                scheduler: str | None = None) -> dict:
     """A whole classify/embed job on Ray actors, writing the local runner's OUT_DIR layout, resumable by shard.
 
     `classifier` is a spec object (built in every actor with `.build()`), a saved classifier directory, a
     spec's fields as a dict, or a ready classifier. With `progress` False Ray's own logs are silenced too.
-    `workers` are the decoding processes of a small job run locally.
+    `workers` are the decoding processes of a small job run locally. `scheduler`: as `run_job`'s.
     """
     from tgems.data.streaming import StreamSource, open_source
+    from tgems.spec import default
 
     ray = require_ray()
-    check_job_args(task, batch_size)
+    scheduler = default("scheduler") if scheduler is None else scheduler
+    check_job_args(task, batch_size, scheduler, classifier if hasattr(classifier, "predict") else None)
     source = data if isinstance(data, StreamSource) else open_source(data)
     if isinstance(classifier, dict):
         classifier = _spec_class()(**classifier)
@@ -301,7 +313,7 @@ def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size
         _say(progress, f"small job ({n} images, fewer than {SMALL_JOB_BATCHES} batches of {batch_size} for each "
                        f"of {actors} Ray actors): running locally")
         return run_job(build_classifier(classifier), source, out_dir, task=task, batch_size=batch_size,
-                       workers=workers, settings=settings, progress=progress)
+                       workers=workers, settings=settings, progress=progress, scheduler=scheduler)
 
     def small(actors):
         return n is not None and n < SMALL_JOB_BATCHES * batch_size * actors
@@ -322,18 +334,18 @@ def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size
     if small(actors):
         return run_locally(actors)
     _say(progress, f"Ray: {actors} actors x {threads} threads ({why})")
-    with open_job(out_dir, job_record(task, source, settings, batch_size, "ray")) as (out, job):
+    with open_job(out_dir, job_record(task, source, settings, batch_size, "ray", scheduler)) as (out, job):
         todo = [s for s in source.shards if not shard_done(out, s.index)]
         counts = {"written": 0, "skipped": len(source.shards) - len(todo), "images": 0}
         stats = {"ray_startup_s": ray_ready - started}
         if todo:
             _run_actors(ray, classifier, source, todo, out, task, batch_size, actors, threads, num_gpus, counts,
-                        stats, progress)
+                        stats, progress, scheduler)
         return finish_job(out, job, task, started, counts, stats, {"actors": actors, "threads": threads})
 
 
 def _run_actors(ray, spec, source, todo, out, task, batch_size, actors, threads, num_gpus, counts, stats,
-                progress):
+                progress, scheduler="drop"):
     """Pieces go to the actors (two in flight each); a shard's part is written when all its pieces are back,
     in order, so its rows do not depend on which actor finished first."""
     from tgems.jobs.runner import _Progress
@@ -344,7 +356,7 @@ def _run_actors(ray, spec, source, todo, out, task, batch_size, actors, threads,
     ray.get([a.__ray_ready__.remote() for a in pool])  # each has built its predictor
     stats["actor_startup_s"] = time.perf_counter() - t
     src_ref = ray.put(source)
-    units = _units(source, todo, batch_size, actors)
+    units = _units(source, todo, batch_size, actors, scheduler)
     by_shard: dict = {}
     for k, u in enumerate(units):
         by_shard.setdefault(u["shard"], []).append(k)
@@ -357,7 +369,7 @@ def _run_actors(ray, spec, source, todo, out, task, batch_size, actors, threads,
         while queue or pending:
             while queue and len(pending) < 2 * actors:
                 k, unit = queue.pop(0)
-                pending[pool[k % actors].run.remote(src_ref, unit, batch_size)] = k
+                pending[pool[k % actors].run.remote(src_ref, unit, batch_size, scheduler)] = k
             t = time.perf_counter()
             [ref], _ = ray.wait(list(pending), num_returns=1)
             wait += time.perf_counter() - t

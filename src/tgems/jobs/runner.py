@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tgems.errors import TGEMError
+from tgems.spec import SCHEDULERS, default
 from tgems.jobs.writer import (TASKS, TOP_K, PartWriter, finish_job, locked, part_name, result_schema,
                                shard_done)
 
@@ -71,11 +72,16 @@ def _embeddings(predictor, inputs, pred):
 def predict_table(predictor, images, ids, source_labels, task: str):
     """Run the predictor on images (PIL images, uint8 arrays, or normalised pixels) and return the part
     columns as a pyarrow Table."""
+    return prediction_table(predictor, predictor.predict(images), ids, source_labels, task, images)
+
+
+def prediction_table(predictor, pred, ids, source_labels, task: str, images=None):
+    """A Prediction -> the part columns as a pyarrow Table (`images`: what an older classifier without
+    Prediction.embeddings is run on again, for the embed task)."""
     import numpy as np
 
     import pyarrow as pa
 
-    pred = predictor.predict(images)
     exit_layers = np.asarray(pred.exit_layers, dtype=np.int16)
     flops_ratio = np.asarray(pred.flops_ratio, dtype=np.float32)
     cols = {"id": pa.array([str(i) for i in ids], pa.string()),
@@ -164,13 +170,25 @@ class _Progress:
 # ------------------------------------------------------------------------------------- the job
 
 
-def job_record(task, source, settings, batch_size, engine):
-    return {"format": JOB_FORMAT, "task": task, "engine": engine,
-            "settings": {"data": source.spec, "input": source.manifest(), "predictor": settings,
-                         "batch_size": batch_size, "top_k": TOP_K, "task": task}}
+def job_record(task, source, settings, batch_size, engine, scheduler="drop"):
+    """What a job is, fingerprinted for resume. The scheduler counts (its batches are not the drop path's, so
+    a float can move in its last bits): a `depth` job is another job; `drop` is left out, so jobs started
+    before the option keep their fingerprint."""
+    record = {"format": JOB_FORMAT, "task": task, "engine": engine,
+              "settings": {"data": source.spec, "input": source.manifest(), "predictor": settings,
+                           "batch_size": batch_size, "top_k": TOP_K, "task": task}}
+    if scheduler != "drop":
+        record["settings"]["scheduler"] = scheduler
+    return record
 
 
-def check_job_args(task, batch_size):
+def check_job_args(task, batch_size, scheduler="drop", predictor=None):
+    if scheduler not in SCHEDULERS:
+        raise TGEMError(f"unknown scheduler '{scheduler}' (use {' or '.join(SCHEDULERS)})")
+    if scheduler == "depth" and predictor is not None:
+        from tgems.jobs.depth import check_depth_predictor
+
+        check_depth_predictor(predictor)
     if task not in TASKS:
         raise TGEMError(f"unknown task '{task}' (use one of {', '.join(TASKS)})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -193,25 +211,27 @@ def open_job(out_dir, record: dict):
 
 def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int = 64, workers: int = 2,
             prefetch: int | None = None, settings: dict | None = None, progress: bool = True,
-            source_options: dict | None = None) -> dict:
+            source_options: dict | None = None, scheduler: str | None = None) -> dict:
     """Stream `data` (a spec or a StreamSource) through `predictor` into `out_dir`; resume what is there.
 
     Returns the summary also written to ``out_dir/_SUCCESS``. `settings` describe the predictor for the
     resume check (default: a fingerprint of the object's labels, threshold and weights). A predictor with a
     `backbone` gets its images resized and cropped by the decoding workers (its backbone's own geometry)
-    and normalised here.
+    and normalised here. `scheduler`: "drop" (micro-batches, exit-and-drop) or "depth" (depth queues
+    refilled from the stream, tgems.jobs.depth); default JobSpec's.
     """
     from tgems.data.streaming import StreamSource, open_source
     from tgems.jobs.readers import stream_chunks
 
-    check_job_args(task, batch_size)
+    scheduler = default("scheduler") if scheduler is None else scheduler
+    check_job_args(task, batch_size, scheduler, predictor)
     source = data if isinstance(data, StreamSource) else open_source(data, **(source_options or {}))
     started = time.perf_counter()
     if settings is None:
         from tgems.spec import predictor_settings as describe_predictor
 
         settings = describe_predictor(predictor)
-    with open_job(out_dir, job_record(task, source, settings, batch_size, "local")) as (out, job):
+    with open_job(out_dir, job_record(task, source, settings, batch_size, "local", scheduler)) as (out, job):
         todo = [s for s in source.shards if not shard_done(out, s.index)]
         todo_index = {s.index for s in todo}
         done_items = sum(s.size or 0 for s in source.shards if s.index not in todo_index)
@@ -219,13 +239,13 @@ def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int
         counts = {"written": 0, "skipped": len(source.shards) - len(todo), "images": 0}
         stats = dict.fromkeys(ENCODER_STAGES, 0.0)
         part = None
+        chunks = stream_chunks(source, todo, chunk_size=batch_size, workers=workers, prefetch=prefetch,
+                               geometry=reader_geometry(predictor), stats=stats)
         try:
-            for chunk in stream_chunks(source, todo, chunk_size=batch_size, workers=workers, prefetch=prefetch,
-                                       geometry=reader_geometry(predictor), stats=stats):
+            for chunk, table, bad in encoded(predictor, chunks, task, batch_size, scheduler, stats):
                 if part is None:
                     part = PartWriter(out, chunk.shard, task)
                 good = [it for it in chunk.items if it.error is None]
-                table, bad = predict_items(predictor, good, task, stats)
                 t = time.perf_counter()
                 part.add(table, [(it.id, it.error) for it in chunk.items if it.error is not None] + bad)
                 if chunk.last:
@@ -237,11 +257,24 @@ def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int
                 bar.update(len(chunk.items), None if table is None else table.column("exit_layer").to_numpy(),
                            len(chunk.items) - len(good) + len(bad))
         finally:
+            chunks.close()
             bar.close()
             if part is not None:
                 part.abort()
         return finish_job(out, job, task, started, counts, stats)
 
 
-__all__ = ["run_job", "predict_items", "predict_table", "reader_geometry", "encoder_input", "job_record",
+def encoded(predictor, chunks, task: str, batch_size: int, scheduler: str, stats: dict):
+    """Chunks -> (chunk, table or None, encode errors), in order: one micro-batch at a time (`drop`) or
+    through depth queues refilled from the chunks (`depth`, tgems.jobs.depth)."""
+    if scheduler == "depth":
+        from tgems.jobs.depth import depth_results
+
+        yield from depth_results(predictor, chunks, task, batch_size, stats)
+        return
+    for chunk in chunks:
+        yield (chunk, *predict_items(predictor, [it for it in chunk.items if it.error is None], task, stats))
+
+
+__all__ = ["run_job", "predict_items", "predict_table", "prediction_table", "encoded", "reader_geometry", "encoder_input", "job_record",
            "open_job", "check_job_args", "JOB_FORMAT", "part_name"]
