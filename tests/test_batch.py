@@ -273,6 +273,39 @@ def test_bad_inputs_are_listed_and_the_command_exits_non_zero(tmp_path, capsys, 
     assert pq.read_table(tmp_path / "pq" / "_errors.parquet").to_pylist()[0]["reason"] == "no image bytes (null)"
 
 
+def test_full_disk_is_one_line_and_a_rerun_resumes(tmp_path, capsys, imgs, monkeypatch):
+    """A full disk while a part is committed: one line (the folder, parts done, rerun resumes), no partial part;
+    the rerun, with space, ends with the rows of an uninterrupted job."""
+    import errno
+
+    import tgems.jobs.writer
+
+    images, classes = imgs
+    make_folder(tmp_path / "f", images[:12], classes[:12])
+    args = ["classify", "--data", f"folder:{tmp_path / 'f'}?block=4", "--tgem", tgem_checkpoint(),
+            "--labels", ",".join(LABELS), "--workers", "0", "--batch-size", "4", "--quiet"]
+    real, calls = tgems.jobs.writer.commit, []
+
+    def commit(tmp, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, path)
+
+    monkeypatch.setattr(tgems.jobs.writer, "commit", commit)
+    out = tmp_path / "out"
+    rc = main([*args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"tgems: error: no space left on the device of {out}: 1 of 3 parts are done (kept "
+                               f"whole); free space and rerun the same command to resume"]
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(tgems.jobs.writer, "commit", real)
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert read_parts(out).equals(read_parts(tmp_path / "whole"))
+
+
 def test_missing_shard_or_unreadable_parquet_fails_before_any_work(tmp_path, capsys, imgs):
     images, _ = imgs
     pattern, _ = make_shards(tmp_path / "wds", images[:20], per_shard=10)

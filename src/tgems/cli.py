@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tgems import __version__
 from tgems.errors import TGEMError
-from tgems.io import write_json
+from tgems.io import is_disk_full, write_json
 from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, DTYPES, ENGINES, SCHEDULERS, default
 
 
@@ -223,8 +223,10 @@ def cmd_classify(args):
         return cmd_embed(args, task="classify")
     spec, _ = specs_from_args(args)  # the same spec, and the same checks, as a streamed job
     spec.check()
-    if args.scheduler != default("scheduler"):
-        raise TGEMError(f"--scheduler {args.scheduler} is for a streamed job (--data SPEC --out DIR)")
+    for name in STREAM_ONLY:  # a job's option in file mode would be silently ignored: refused instead
+        if getattr(args, name, None) is not None:
+            raise TGEMError(f"--{name.replace('_', '-')} {getattr(args, name)} is for a streamed job "
+                            f"(--data SPEC --out DIR)")
     if not args.images:
         raise TGEMError("no image files given")
     clf = spec.build(log=_log(args))
@@ -399,25 +401,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tgems: error: {message} (see `{self.prog} --help`)\n")
 
 
+STREAM_ONLY = ("workers", "engine", "address", "concurrency", "num_gpus", "image_column", "id_column", "block",
+               "scheduler")  # the JobSpec options: argparse leaves them None when not given, the spec fills in
+
+
 def add_stream_arguments(p: argparse.ArgumentParser, required: bool = True):
-    """The JobSpec options of `tgems classify|embed --data SPEC --out DIR` (defaults: tgems.spec.JobSpec's)."""
+    """The JobSpec options of `tgems classify|embed --data SPEC --out DIR` (defaults: tgems.spec.JobSpec's,
+    applied by the spec, so that an option given in file mode can be refused)."""
     p.add_argument("--data", required=required, help="folder:DIR[?block=N] | webdataset:PATTERN | parquet:PATH")
     p.add_argument("--out", required=required,
                    help="output directory: part-NNNNN.parquet, _errors.parquet, _SUCCESS (a rerun resumes)")
-    p.add_argument("--workers", type=_int_arg, default=default("workers"),
+    p.add_argument("--workers", type=_int_arg,
                    help=f"image decoding processes, at most the CPUs (0: decode in a thread; default "
                         f"{default('workers')})")
     p.add_argument("--batch-size", type=_positive_int, default=default("batch_size"),
                    help=f"images per encoder batch (default {default('batch_size')})")
-    p.add_argument("--engine", default=default("engine"), choices=ENGINES, help="local (default) or Ray Data")
+    p.add_argument("--engine", choices=ENGINES, help=f"local or Ray Data (default {default('engine')})")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--concurrency", type=_positive_int, default=default("concurrency"),
+    p.add_argument("--concurrency", type=_positive_int,
                    help="Ray: predictor actors (default: chosen from the cluster's CPUs, or GPUs with --num-gpus)")
-    p.add_argument("--num-gpus", type=float, default=default("num_gpus"), help="Ray: GPUs per actor (default 0)")
+    p.add_argument("--num-gpus", type=float, help=f"Ray: GPUs per actor (default {default('num_gpus'):g})")
     p.add_argument("--image-column", help="parquet: the image-bytes column (default: image, jpg, bytes, img or png)")
     p.add_argument("--id-column", help="parquet: the id column (default: id, else FILE:ROW)")
     p.add_argument("--block", type=_positive_int, help="folder: files per output part (default 1000)")
-    p.add_argument("--scheduler", default=default("scheduler"), choices=SCHEDULERS,
+    p.add_argument("--scheduler", choices=SCHEDULERS,
                    help=f"drop: micro-batches, rows that exit leave the batch; depth: every block on a full batch, "
                         f"refilled from the stream (for accelerators; docs/batch.md) (default {default('scheduler')})")
 
@@ -710,12 +717,24 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:
+        if not is_disk_full(e):
+            return _internal_error(e)
+        where = getattr(e, "filename", None) or getattr(args, "out", None) or getattr(args, "json", None)
+        print(f"tgems: error: no space left on the device{f' writing {where}' if where else ''}; what was "
+              f"finished is kept whole (written under temporary names, then renamed): free space and rerun the "
+              f"same command", file=sys.stderr)
+        return 2
     except Exception as e:  # a bug, not bad input: still one line, the traceback on request
-        if os.environ.get("TGEMS_DEBUG"):
-            raise
-        print(f"tgems: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              f"(set TGEMS_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 3
+        return _internal_error(e)
+
+
+def _internal_error(e: BaseException) -> int:
+    if os.environ.get("TGEMS_DEBUG"):
+        raise e
+    print(f"tgems: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+          f"(set TGEMS_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

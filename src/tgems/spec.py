@@ -167,7 +167,10 @@ class PredictorSpec:
         if self.budget is not None or self.max_drop is not None:
             from tgems.data import load_dataset
 
-            clf = clf.calibrate(load_dataset(self.calib, seed=self.seed), budget=self.budget, max_drop=self.max_drop,
+            calib = load_dataset(self.calib, seed=self.seed)
+            if not self.label_free and (calib.labels >= 0).all():
+                clf.match_labels(calib)  # its classes against the label set before minutes of encoding
+            clf = clf.calibrate(calib, budget=self.budget, max_drop=self.max_drop,
                                 delta=self.delta, use_labels=not self.label_free, progress=progress)
             if log:
                 how = "on labels" if clf.calibration["labels_used"] else "label-free (agreement with the full model)"

@@ -33,7 +33,7 @@ from tgems.errors import TGEMError
 from tgems.jobs.lister import ID_COLUMNS, find_image_column
 from tgems.jobs.readers import prepare_records
 from tgems.jobs.runner import check_job_args, job_record, open_job, predict_items, reader_geometry, run_job
-from tgems.jobs.writer import PartWriter, finish_job, result_schema, shard_done
+from tgems.jobs.writer import PartWriter, disk_full_is_user_error, finish_job, result_schema, shard_done
 
 SMALL_JOB_BATCHES = 2  # per actor: fewer images than this many batches per actor run locally
 
@@ -338,10 +338,11 @@ def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size
         todo = [s for s in source.shards if not shard_done(out, s.index)]
         counts = {"written": 0, "skipped": len(source.shards) - len(todo), "images": 0}
         stats = {"ray_startup_s": ray_ready - started}
-        if todo:
-            _run_actors(ray, classifier, source, todo, out, task, batch_size, actors, threads, num_gpus, counts,
-                        stats, progress, scheduler)
-        return finish_job(out, job, task, started, counts, stats, {"actors": actors, "threads": threads})
+        with disk_full_is_user_error(out, counts, len(source.shards)):
+            if todo:
+                _run_actors(ray, classifier, source, todo, out, task, batch_size, actors, threads, num_gpus, counts,
+                            stats, progress, scheduler)
+            return finish_job(out, job, task, started, counts, stats, {"actors": actors, "threads": threads})
 
 
 def _run_actors(ray, spec, source, todo, out, task, batch_size, actors, threads, num_gpus, counts, stats,

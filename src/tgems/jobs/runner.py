@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tgems.errors import TGEMError
 from tgems.spec import SCHEDULERS, default
-from tgems.jobs.writer import (TASKS, TOP_K, PartWriter, finish_job, locked, part_name, result_schema,
-                               shard_done)
+from tgems.jobs.writer import (TASKS, TOP_K, PartWriter, disk_full_is_user_error, finish_job, locked, part_name,
+                               result_schema, shard_done)
 
 JOB_FORMAT = 1
 ENCODER_STAGES = ("normalize_s", "encode_s", "write_s")
@@ -237,31 +237,32 @@ def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int
         done_items = sum(s.size or 0 for s in source.shards if s.index not in todo_index)
         bar = _Progress(source.num_items, done_items, progress)
         counts = {"written": 0, "skipped": len(source.shards) - len(todo), "images": 0}
-        stats = dict.fromkeys(ENCODER_STAGES, 0.0)
-        part = None
-        chunks = stream_chunks(source, todo, chunk_size=batch_size, workers=workers, prefetch=prefetch,
-                               geometry=reader_geometry(predictor), stats=stats)
-        try:
-            for chunk, table, bad in encoded(predictor, chunks, task, batch_size, scheduler, stats):
-                if part is None:
-                    part = PartWriter(out, chunk.shard, task)
-                good = [it for it in chunk.items if it.error is None]
-                t = time.perf_counter()
-                part.add(table, [(it.id, it.error) for it in chunk.items if it.error is not None] + bad)
-                if chunk.last:
-                    part.close()
-                    part = None
-                    counts["written"] += 1
-                stats["write_s"] += time.perf_counter() - t
-                counts["images"] += len(chunk.items)
-                bar.update(len(chunk.items), None if table is None else table.column("exit_layer").to_numpy(),
-                           len(chunk.items) - len(good) + len(bad))
-        finally:
-            chunks.close()
-            bar.close()
-            if part is not None:
-                part.abort()
-        return finish_job(out, job, task, started, counts, stats)
+        with disk_full_is_user_error(out, counts, len(source.shards)):
+            stats = dict.fromkeys(ENCODER_STAGES, 0.0)
+            part = None
+            chunks = stream_chunks(source, todo, chunk_size=batch_size, workers=workers, prefetch=prefetch,
+                                   geometry=reader_geometry(predictor), stats=stats)
+            try:
+                for chunk, table, bad in encoded(predictor, chunks, task, batch_size, scheduler, stats):
+                    if part is None:
+                        part = PartWriter(out, chunk.shard, task)
+                    good = [it for it in chunk.items if it.error is None]
+                    t = time.perf_counter()
+                    part.add(table, [(it.id, it.error) for it in chunk.items if it.error is not None] + bad)
+                    if chunk.last:
+                        part.close()
+                        part = None
+                        counts["written"] += 1
+                    stats["write_s"] += time.perf_counter() - t
+                    counts["images"] += len(chunk.items)
+                    bar.update(len(chunk.items), None if table is None else table.column("exit_layer").to_numpy(),
+                               len(chunk.items) - len(good) + len(bad))
+            finally:
+                chunks.close()
+                bar.close()
+                if part is not None:
+                    part.abort()
+            return finish_job(out, job, task, started, counts, stats)
 
 
 def encoded(predictor, chunks, task: str, batch_size: int, scheduler: str, stats: dict):
