@@ -19,6 +19,7 @@ PACKAGE = SRC / "tgems"
 # The package root is the public API: it lazily re-exports training, so only the CLI sits above it.
 RANKS = {
     "tgems.errors": 0,
+    "tgems.options": 0.5,  # shared defaults and the one set of option checks
     "tgems.io": 1, "tgems.pretrained": 1,
     "tgems.images": 0.5,  # the one decode: below the torch-free leaves that decoding workers import
     # torch-free leaves that decoding workers import: what a folder holds, and the resize / crop as a value

@@ -26,6 +26,7 @@ from tgems.features import LayerFeatures, extract_features
 from tgems.jumper import Jumper, jumper_signals
 from tgems.policies import JumperPolicy
 from tgems.profiles import ClassProfiles, check_readable_labels, layer_probs
+from tgems.options import DELTA
 from tgems.tgem import TGEM, load_tgem
 
 FORMAT_VERSION = artifacts.CLASSIFIER.format  # 2: the backbone's source, a content hash over labels and tensors
@@ -188,7 +189,7 @@ class EarlyExitClassifier:
         jumper = self.jumper.for_goal(goal or self.goal).to("cpu")
         return jumper.scores(jumper_signals(probs, feats, profiles.layers, profiles.text)), probs.argmax(-1)
 
-    def calibrate(self, data, budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
+    def calibrate(self, data, budget: float | None = None, max_drop: float | None = None, delta: float = DELTA,
                   use_labels: bool = True, allow_uncovered: bool = False,
                   progress: bool = False) -> "EarlyExitClassifier":
         """A copy calibrated on held-out images (a Dataset or its LayerFeatures): for a compute budget (mean

@@ -17,44 +17,41 @@ from pathlib import Path
 from tgems import __version__
 from tgems.errors import TGEMError
 from tgems.io import is_disk_full, write_json
+from tgems.options import NEVER_EXIT, SEED_MAX, integer, number
 from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, DTYPES, ENGINES, SCHEDULERS, default
 
 
-def _budget(value: str) -> float:
-    try:
-        b = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a number in (0, 1], got '{value}'") from None
-    if not 0 < b <= 1:
-        raise argparse.ArgumentTypeError(f"budget must lie in (0, 1], got {b}")
-    return b
+def _typed(convert, check):
+    """An argparse type: the text converted (int or float), then checked by `tgems.options`, in one line."""
+    def parse(value: str):
+        try:
+            x = convert(value)
+        except ValueError:
+            x = value  # the check below says what was expected
+        try:
+            return check(x)
+        except TGEMError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
-def _int_arg(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got '{value}'") from None
+_int_arg = _typed(int, lambda x: integer(x, "the value"))
+_positive_int = _typed(int, lambda x: integer(x, "the value", 1))
+_seed_value = _typed(int, lambda x: integer(x, "seed", 0, SEED_MAX))
+_budget = _typed(float, lambda x: number(x, "budget", 0, 1))
+_tau = _typed(float, lambda x: number(x, f"tau ({NEVER_EXIT:g} never exits early)", 0, NEVER_EXIT, lo_open=False))
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{value}'") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def _fraction(what):
+    return _typed(float, lambda x: number(x, what, 0, 1, hi_open=True))
 
 
-def _seed_value(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be an integer in 0 .. 2**32 - 1, got '{value}'") from None
-    if not 0 <= n < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"seed must be an integer in 0 .. 2**32 - 1, got {n}")
-    return n
+def _positive_float(what):
+    return _typed(float, lambda x: number(x, what, 0, math.inf, hi_open=True))
+
+
+def _unit_interval(what):
+    return _typed(float, lambda x: number(x, what, 0, 1, lo_open=False))
 
 
 def _layers(value: str) -> list[int]:
@@ -202,9 +199,16 @@ def _degenerate_exit(args, warnings) -> int:
     return DEGENERATE_EXIT
 
 
-def cmd_calibrate(args):
-    from tgems.spec import specs_from_args
+def specs_from_args(args, job: bool = True):
+    """The namespace -> (PredictorSpec, JobSpec or None), unchecked. `job=False`: `--out` is not a job's (as
+    for `tgems calibrate`)."""
+    from tgems.spec import JOB_FIELDS, PREDICTOR_FIELDS, specs_from_options
 
+    names = set(PREDICTOR_FIELDS) | {"labels_file"} | (set(JOB_FIELDS) if job else set())
+    return specs_from_options(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_calibrate(args):
     spec, _ = specs_from_args(args, job=False)
     clf = spec.check().build(progress=_progress(args), log=_log(args))
     clf.save(args.out)
@@ -217,12 +221,10 @@ def cmd_calibrate(args):
 
 def cmd_classify(args):
     from tgems.pipeline import classify_files
-    from tgems.spec import specs_from_args
 
-    if args.data or args.out:  # a streamed job: --data SPEC --out DIR (tgems.batch)
+    if args.data or args.out:  # a streamed job: --data SPEC --out DIR
         return cmd_embed(args, task="classify")
-    spec, _ = specs_from_args(args)  # the same spec, and the same checks, as a streamed job
-    spec.check()
+    spec = specs_from_args(args)[0].check()  # the same spec, and the same checks, as a streamed job
     for name in STREAM_ONLY:  # a job's option in file mode would be silently ignored: refused instead
         if getattr(args, name, None) is not None:
             raise TGEMError(f"--{name.replace('_', '-')} {getattr(args, name)} is for a streamed job "
@@ -230,7 +232,7 @@ def cmd_classify(args):
     if not args.images:
         raise TGEMError("no image files given")
     clf = spec.build(log=_log(args))
-    records, failures = classify_files(clf, args.images, batch_size=spec.batch_size)
+    records, failures = classify_files(clf, args.images, batch_size=args.batch_size)
     L = clf.backbone.num_layers
     for f in failures:
         print(f"tgems: skipped: {f['reason']}", file=sys.stderr)
@@ -248,12 +250,21 @@ def cmd_classify(args):
 
 
 def cmd_embed(args, task="embed"):
-    from tgems.batch import cmd_batch
+    """A streamed job: prints one summary line (and one error line when inputs failed)."""
+    from tgems.batch import run_command, summary_line
+    from tgems.jobs.writer import ERRORS_FILE
 
     if getattr(args, "images", None):
         raise TGEMError("give image files or --data SPEC --out DIR, not both")
     args.task = task
-    return cmd_batch(args, log=_log(args))
+    predictor, job = specs_from_args(args)
+    summary, code = run_command(predictor, job, json_path=args.json, quiet=args.quiet, log=_log(args))
+    if not args.quiet:
+        print(f"tgems: {summary_line(summary)}", file=sys.stderr)
+    if code:
+        print(f"tgems: error: {summary['errors']} inputs could not be read (listed with their reason in "
+              f"{Path(summary['out']) / ERRORS_FILE})", file=sys.stderr)
+    return code
 
 
 def cmd_demo(args):
@@ -347,51 +358,6 @@ def cmd_vocab(args):
 
 
 # ----------------------------------------------------------------------------- parser
-
-
-def _fraction(what):
-    def parse(value: str) -> float:
-        try:
-            x = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number in (0, 1), got '{value}'") from None
-        if not 0 < x < 1:
-            raise argparse.ArgumentTypeError(f"{what} must lie in (0, 1), got {x}")
-        return x
-    return parse
-
-
-def _positive_float(what):
-    def parse(value: str) -> float:
-        try:
-            x = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a positive number, got '{value}'") from None
-        if not (x > 0 and math.isfinite(x)):
-            raise argparse.ArgumentTypeError(f"{what} must be a positive number, got {x}")
-        return x
-    return parse
-
-
-def _unit_interval(what):
-    def parse(value: str) -> float:
-        try:
-            x = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number in [0, 1], got '{value}'") from None
-        if not 0 <= x <= 1:
-            raise argparse.ArgumentTypeError(f"{what} must lie in [0, 1], got {x}")
-        return x
-    return parse
-
-
-def _tau(value: str) -> float:
-    from tgems.spec import NEVER_EXIT, _number
-
-    try:
-        return _number(value, f"tau ({NEVER_EXIT:g} never exits early)", 0, NEVER_EXIT, lo_open=False)
-    except TGEMError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class _Parser(argparse.ArgumentParser):

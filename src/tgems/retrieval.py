@@ -34,6 +34,7 @@ from tgems.jumper import Jumper
 
 from tgems.calibration import NEVER_EXIT as NEVER
 from tgems.calibration import calibrate_max_drop, first_exit, simulate, tau_grid
+from tgems.options import DELTA
 
 MODEL_FILES = ("retrieval.json", "retrieval.safetensors")
 INDEX_FILES = ("index.json", "index.safetensors")
@@ -313,7 +314,7 @@ def rank_failures(est: torch.Tensor, text: torch.Tensor, rank: int = 1) -> torch
 
 
 def calibrate_index(model: IndexModel, z: torch.Tensor, budget: float | None = None, max_drop: float | None = None,
-                    delta: float = 0.1, text: torch.Tensor | None = None, rank: int = 1) -> tuple[float, dict]:
+                    delta: float = DELTA, text: torch.Tensor | None = None, rank: int = 1) -> tuple[float, dict]:
     """tau for a budget (mean executed layers / L <= budget, best mean cos(stored, z_L) under it: label-free)
     or for max_drop = eps: the share of images whose full-CLIP best reference text (rows of `text`, unit) is
     not in the index's top `rank` stays <= eps with probability >= 1 - delta (Learn-then-Test, as
@@ -613,7 +614,7 @@ def sample_images(spec: str, n: int | None = None, seed: int = 0):
 
 
 def build_index(model: str = "embedded", index_model: str = "embedded:retrieval", data: str = "scenes:testall",
-                out=None, budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
+                out=None, budget: float | None = None, max_drop: float | None = None, delta: float = DELTA,
                 rank: int = 1, calib: str | None = None, n_calib: int = 2000, n: int | None = None,
                 seed: int = 0, device="cpu", dtype="float32", progress: bool = False,
                 workers: int | None = None) -> dict:

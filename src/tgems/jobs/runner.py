@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tgems.errors import TGEMError
-from tgems.spec import SCHEDULERS, default
-from tgems.jobs.writer import (TASKS, TOP_K, PartWriter, disk_full_is_user_error, finish_job, locked, part_name,
+from tgems.spec import JobSpec, predictor_settings
+from tgems.jobs.writer import (TOP_K, PartWriter, disk_full_is_user_error, finish_job, locked, part_name,
                                result_schema, shard_done)
 
 JOB_FORMAT = 1
@@ -182,17 +182,12 @@ def job_record(task, source, settings, batch_size, engine, scheduler="drop"):
     return record
 
 
-def check_job_args(task, batch_size, scheduler="drop", predictor=None):
-    if scheduler not in SCHEDULERS:
-        raise TGEMError(f"unknown scheduler '{scheduler}' (use {' or '.join(SCHEDULERS)})")
-    if scheduler == "depth" and predictor is not None:
+def check_job_predictor(job, predictor) -> None:
+    """What the job's scheduler needs of the predictor (the depth queues: an early-exit classifier)."""
+    if job.scheduler == "depth":
         from tgems.jobs.depth import check_depth_predictor
 
         check_depth_predictor(predictor)
-    if task not in TASKS:
-        raise TGEMError(f"unknown task '{task}' (use one of {', '.join(TASKS)})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TGEMError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
 @contextmanager
@@ -209,29 +204,26 @@ def open_job(out_dir, record: dict):
         yield out, prepare_out_dir(out, record, record["engine"])
 
 
-def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int = 64, workers: int = 2,
-            prefetch: int | None = None, settings: dict | None = None, progress: bool = True,
-            source_options: dict | None = None, scheduler: str | None = None) -> dict:
-    """Stream `data` (a spec or a StreamSource) through `predictor` into `out_dir`; resume what is there.
+def run_job(predictor, job: JobSpec, *, settings: dict | None = None, progress: bool = True,
+            source=None, prefetch: int | None = None) -> dict:
+    """Stream `job.data` through `predictor` into `job.out`; resume what is there.
 
-    Returns the summary also written to ``out_dir/_SUCCESS``. `settings` describe the predictor for the
-    resume check (default: a fingerprint of the object's labels, threshold and weights). A predictor with a
-    `backbone` gets its images resized and cropped by the decoding workers (its backbone's own geometry)
-    and normalised here. `scheduler`: "drop" (micro-batches, exit-and-drop) or "depth" (depth queues
-    refilled from the stream, tgems.jobs.depth); default JobSpec's.
+    Returns the summary also written to ``job.out/_SUCCESS``. `settings` describe the predictor for the
+    resume check (default: `predictor_settings` of the object: its labels, threshold and weights). A
+    predictor with a `backbone` gets its images resized and cropped by the decoding workers (its backbone's
+    own geometry) and normalised here. `source`: `job.data` already opened (a StreamSource).
     """
-    from tgems.data.streaming import StreamSource, open_source
+    from tgems.data.streaming import open_source
     from tgems.jobs.readers import stream_chunks
 
-    scheduler = default("scheduler") if scheduler is None else scheduler
-    check_job_args(task, batch_size, scheduler, predictor)
-    source = data if isinstance(data, StreamSource) else open_source(data, **(source_options or {}))
+    job = job.check()
+    check_job_predictor(job, predictor)
+    task, batch_size, workers, scheduler = job.task, job.batch_size, job.workers, job.scheduler
+    source = source or open_source(job.data, **job.reader_options())
     started = time.perf_counter()
     if settings is None:
-        from tgems.spec import predictor_settings as describe_predictor
-
-        settings = describe_predictor(predictor)
-    with open_job(out_dir, job_record(task, source, settings, batch_size, "local", scheduler)) as (out, job):
+        settings = predictor_settings(predictor)
+    with open_job(job.out, job_record(task, source, settings, batch_size, "local", scheduler)) as (out, record):
         todo = [s for s in source.shards if not shard_done(out, s.index)]
         todo_index = {s.index for s in todo}
         done_items = sum(s.size or 0 for s in source.shards if s.index not in todo_index)
@@ -262,7 +254,7 @@ def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int
                 bar.close()
                 if part is not None:
                     part.abort()
-            return finish_job(out, job, task, started, counts, stats)
+            return finish_job(out, record, task, started, counts, stats)
 
 
 def encoded(predictor, chunks, task: str, batch_size: int, scheduler: str, stats: dict):
@@ -278,4 +270,4 @@ def encoded(predictor, chunks, task: str, batch_size: int, scheduler: str, stats
 
 
 __all__ = ["run_job", "predict_items", "predict_table", "prediction_table", "encoded", "reader_geometry", "encoder_input", "job_record",
-           "open_job", "check_job_args", "JOB_FORMAT", "part_name"]
+           "open_job", "check_job_predictor", "JOB_FORMAT", "part_name"]
