@@ -172,3 +172,13 @@ def test_importing_the_root_stays_light():
     code = "import sys, tgems; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# Files still over the limit, reported to the lead; remove a line once the file is split.
+LONG = {"tgems/retrieval.py"}
+
+
+def test_no_source_file_is_over_600_lines():
+    long = {str(p.relative_to(SRC)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert set(long) <= LONG, long
+    assert (PACKAGE / "cli" / "__init__.py").is_file()  # the command line is a package, one module per group
