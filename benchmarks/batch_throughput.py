@@ -144,7 +144,7 @@ def encoder_only(clf, pixels, batch_size: int, repeats: int) -> dict:
 
     import torch
 
-    from tgems.scheduler import DepthScheduler, predict_rows
+    from tgems.scheduling.depth import DepthScheduler, predict_rows
 
     def drop():
         return [clf.predict(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]

@@ -17,7 +17,7 @@ from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
                             truncated_jpeg)
 from torch.overrides import TorchFunctionMode
 
-import tgems.scheduler
+import tgems.scheduling.depth
 from tgems.batch import run_command
 from tgems.jobs.runner import run_job
 from tgems.cli import main
@@ -106,12 +106,12 @@ def test_every_block_runs_a_full_batch_while_images_wait(tmp_path, imgs, clf, sp
     slowest row; only the drain at the end of a shard runs partial batches."""
     made = []
 
-    class Recording(tgems.scheduler.DepthScheduler):
+    class Recording(tgems.scheduling.depth.DepthScheduler):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             made.append(self)
 
-    monkeypatch.setattr(tgems.scheduler, "DepthScheduler", Recording)
+    monkeypatch.setattr(tgems.scheduling.depth, "DepthScheduler", Recording)
     images, classes = imgs
     make_folder(tmp_path / "f", images, classes)
     run_job(clf, JobSpec(data=f"folder:{tmp_path / 'f'}", out=str(tmp_path / "out"), batch_size=4, workers=0, scheduler="depth"),
@@ -128,18 +128,18 @@ KILLED_JOB = """
 import time
 import torch
 torch.set_num_threads(1)  # as the test process (conftest): bit-equal floats need the same thread count
-import tgems.scheduler
+import tgems.scheduling.depth
 from tgems.jobs.runner import run_job
 from tgems.spec import JobSpec, PredictorSpec, predictor_settings
 spec = PredictorSpec(tgem={tgem!r}, labels={labels!r}).check()
 clf = spec.build()
-step = tgems.scheduler.DepthScheduler.step
+step = tgems.scheduling.depth.DepthScheduler.step
 
 def slow_step(self, flush=False):  # slows the job so the test can kill it between parts
     time.sleep(0.01)
     return step(self, flush)
 
-tgems.scheduler.DepthScheduler.step = slow_step
+tgems.scheduling.depth.DepthScheduler.step = slow_step
 run_job(clf, JobSpec(data={data!r}, out={out!r}, batch_size=4, workers=1, scheduler="depth"),
         settings=predictor_settings(clf), progress=False)
 """

@@ -30,7 +30,7 @@ RANKS = {
     "tgems.profiles": 4,
     "tgems.jumper": 5,
     "tgems.tgem": 6, "tgems.policies": 6,
-    "tgems.classifier": 7, "tgems.retrieval": 7, "tgems.scheduler": 7,
+    "tgems.classifier": 7, "tgems.retrieval": 7, "tgems.scheduling": 7,
     "tgems.pipeline": 8, "tgems.spec": 8,
     "tgems.jobs": 8.5,
     "tgems.batch": 9,
@@ -182,3 +182,15 @@ def test_no_source_file_is_over_600_lines():
     long = {str(p.relative_to(SRC)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
     assert set(long) <= LONG, long
     assert (PACKAGE / "cli" / "__init__.py").is_file()  # the command line is a package, one module per group
+
+
+def test_one_scheduling_package_for_jobs_and_the_server():
+    g = graph()
+    assert "tgems.scheduling.depth" in g["tgems.jobs.depth"] and "tgems.scheduling.depth" in g["tgems.serve.models"]
+    assert "tgems.scheduling.drop" in g["tgems.serve.models"]
+    from tgems.scheduling.depth import DepthScheduler
+    from tgems.scheduling.driver import Driver
+    from tgems.scheduling.drop import DropScheduler
+
+    assert issubclass(DepthScheduler, Driver) and issubclass(DropScheduler, Driver)
+    assert not [m for m in g if m in ("tgems.scheduler", "tgems.serve.drop")]

@@ -1,4 +1,4 @@
-"""The encode stage of a batch job through depth queues (`--scheduler depth`, tgems.scheduler).
+"""The encode stage of a batch job through depth queues (`--scheduler depth`, tgems.scheduling.depth).
 
 Exit-and-drop (`predict_items`, one micro-batch at a time) runs the later blocks of a micro-batch on the
 rows that have not exited yet, and starts the next micro-batch only when its slowest row is done. Here
@@ -101,7 +101,7 @@ def _table(predictor, pending, task):
 def depth_results(predictor, chunks, task: str, batch_size: int, stats: dict | None = None):
     """Chunks of a stream (any number of shards, in order) -> (chunk, table or None, encode errors) per chunk,
     in the same order, with the rows computed through a DepthScheduler of `batch_size` rows a step."""
-    from tgems.scheduler import DepthScheduler
+    from tgems.scheduling.depth import DepthScheduler
 
     check_depth_predictor(predictor)
     stats = {} if stats is None else stats
