@@ -19,7 +19,7 @@ from tgems.spec import JobSpec, PredictorSpec
 from tgems.spec import predictor_settings
 from tgems.cli import main
 from tgems.errors import TGEMError
-from tgems.jobs.runner import reader_geometry
+from tgems.jobs.stages import reader_geometry
 
 N = 60
 
@@ -351,7 +351,7 @@ def test_saved_classifier_directory(tmp_path, clf, imgs):
 
 
 def test_core_package_does_not_import_ray():
-    code = ("import sys, tgems, tgems.batch, tgems.data.streaming, tgems.integrations; "
+    code = ("import sys, tgems, tgems.batch, tgems.jobs.sources, tgems.integrations; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

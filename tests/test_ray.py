@@ -215,7 +215,7 @@ def test_calibrated_ray_job_calibrates_once_and_gives_the_local_rows(tmp_path, l
 def test_depth_queues_take_folder_blocks_whole(tmp_path):
     """The drop path splits a folder block into pieces of whole batches (its batches do not depend on the
     split); the depth queues are drained at a piece's end, so a piece is the whole block, as locally."""
-    from tgems.data.streaming import open_source
+    from tgems.jobs.sources import open_source
 
     images, classes = scene_images(40)
     make_folder(tmp_path / "f", images, classes)

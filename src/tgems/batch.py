@@ -26,7 +26,7 @@ def run_command(predictor: PredictorSpec | None = None, job: JobSpec | None = No
     `PredictorSpec` and `JobSpec`, plus `labels_file=`). Exit code 0 when every input was read, 1 when some
     were listed in _errors.parquet (the rest are done). Bad arguments or inputs raise TGEMError before any work.
     """
-    from tgems.data.streaming import open_source
+    from tgems.jobs.sources import open_source
 
     if options:
         p, j = specs_from_options(**options)

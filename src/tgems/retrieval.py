@@ -447,14 +447,14 @@ class EarlyExitIndex:
     def build_stream(cls, backbone, source, model: IndexModel | str = "embedded", tau: float | None = None,
                      n: int | None = None, calibration: dict | None = None, meta: dict | None = None,
                      workers: int | None = None, chunk_size: int = 256, progress: bool = False) -> "EarlyExitIndex":
-        """Index a streaming source (`tgems.data.streaming.open_source`: a folder of any layout, webdataset
+        """Index a streaming source (`tgems.jobs.sources.open_source`: a folder of any layout, webdataset
         shards, parquet) chunk by chunk, so the images are never all in memory. Ids are the source's (a
         folder's relative paths, sample keys, the id column). An image that cannot be read or prepared
         is listed in meta["skipped"] ({id, reason}) and left out; the first `n` items when `n` is given.
         `workers`: decoding processes (None: `stream_chunks`' default)."""
         from tqdm.auto import tqdm
 
-        from tgems.data.streaming import stream_chunks
+        from tgems.jobs.readers import stream_chunks
 
         model, tau = _model_and_tau(backbone, model, tau)
         embs, layers, flops, ids, skipped, seen = [], [], [], [], [], 0
@@ -572,7 +572,7 @@ def _open_image(path):
 # ------------------------------------------------------------------ one call per CLI command
 
 
-STREAM_KINDS = ("folder", "webdataset", "wds", "parquet")  # indexed through tgems.data.streaming
+STREAM_KINDS = ("folder", "webdataset", "wds", "parquet")  # indexed through tgems.jobs.sources
 
 
 def is_stream_spec(spec) -> bool:
@@ -588,7 +588,8 @@ def sample_images(spec: str, n: int | None = None, seed: int = 0):
     left out and counted in meta["skipped"]."""
     from tgems.data import load_dataset
     from tgems.data.dataset import Dataset
-    from tgems.data.streaming import decode_records, open_source
+    from tgems.jobs.sources import open_source
+    from tgems.jobs.readers import decode_records
 
     if not is_stream_spec(spec):
         return load_dataset(spec, n=n, seed=seed)
@@ -626,7 +627,7 @@ def build_index(model: str = "embedded", index_model: str = "embedded:retrieval"
     unreadable images are skipped and listed (the summary's `skipped`, the index's meta)."""
     from tgems.backbones import load_backbone
     from tgems.data import load_dataset
-    from tgems.data.streaming import open_source
+    from tgems.jobs.sources import open_source
     from tgems.features import extract_features
 
     if budget is not None and max_drop is not None:

@@ -16,6 +16,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from tgems.errors import TGEMError
 from tgems.options import BATCH_SIZE, DELTA, NEVER_EXIT, SEED_MAX, integer, label_list, number
@@ -26,6 +27,26 @@ DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("classify", "embed")
 ENGINES = ("local", "ray")
 SCHEDULERS = ("drop", "depth")  # a job's encoding: exit-and-drop micro-batches, or depth queues (tgems.jobs.depth)
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What a job, Ray's actors and the server run: class texts and `predict(images) -> Prediction` (labels,
+    probabilities, exit layers, FLOPs, and the exit embeddings for the embed task). `build()` makes one; any
+    object of this shape runs too."""
+
+    labels: list
+
+    def predict(self, images): ...
+
+
+@runtime_checkable
+class EarlyExitPredictor(Predictor, Protocol):
+    """A predictor whose encoder a scheduler runs itself, block by block: its backbone and its exit policy."""
+
+    backbone: object
+
+    def policy(self): ...
 
 
 def read_label_file(path) -> list[str]:

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tgems.data.streaming import Item, Record, _one_line
+from tgems.jobs.sources import Item, Record, _one_line
 from tgems.errors import TGEMError
 from tgems.jobs.lister import ID_COLUMNS, find_image_column
 from tgems.jobs.readers import prepare_records
-from tgems.jobs.runner import check_job_predictor, job_record, open_job, predict_items, reader_geometry, run_job
+from tgems.jobs.runner import check_job_predictor, job_record, open_job, run_job
+from tgems.jobs.stages import predict_items, reader_geometry
 from tgems.jobs.writer import PartWriter, disk_full_is_user_error, finish_job, result_schema, shard_done
 from tgems.spec import JobSpec, predictor_settings
 
@@ -65,7 +66,7 @@ def actor_pool(ray, concurrency) -> dict:
 def build_classifier(classifier):
     """A `PredictorSpec`, a saved-classifier directory, a spec's fields as a dict, or a ready predictor (anything
     with `predict`) -> the predictor."""
-    from tgems.spec import PredictorSpec
+    from tgems.spec import Predictor, PredictorSpec
 
     if isinstance(classifier, PredictorSpec):
         return classifier.check().build()
@@ -73,7 +74,7 @@ def build_classifier(classifier):
         return PredictorSpec(**classifier).check().build()
     if isinstance(classifier, (str, os.PathLike)):
         return PredictorSpec(classifier=str(classifier)).check().build()
-    if hasattr(classifier, "predict"):
+    if isinstance(classifier, Predictor):
         return classifier
     raise TGEMError(f"cannot build a classifier from {type(classifier).__name__}")
 
@@ -262,7 +263,7 @@ class ShardWorker:
 
         import pyarrow as pa
 
-        from tgems.data.streaming import Chunk
+        from tgems.jobs.sources import Chunk
         from tgems.jobs.runner import encoded
 
         shard = source.shards[unit["shard"]]
@@ -325,7 +326,7 @@ def run_ray_job(classifier, job: JobSpec, *, settings: dict | None = None, progr
     dict, or a ready predictor (sent to the actors as it is). With `progress` False Ray's own logs are
     silenced too. `job.workers` are the decoding processes of a small job run locally.
     """
-    from tgems.data.streaming import open_source
+    from tgems.jobs.sources import open_source
     from tgems.spec import PredictorSpec
 
     ray = require_ray()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from tgems.data.streaming import Chunk, Item, StreamSource, _one_line, decode_image
+from tgems.jobs.sources import Chunk, Item, StreamSource, _one_line, decode_image
 from tgems.errors import TGEMError
 from tgems.options import BATCH_SIZE
 
