@@ -34,6 +34,7 @@ RANKS = {
     "tgems.pipeline": 8, "tgems.spec": 8,
     "tgems.jobs": 8.5,
     "tgems.retrieval": 9,  # indexes streamed sources with the jobs' readers
+    "tgems.indexing": 9.5,  # an index from a data spec; a saved index searched
     "tgems.integrations": 10, "tgems.serve": 10,
     "tgems.integrations.ray_serve": 10.5,  # the server's app, as a Ray Serve deployment
     "tgems.batch": 10.5,  # a whole job: the local runner or the Ray integration
@@ -168,7 +169,7 @@ def test_importing_the_root_stays_light():
 
 
 # Files still over the limit, reported to the lead; remove a line once the file is split.
-LONG = {"tgems/retrieval.py"}
+LONG = set()
 
 
 def test_no_source_file_is_over_600_lines():

@@ -10,7 +10,7 @@ from tgems.spec import DEFAULT_MODEL
 
 
 def cmd_index(args):
-    from tgems.retrieval import build_index
+    from tgems.indexing import build_index
 
     info = build_index(args.model, args.tgem, args.data, args.out, budget=args.budget, max_drop=args.max_drop,
                        delta=args.delta, rank=args.rank, calib=args.calib, n_calib=args.n_calib, n=args.n,
@@ -41,7 +41,7 @@ def cmd_index_fit(args):
 
 
 def cmd_search(args):
-    from tgems.retrieval import search
+    from tgems.indexing import search
 
     res = search(args.index, args.query, image=args.image, k=args.k, model=args.model, device=args.device,
                  dtype=args.dtype)
