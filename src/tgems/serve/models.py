@@ -8,6 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from tgems.errors import TGEMError
+from tgems.options import BATCH_SIZE, DELTA
 
 LABEL_CACHE_SIZE = 64  # label sets whose text embeddings and profiles stay cached (LRU)
 
@@ -18,7 +19,7 @@ class ServeSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int = 64
+    max_batch_size: int = BATCH_SIZE
     max_wait_ms: float = 5.0
     queue_size: int = 1024
     max_client_batch: int = 256
@@ -70,7 +71,7 @@ class ServedModel:
                 self.backbone, settings.max_batch_size, settings.max_inflight, settings.max_wait_ms / 1000,
                 settings.queue_size, settings.audit_rate,
                 cal.get("max_drop") if cal.get("goal") == "max_drop" else None,
-                float(cal.get("delta", 0.1)), settings.seed, log)
+                float(cal.get("delta", DELTA)), settings.seed, log)
         self._profiles = OrderedDict()
         self._policies = OrderedDict()
         self._lock = threading.Lock()
