@@ -348,8 +348,8 @@ def test_drop_scheduler_answers_as_predict(saved):
 
 def test_drop_scheduler_mixes_policies_cancels_and_refuses_a_full_queue(saved):
     from tgems.engine import run_early_exit
-    from tgems.scheduler import QueueFull
-    from tgems.serve.drop import DropScheduler
+    from tgems.scheduling.drop import DropScheduler
+    from tgems.scheduling.driver import QueueFull
 
     _, clf, test = saved
     bb = clf.backbone

@@ -149,7 +149,7 @@ def create_app(sources: dict | None = None, settings=None, models: dict | None =
 
     async def run_rows(request, model, pixels, policy, auditable=False):
         """Submit one row per image; wait for every answer, or drop the rows when the client leaves."""
-        from tgems.scheduler import QueueFull
+        from tgems.scheduling.driver import QueueFull
 
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
