@@ -14,7 +14,8 @@ import torch
 
 from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
-from tgems.scheduler import AuditStats, QueueFull, RowResult
+from tgems.audit import AuditStats
+from tgems.scheduler import QueueFull, RowResult
 
 
 class _Waiting:
