@@ -34,6 +34,7 @@ class ServeSettings:
     replicas: int = 1  # engine "ray": Serve replicas, each with its own scheduler
     replica_cpus: float | None = None  # engine "ray": CPUs a replica reserves (default: an equal share)
     scheduler: str = "depth"  # "depth": depth queues (tgems.scheduler); "drop": exit-and-drop micro-batches
+    threads: int | None = None  # torch threads; default: serve.server.default_threads (one CPU left over)
 
 
 SCHEDULERS = ("depth", "drop")

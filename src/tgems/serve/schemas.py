@@ -205,22 +205,28 @@ def _field_parameters(fields) -> dict:
 
 
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")  # PNG JPEG GIF BMP TIFF
+
+
+def looks_like_image(body: bytes) -> bool:
+    """huggingface_hub posts raw bytes labelled application/json when it knows no file name: sniffed here."""
+    return body.startswith(IMAGE_MAGIC) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
 
 
 async def parse_classify(request, max_client_batch: int) -> ClassifyRequest:
     """A classify request in any of the shapes the Hugging Face Inference API takes: JSON (`inputs` base64),
-    multipart, or the raw bytes of one image (Content-Type image/* or application/octet-stream; parameters,
-    if any, in the query string)."""
+    multipart, or the raw bytes of one image (Content-Type image/* or application/octet-stream, or bytes that
+    begin as an image does; parameters, if any, in the query string)."""
     import asyncio
 
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         return await parse_classify_form(request, max_client_batch)
-    if ctype.startswith(RAW_IMAGE_TYPES):
-        body = await request.body()
+    body = await request.body()
+    if ctype.startswith(RAW_IMAGE_TYPES) or looks_like_image(body):
         if not body:
             raise BadRequest("the request body is empty (expected the bytes of one image)")
         image = await asyncio.to_thread(decode_image, body, 0)
         req = ClassifyRequest([image], True, request.query_params.get("model"))
         return _parameters(_field_parameters(request.query_params), req)
-    return await asyncio.to_thread(parse_classify_json, await request.body(), max_client_batch)
+    return await asyncio.to_thread(parse_classify_json, body, max_client_batch)
