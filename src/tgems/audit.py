@@ -92,15 +92,15 @@ class AuditStats:
         return log_wealth_above(self.disagree, self.n, self.max_drop) >= math.log(1.0 / self.delta)
 
     def add(self, disagrees: bool) -> bool:
-        """Count one audit; True when the lower bound has just passed max_drop (the alarm)."""
+        """Count one audit; True when the lower bound first passes max_drop (the alarm). `exceeded` then stays
+        true: the bounds hold at every moment at once, so evidence seen once stands (the sequential test has
+        rejected), even while later agreements pull the current lower bound back under max_drop."""
         self.n += 1
         self.disagree += int(disagrees)
-        if self.max_drop is None:
+        if self.max_drop is None or self.exceeded or not disagrees:  # the wealth rises on disagreements only
             return False
-        over = self.evidence()
-        crossed = over and not self.exceeded
-        self.exceeded = over
-        return crossed
+        self.exceeded = self.evidence()
+        return self.exceeded
 
     def summary(self) -> dict:
         return {"rate": self.rate, "n": self.n, "disagree": self.disagree, "observed": self.observed,
