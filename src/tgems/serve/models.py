@@ -92,7 +92,8 @@ class ServedModel:
     def describe(self) -> dict:
         clf, bb, cal = self.clf, self.backbone, self.clf.calibration
         return {"id": self.name, "object": "model", "owned_by": "tgems", "backbone": bb.name,
-                "fingerprint": bb.fingerprint(), "num_layers": bb.num_layers, "labels": clf.labels,
+                "fingerprint": bb.fingerprint(), "num_layers": bb.num_layers, "embedding_dim": bb.embed_dim,
+                "labels": clf.labels,
                 "templates": clf.templates, "space": clf.profiles.space,
                 "calibration": {k: cal.get(k) for k in ("goal", "budget", "max_drop", "delta", "tau", "source",
                                                         "n_calib", "labels_used") if k in cal},
