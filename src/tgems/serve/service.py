@@ -20,6 +20,28 @@ class _ClientGone(Exception):
     pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept fixed
+
+
+def steady_heap() -> bool:
+    """Fix glibc's mmap threshold, so that every block over 128 KB (a batch of hidden states, a decoded image)
+    is mapped on its own and given back to the OS when freed. Why: by default glibc raises the threshold to
+    the largest block freed so far (up to 32 MB), after which those blocks come from the heap arenas of the
+    server's threads, and the holes they leave let the resident memory creep up with every request (a
+    ViT-B/32-shaped server grew 18 % over 3,000 requests while its Python objects stayed flat). A user's own
+    MALLOC_MMAP_THRESHOLD_ wins; elsewhere than glibc nothing is done. True when set here."""
+    import ctypes
+    import os
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def _stderr(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
@@ -58,6 +80,7 @@ class Service:
     def load(self):
         from tgems.serve.models import build_served
 
+        steady_heap()
         try:
             loaded = self._given if self._given is not None else build_served(self.sources, self.settings, self.log)
             for m in loaded.values():
