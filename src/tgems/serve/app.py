@@ -117,5 +117,6 @@ def create_app(sources: dict | None = None, settings=None, models: dict | None =
                                            error_body=error_body)])
     app.state.tgems = svc.state
     app.state.metrics = svc.metrics
+    app.state.service = svc
     return app
 
