@@ -24,7 +24,8 @@ import serve_load  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_b32", choices=("vit_b32", "embedded"))
-    p.add_argument("--requests", type=int, default=3000, help="one-image requests in the soak (the first tenth warms up)")
+    p.add_argument("--requests", type=int, default=3000,
+                   help="one-image requests in the soak (the first tenth warms up)")
     p.add_argument("--seconds", type=float, default=3600.0, help="the soak's limit in seconds")
     p.add_argument("--batch", type=int, default=16, help="the server's --max-batch-size")
     p.add_argument("--clients", type=int, default=None, help="requests in flight (default: batch x layers + 2 batches)")

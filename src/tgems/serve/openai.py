@@ -96,7 +96,8 @@ def check_texts(backbone, texts):
                 warnings.simplefilter("ignore")  # a half-read text is embedded, as classify scores such a label
                 check_readable_query(backbone, t)
         except TGEMError as e:
-            raise BadRequest(f"input {i}: {e}", param="input", code="unreadable_text") from None
+            why = str(e).replace("the query", "the text", 1)
+            raise BadRequest(f"input {i}: {why}", param="input", code="unreadable_text") from None
 
 
 def _encode(vec, fmt: str):
