@@ -172,6 +172,9 @@ def test_raw_image_body_as_the_hf_inference_api_takes_it(server, saved):
         r = httpx.post(server.url + "/", content=png(test.images[1]), headers={"content-type": ctype}, timeout=60)
         assert r.status_code == 200 and r.json()[0]["label"] == ref.labels[0], r.text
         assert r.headers["x-tgems-exit-layer"] == str(int(ref.exit_layers[0]))
+    r = httpx.post(server.url + "/", params={"candidate_labels": ",".join(LABELS)}, content=png(test.images[1]),
+                   headers={"content-type": "image/png"}, timeout=60)
+    assert sorted(x["label"] for x in r.json()) == sorted(LABELS)
     r = httpx.post(server.url + "/", content=b"not an image", headers={"content-type": "image/png"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"].startswith("input 0: not a readable image")
 
