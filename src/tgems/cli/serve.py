@@ -20,8 +20,11 @@ def cmd_serve(args):
         raise TGEMError(f"{flags} {'needs' if len(ray_only) == 1 else 'need'} --engine ray")
     settings = replace(ServeSettings(), **ray_only, **{k: getattr(args, k) for k in (
         "host", "port", "max_batch_size", "max_wait_ms", "queue_size", "max_client_batch", "max_inflight",
-        "audit_rate", "seed", "device", "dtype", "tgem", "engine", "max_body_mb", "scheduler")})
+        "audit_rate", "seed", "device", "dtype", "tgem", "engine", "max_body_mb", "scheduler", "threads")})
     sources, log = parse_sources(args.classifier), lambda msg: print(msg, file=sys.stderr, flush=True)
+    if settings.engine == "ray" and settings.threads:
+        raise TGEMError("--threads is for the local server; with --engine ray a replica's threads follow "
+                        "--replica-cpus")
     if settings.engine == "ray":
         from tgems.integrations.ray_serve import run_ray_server
 
@@ -61,6 +64,8 @@ def add_parsers(sub):
                     help="local (default) or ray: replicas on Ray Serve (the cluster at RAY_ADDRESS, else a local Ray)")
     sv.add_argument("--replicas", type=positive_int, help=f"--engine ray: replicas (default {sd.replicas})")
     sv.add_argument("--replica-cpus", type=float, help="--engine ray: CPUs per replica (default: an equal share)")
+    sv.add_argument("--threads", type=positive_int, default=sd.threads,
+                    help="torch threads (default: the CPUs less one, at most 8; said at startup)")
     sv.add_argument("--quiet", action="store_true")
     sv.add_argument("--seed", type=seed_value, default=sd.seed)
     placement(sv)

@@ -18,7 +18,7 @@ it does under `EarlyExitClassifier.predict`, and the FLOPs are counted as the en
 
 Audit: a fraction of the rows that exit early (seeded) keep running to the last layer after they were
 answered; there the policy's full-depth prediction is compared with the answer, for a live check of a
-max-drop guarantee (see `AuditStats`).
+max-drop guarantee (see `tgems.audit.AuditStats`).
 """
 from __future__ import annotations
 
@@ -31,53 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tgems.calibration import clopper_pearson_upper, min_calibration_size
+from tgems.audit import AuditStats
 from tgems.engine import _as_policy, _split_decision, exit_flops, full_flops
 from tgems.errors import TGEMError
 from tgems.options import BATCH_SIZE, DELTA
 from tgems.scheduling.driver import Driver, QueueFull, RowResult, call, new_stats
-
-
-@dataclass
-class AuditStats:
-    """Live disagreement of audited early exits with the full model, and its (1 - delta) Clopper-Pearson
-    upper bound, against the calibrated max_drop."""
-
-    rate: float = 0.0
-    max_drop: float | None = None
-    delta: float = DELTA
-    n: int = 0
-    disagree: int = 0
-    exceeded: bool = False
-
-    @property
-    def observed(self) -> float | None:
-        return self.disagree / self.n if self.n else None
-
-    @property
-    def ucb(self) -> float | None:
-        return clopper_pearson_upper(self.disagree, self.n, self.delta) if self.n else None
-
-    @property
-    def min_n(self) -> int | None:
-        """Audits needed before the bound can lie below max_drop at all (as Learn-then-Test needs)."""
-        return min_calibration_size(self.max_drop, self.delta) if self.max_drop else None
-
-    def add(self, disagrees: bool) -> bool:
-        """Count one audit; True when the bound has just passed max_drop (with enough audits to tell)."""
-        self.n += 1
-        self.disagree += int(disagrees)
-        if self.max_drop is None or self.n < self.min_n:
-            return False
-        over = self.ucb > self.max_drop
-        crossed = over and not self.exceeded
-        self.exceeded = over
-        return crossed
-
-    def summary(self) -> dict:
-        return {"rate": self.rate, "n": self.n, "disagree": self.disagree, "observed": self.observed,
-                "ucb": self.ucb, "delta": self.delta, "max_drop": self.max_drop, "min_n": self.min_n,
-                "exceeded": self.exceeded}
 
 
 class _Row:
@@ -378,8 +336,9 @@ class DepthScheduler(Driver):
         if crossed:
             a = self.audit
             self._log(f"tgems serve: audit: live disagreement with the full model {a.observed:.4f} "
-                      f"({a.disagree} of {a.n} audited exits), its {1 - a.delta:.0%} upper bound {a.ucb:.4f} "
-                      f"passes the calibrated max_drop {a.max_drop}: the traffic has drifted from calibration")
+                      f"({a.disagree} of {a.n} audited exits), its anytime {1 - a.delta:.0%} lower bound "
+                      f"{a.lower:.4f} passes the calibrated max_drop {a.max_drop}: the traffic has drifted "
+                      f"from calibration")
 
     def _release(self, rows):
         with self.cond:

@@ -14,8 +14,8 @@ import torch
 
 from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
+from tgems.audit import AuditStats
 from tgems.options import BATCH_SIZE
-from tgems.scheduling.depth import AuditStats
 from tgems.scheduling.driver import Driver, QueueFull, RowResult, call, new_stats
 
 

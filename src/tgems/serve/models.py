@@ -34,6 +34,7 @@ class ServeSettings:
     replicas: int = 1  # engine "ray": Serve replicas, each with its own scheduler
     replica_cpus: float | None = None  # engine "ray": CPUs a replica reserves (default: an equal share)
     scheduler: str = "depth"  # "depth": depth queues (tgems.scheduling.depth); "drop": exit-and-drop micro-batches
+    threads: int | None = None  # torch threads; default: serve.server.default_threads (one CPU left over)
 
 
 SCHEDULERS = ("depth", "drop")
@@ -87,7 +88,8 @@ class ServedModel:
     def describe(self) -> dict:
         clf, bb, cal = self.clf, self.backbone, self.clf.calibration
         return {"id": self.name, "object": "model", "owned_by": "tgems", "backbone": bb.name,
-                "fingerprint": bb.fingerprint(), "num_layers": bb.num_layers, "labels": clf.labels,
+                "fingerprint": bb.fingerprint(), "num_layers": bb.num_layers, "embedding_dim": bb.embed_dim,
+                "labels": clf.labels,
                 "templates": clf.templates, "space": clf.profiles.space,
                 "calibration": {k: cal.get(k) for k in ("goal", "budget", "max_drop", "delta", "tau", "source",
                                                         "n_calib", "labels_used") if k in cal},
