@@ -20,6 +20,7 @@ from tgems.features import LayerFeatures, extract_features
 from tgems.profiles import check_readable_labels, default_templates
 from tgems.tgem import TGEM
 from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_signals
+from tgems.training.spill import by_blocks
 
 
 @dataclass
@@ -318,6 +319,8 @@ class _Rows:
     """Rows `rows` of a feature store, read only when `subset` asks (the Jumper's images: what is in memory
     at once is one chunk of them, not all; docs/fit.md)."""
 
+    spill = True  # their signals go to disk (training.spill): the Jumper's memory stays flat in jumper_max
+
     def __init__(self, store, rows: np.ndarray):
         self.store, self.rows, self.labels = store, np.asarray(rows), None
 
@@ -374,7 +377,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
                                "final_loss": h_hist[-1]["loss"] if h_hist else None})
     jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross)
     signals, preds = training_signals([profiles], jfeats)
-    scores = jumper.for_goal("budget").scores(signals)
+    scores = by_blocks(jumper.for_goal("budget").scores, signals)
     del signals
     jumper.tau = calibrate_budget(scores, preds, profiles.exit_layers, L, s.default_budget)
     per_layer = [{"layer": l, "accuracy": round((preds[:, j] == jfeats.labels).float().mean().item(), 4),

@@ -9,6 +9,7 @@ from tgems.errors import TGEMError
 from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, jumper_signals
 from tgems.profiles import ClassProfiles, layer_probs
 from tgems.training.logistic import fit_logistic  # deterministic across thread counts (issue 30.11)
+from tgems.training.spill import by_blocks, release, spilled_empty
 
 JUMPER_TARGETS = ("goal", "agree", "no_loss")
 
@@ -34,9 +35,12 @@ def training_signals(profile_sets: list[ClassProfiles], feats) -> tuple[torch.Te
             probs = layer_probs(profiles, part)
             sig = jumper_signals(probs, part, profiles.layers, profiles.text)
             if signals is None:
-                signals = torch.empty((len(profile_sets) * n_rows, *sig.shape[1:]), dtype=sig.dtype)
+                shape = (len(profile_sets) * n_rows, *sig.shape[1:])
+                signals = (spilled_empty(shape, sig.numpy().dtype) if getattr(feats, "spill", False)
+                           else torch.empty(shape, dtype=sig.dtype))  # spilled: on disk (docs/fit.md, memory)
                 preds = torch.empty((len(profile_sets) * n_rows, probs.shape[1]), dtype=torch.long)
             signals[k * n_rows + a:k * n_rows + a + len(sig)] = sig
+            release(signals[k * n_rows + a:k * n_rows + a + len(sig)])
             preds[k * n_rows + a:k * n_rows + a + len(sig)] = probs.argmax(-1)
     return signals, preds
 
@@ -44,7 +48,8 @@ def training_signals(profile_sets: list[ClassProfiles], feats) -> tuple[torch.Te
 def _fit_on(signals: torch.Tensor, target: torch.Tensor, cols: torch.Tensor) -> Jumper:
     """A Jumper fit on standardised signal columns `cols`, zero weights on the others."""
     every = len(cols) == signals.shape[-1] and bool((cols == torch.arange(len(cols))).all())
-    fit = fit_logistic(signals if every else signals[..., cols], target.float(), standardize=True)
+    fit = fit_logistic(signals if every else by_blocks(lambda b: b[..., cols], signals), target.float(),
+                       standardize=True)
     weight = torch.zeros(fit.weight.shape[0], signals.shape[-1])
     weight[:, cols] = fit.weight
     return Jumper(weight, fit.bias)

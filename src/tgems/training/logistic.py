@@ -6,7 +6,8 @@ threads differed in the 4th digit of its scores, and the calibrated taus and acc
 baseline with it (issue 30.11). Here the loss and its gradient are written out and summed in float64, a
 fixed block of rows at a time in a fixed order, on one thread; the problem is strictly convex (L2), so
 L-BFGS run to a tight tolerance lands on its one optimum whatever rounding the machine does, and the
-result is rounded to float32. Nothing holds a float64 copy of the signals (docs/fit.md, memory).
+result is rounded to float32. Nothing holds a float64 copy of the signals, and signals spilled to disk
+(`training.spill`) are read a block at a time (docs/fit.md, memory).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import contextlib
 import torch
 
 from tgems.jumper import Jumper
+from tgems.training.spill import release
 
 ROWS = 128  # rows per block (a fixed summation order; blocks this small stay in cache)
 TOLERANCE_GRAD = 1e-11  # max |gradient| at which L-BFGS stops: far below float32's resolution of the weights
@@ -43,8 +45,10 @@ def column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _read(x: torch.Tensor, a: int) -> torch.Tensor:
-    """Rows a .. a + ROWS of `x` in float64."""
-    return x[a:a + ROWS].double()
+    """Rows a .. a + ROWS of `x` in float64 (spilled to disk: their pages handed back at once)."""
+    out = x[a:a + ROWS].double()
+    release(x[a:a + ROWS])
+    return out
 
 
 def _loss_and_grad(x, y, w, b, mu, sd, l2):
