@@ -20,6 +20,7 @@ from tgems.features import LayerFeatures, extract_features
 from tgems.profiles import check_readable_labels, default_templates
 from tgems.tgem import TGEM
 from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_signals
+from tgems.training.heap import trim as trim_heap
 from tgems.training.spill import by_blocks
 
 
@@ -137,6 +138,7 @@ def _train_modules(backbone, tgem: TGEM, store, rows: np.ndarray, t: _Targets, s
             sched.step()
             if release is not None:
                 release()
+            trim_heap()  # without it the resident set crept up with the steps (docs/fit.md, memory)
             bar.update(1)
         history.append({"epoch": epoch, "loss": round(loss.item(), 4), "expected_depth": round(r.mean().item(), 4)})
         bar.set_postfix(loss=f"{loss.item():.3f}", r=f"{r.mean().item():.3f}")
