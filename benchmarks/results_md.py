@@ -540,7 +540,9 @@ def render() -> str:
             "```bash",
             "python benchmarks/record.py NAME -- COMMAND...   # COMMAND takes --json PATH",
             "python benchmarks/results_md.py", "```", "",
-            "Accuracies, layers and FLOPs are deterministic for a given seed; images per second depend on the "
+            "Accuracies, layers and FLOPs are deterministic for a given seed on a machine, whatever its thread "
+            "count (another CPU can round the encoder's features differently: docs/design.md, Reproducibility); "
+            "images per second depend on the "
             "machine and its load at the time (shown with each record). Earlier results, from models and "
             "defaults that have since changed, are in [CHANGELOG.md](CHANGELOG.md).", "",
             "Records: " + ", ".join(f"[{r['name']}](#{_anchor(r, recs)})" for r in recs) + ".", ""]

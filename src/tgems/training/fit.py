@@ -20,6 +20,8 @@ from tgems.features import LayerFeatures, extract_features
 from tgems.profiles import check_readable_labels, default_templates
 from tgems.tgem import TGEM
 from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_signals
+from tgems.training.heap import trim as trim_heap
+from tgems.training.spill import by_blocks
 
 
 @dataclass
@@ -136,6 +138,7 @@ def _train_modules(backbone, tgem: TGEM, store, rows: np.ndarray, t: _Targets, s
             sched.step()
             if release is not None:
                 release()
+            trim_heap()  # without it the resident set crept up with the steps (docs/fit.md, memory)
             bar.update(1)
         history.append({"epoch": epoch, "loss": round(loss.item(), 4), "expected_depth": round(r.mean().item(), 4)})
         bar.set_postfix(loss=f"{loss.item():.3f}", r=f"{r.mean().item():.3f}")
@@ -318,6 +321,8 @@ class _Rows:
     """Rows `rows` of a feature store, read only when `subset` asks (the Jumper's images: what is in memory
     at once is one chunk of them, not all; docs/fit.md)."""
 
+    spill = True  # their signals go to disk (training.spill): the Jumper's memory stays flat in jumper_max
+
     def __init__(self, store, rows: np.ndarray):
         self.store, self.rows, self.labels = store, np.asarray(rows), None
 
@@ -374,7 +379,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
                                "final_loss": h_hist[-1]["loss"] if h_hist else None})
     jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross)
     signals, preds = training_signals([profiles], jfeats)
-    scores = jumper.for_goal("budget").scores(signals)
+    scores = by_blocks(jumper.for_goal("budget").scores, signals)
     del signals
     jumper.tau = calibrate_budget(scores, preds, profiles.exit_layers, L, s.default_budget)
     per_layer = [{"layer": l, "accuracy": round((preds[:, j] == jfeats.labels).float().mean().item(), 4),
