@@ -20,6 +20,7 @@ from tgems.features import LayerFeatures, extract_features
 from tgems.profiles import check_readable_labels, default_templates
 from tgems.tgem import TGEM
 from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_signals
+from tgems.training.readout_fit import READOUT_L2, fit_mix, fit_readouts
 
 
 @dataclass
@@ -40,6 +41,9 @@ class FitSettings:
     default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
     jumper_target: str = "goal"  # what the Jumper's score estimates: see fit_jumper
     cross_fit: bool = True  # the budget Jumper also learns from two half-class T-GEMs (see fit_tgem)
+    recipe: str | None = None  # tgem.RECIPES; None: "distilled" for cls, "tgem" for rates (docs/design.md)
+    readout_l2: float = READOUT_L2  # ridge penalty of the distilled readouts
+    readout_mix: bool = True  # distilled: mix both readouts' logits; False: T-GEM predicts, the Jumper reads both
     jumper_max: int = 4000  # at most this many images fit the Jumper and set tau: its memory stays flat in N
     caption_set: int = 1000  # captioned data: the Jumper learns caption retrieval among this many captions
     seed: int = 0
@@ -182,13 +186,44 @@ def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings,
         s = replace(s, soft_tau=round(float(_final_confidence(backbone, store, rows, t, s.batch_size).median()), 4))
     torch.manual_seed(seed)
     out_dim = backbone.embed_dim if s.space == "cls" else backbone.mlp_dim
-    tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden)
+    tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s))
     if s.space == "rates":
         tgem.center.copy_(_mean_features(store, rows, s.space, s.layers))
     tgem.to(dev)
     history = _train_modules(backbone, tgem, store, rows, t, replace(s, seed=seed), progress, desc, dev)
     tgem.to("cpu").eval()
+    if tgem.recipe == "distilled":
+        w, b = fit_readouts(store, rows, s.layers, s.readout_l2)
+        tgem.readout_weight.copy_(w)
+        tgem.readout_bias.copy_(b)
     return tgem, s, history
+
+
+def recipe_of(s: FitSettings) -> str:
+    return s.recipe or ("distilled" if s.space == "cls" else "tgem")
+
+
+def _set_mix(tgem: TGEM, main_text, store, jfeats, cross: list, halves, backbone) -> None:
+    """Fit the distilled recipe's per-layer mixing weights (training.readout_fit.fit_mix) and set them in the
+    main modules and the cross-fitted ones: on the Jumper's images scored by the half-models that never saw
+    their classes when there are cross-fitted ones, else by the main modules."""
+    feats = jfeats.subset(np.arange(len(jfeats)))
+    sets = [(tgem.profiles(main_text, backbone).to("cpu"), torch.ones(len(feats), dtype=torch.bool))]
+    if cross:
+        labels = feats.labels.numpy()
+        sets = [(h.profiles(main_text, backbone).to("cpu"), torch.as_tensor(~np.isin(labels, half)))
+                for h, half in zip(cross, halves)]
+    full = sets[0][0].probs(len(tgem.layers), feats.z[:, -1])
+    parts = []
+    for j, l in enumerate(tgem.layers):
+        ts, ds, ps = [], [], []
+        for prof, keep in sets:
+            t, d = prof.parts(j, feats.z[keep, l - 1])
+            ts.append(t), ds.append(d), ps.append(full[keep])
+        parts.append((torch.cat(ts), torch.cat(ds), torch.cat(ps)))
+    mix = fit_mix(parts)
+    for m in [tgem] + list(cross):
+        m.mix.copy_(mix)
 
 
 def class_halves(num_classes: int, seed: int) -> list[np.ndarray]:
@@ -238,6 +273,12 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
     if not layers or layers[0] < 1 or layers[-1] >= L:
         raise TGEMError(f"candidate layers must lie in 1..{L - 1} (the last layer is always an exit)")
     check_jumper_target(s.jumper_target)
+    from tgems.tgem import RECIPES
+
+    if s.recipe is not None and s.recipe not in RECIPES:
+        raise TGEMError(f"unknown exit recipe '{s.recipe}' (choose from {', '.join(RECIPES)})")
+    if recipe_of(s) == "distilled" and s.space != "cls":
+        raise TGEMError("the distilled recipe maps the readout z_l: it needs --space cls (rates: --recipe tgem)")
     if s.soft_tau is not None and not 0 < s.soft_tau < 1:
         raise TGEMError(f"soft_tau must lie in (0, 1), got {s.soft_tau}")
     if s.jumper_max < 1 or s.caption_set < 2:
@@ -359,6 +400,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
         _, first, inv = np.unique(t.caption_key(jump_idx).numpy(), return_index=True, return_inverse=True)
         jfeats.labels = torch.as_tensor(inv.reshape(-1), dtype=torch.long)
         profiles = tgem.profiles(F.normalize(t.caption_emb(jump_idx[first]).float(), dim=-1), backbone).to("cpu")
+    cross_tgems = []
     if s.cross_fit and s.jumper_target != "agree" and halves is not None:
         cross_info = []
         for h, half in enumerate(halves):
@@ -369,9 +411,13 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
             h_tgem, _, h_hist = _fit_modules(backbone, store, hi, t_half, replace(s, soft_tau=given_soft_tau),
                                              progress, s.seed + 1 + h, f"cross-fit T-GEM {h + 1}/2 ({s.space})",
                                              device)
-            cross.append(h_tgem.profiles(t.class_text, backbone).to("cpu"))
+            cross_tgems.append(h_tgem)
             cross_info.append({"classes": [classes[i] for i in half], "num_train": len(hi),
                                "final_loss": h_hist[-1]["loss"] if h_hist else None})
+    if tgem.recipe == "distilled" and s.readout_mix:
+        _set_mix(tgem, profiles.text, store, jfeats, cross_tgems, halves, backbone)
+        profiles = tgem.profiles(profiles.text, backbone).to("cpu")
+    cross = [h.profiles(t.class_text, backbone).to("cpu") for h in cross_tgems]
     jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross)
     signals, preds = training_signals([profiles], jfeats)
     scores = jumper.for_goal("budget").scores(signals)

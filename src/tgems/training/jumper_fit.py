@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tgems.errors import TGEMError
-from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, jumper_signals
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS, Jumper, jumper_signals
 from tgems.profiles import ClassProfiles, layer_probs
 
 JUMPER_TARGETS = ("goal", "agree", "no_loss")
@@ -74,8 +74,8 @@ def training_signals(profile_sets: list[ClassProfiles], feats) -> tuple[torch.Te
         profiles = profiles.to("cpu")
         for a in range(0, n_rows, _ROWS):
             part = feats.subset(np.arange(a, min(n_rows, a + _ROWS)))
-            probs = layer_probs(profiles, part)
-            sig = jumper_signals(probs, part, profiles.layers, profiles.text)
+            probs, pairs = layer_probs(profiles, part, pairs=True)
+            sig = jumper_signals(probs, part, profiles.layers, profiles.text, pairs)
             if signals is None:
                 signals = torch.empty((len(profile_sets) * n_rows, *sig.shape[1:]), dtype=sig.dtype)
                 preds = torch.empty((len(profile_sets) * n_rows, probs.shape[1]), dtype=torch.long)
@@ -114,7 +114,7 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list
     signals, preds = training_signals(sets, feats)
     n_rows = len(feats)
     width = signals.shape[-1]
-    readable = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS, width)])
+    readable = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS - NUM_TRAJ_SIGNALS, width)])
     agree = None
     if target != "no_loss":
         agree = _fit_on(signals[:n_rows], preds[:n_rows, :-1] == preds[:n_rows, -1:], readable)
