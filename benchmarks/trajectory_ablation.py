@@ -6,7 +6,8 @@ Each CHECKPOINT (NAME=PATH, or a shipped name) is a `tgems fit` of one recipe, e
 readouts mixed). Per checkpoint, as the demo measures it (calibrated on `scenes:calib`, tested on
 `scenes:testall`, seen / held-out %):
 - budgets 0.3 .. 0.7: accuracy, mean layers, FLOPs ratio (the engine's count, readouts included);
-- max_drop 0.01 / delta 0.1 over 20 re-drawn calibration sets of a 22,900-image pool (as the demo);
+- max_drop 0.01 / delta 0.1 over 20 re-drawn calibration sets (`--pool 20000`: of a 22,900-image pool, as
+  the demo; default: calibration and test images pooled, half-splits, as `tgems demo --n`);
 - per candidate layer: accuracy of the logit lens, the T-GEM profiles, the distilled readout and the mix,
   and the failure-ranking AUROC of the budget Jumper (target: exiting costs nothing) and of the agreement
   model (target: agrees with the full model), on seen and on text-only classes;
@@ -73,7 +74,7 @@ def per_layer(clf, ft: LayerFeatures, masks: dict) -> list:
     return rows, {s: round(float(oracle[m].mean()), 3) for s, m in masks.items()} | {"all": round(float(oracle.mean()), 3)}
 
 
-def evaluate(bb, name: str, ckpt: str, ft, fc, split_t, pool) -> dict:
+def evaluate(bb, name: str, ckpt: str, ft, fc, split_t, pool, frac: float) -> dict:
     clf = tgems.EarlyExitClassifier(bb, ckpt, ft.classes)
     masks = {s: torch.as_tensor(split_t == s) for s in SPLITS}
     prof = clf.profiles.to("cpu")
@@ -94,8 +95,8 @@ def evaluate(bb, name: str, ckpt: str, ft, fc, split_t, pool) -> dict:
             row[s] = pct((p[m] == ft.labels[m]).float().mean())
         out["budgets"].append(row)
     out["full"] = {s: pct((lp[m, -1] == ft.labels[m]).float().mean()) for s, m in masks.items()}
-    g = guarantee_study(clf, pool, eps=0.01, delta=0.1, n_splits=20, seed=0, calib_fraction=2900 / len(pool))
-    out["max_drop"] = {k: g[k] for k in ("eps", "delta", "n_splits", "held", "mean_test_layers")}
+    g = guarantee_study(clf, pool, eps=0.01, delta=0.1, n_splits=20, seed=0, calib_fraction=frac)
+    out["max_drop"] = {k: g[k] for k in ("eps", "delta", "n_splits", "n_calib", "n_test", "held", "mean_test_layers")}
     out["layers"], out["oracle_mean_layers"] = per_layer(clf, ft, masks)
     return out
 
@@ -105,18 +106,24 @@ def main():
     ap.add_argument("checkpoints", nargs="+", help="NAME=PATH (or a shipped name such as embedded:cls)")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=0,
+                    help="max_drop study on 2,900 + POOL fresh scenes:testall images as the demo (default: the "
+                         "calibration and test images pooled, half-splits, as `tgems demo --n`)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     bb = tgems.load_backbone(args.model)
     ft, split_t = cached_features(bb, "scenes:testall", args.seed, args.model)
     fc, _ = cached_features(bb, "scenes:calib", args.seed, args.model)
-    pool, _ = cached_features(bb, "scenes:testall:22900", args.seed, args.model)
-    pool = LayerFeatures(pool.z, None, pool.labels, classes=pool.classes)
+    if args.pool:
+        pool, _ = cached_features(bb, f"scenes:testall:{2900 + args.pool}", args.seed, args.model)
+        pool = LayerFeatures(pool.z, None, pool.labels, classes=pool.classes)
+    else:  # the demo's small-run pool: calibration and test images together, half-splits
+        pool = LayerFeatures(torch.cat([fc.z, ft.z]), None, torch.cat([fc.labels, ft.labels]), classes=ft.classes)
     runs = []
     for c in args.checkpoints:
         name, _, path = c.rpartition("=")
-        r = evaluate(bb, name or path, path, ft, fc, split_t, pool)
+        r = evaluate(bb, name or path, path, ft, fc, split_t, pool, 2900 / len(pool) if args.pool else 0.5)
         runs.append(r)
         b5 = next(x for x in r["budgets"] if x["budget"] == 0.5)
         print(f"{r['name']:>14} ({r['recipe']}): budget 0.5 seen {b5['seen']:.2f} heldout {b5['heldout']:.2f} "

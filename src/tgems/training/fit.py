@@ -18,7 +18,7 @@ from tgems.calibration import calibrate_budget
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
 from tgems.profiles import check_readable_labels, default_templates
-from tgems.tgem import TGEM
+from tgems.tgem import RECIPE_BUFFERS, TGEM
 from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_signals
 from tgems.training.readout_fit import READOUT_L2, fit_mix, fit_readouts
 
@@ -176,22 +176,32 @@ def _mean_features(store, rows: np.ndarray, space: str, layers) -> torch.Tensor:
 
 
 def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings, progress, seed: int, desc: str,
-                 dev="cpu"):
-    """G_l for every candidate layer, trained on the feature rows `rows` against targets `t`.
-    Returns (tgem on the CPU, settings with soft_tau filled in, history)."""
-    if s.soft_tau is None:
-        # where "confident" lies depends on the number of classes and the logit scale: take the full
-        # model's median top-1 probability on the training images, so the soft exits (and with them
-        # the regularizer) neither vanish nor fire everywhere
-        s = replace(s, soft_tau=round(float(_final_confidence(backbone, store, rows, t, s.batch_size).median()), 4))
-    torch.manual_seed(seed)
+                 dev="cpu", memo: dict | None = None):
+    """G_l for every candidate layer, trained on the feature rows `rows` against targets `t`, then the recipe's
+    distilled readouts. Returns (tgem on the CPU, settings with soft_tau filled in, history). `memo` (a
+    benchmark's: trained modules by `desc`) reuses modules trained by an earlier fit of the same data and
+    seed: the recipe does not change how G_l train, so ablations of the recipe train them once."""
     out_dim = backbone.embed_dim if s.space == "cls" else backbone.mlp_dim
-    tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s))
-    if s.space == "rates":
-        tgem.center.copy_(_mean_features(store, rows, s.space, s.layers))
-    tgem.to(dev)
-    history = _train_modules(backbone, tgem, store, rows, t, replace(s, seed=seed), progress, desc, dev)
-    tgem.to("cpu").eval()
+    if memo is not None and desc in memo:
+        trained, soft_tau, history = memo[desc]
+        s = replace(s, soft_tau=soft_tau)
+        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s))
+        tgem.load_state_dict({k: v for k, v in trained.state_dict().items() if k not in RECIPE_BUFFERS}, strict=False)
+    else:
+        if s.soft_tau is None:
+            # where "confident" lies depends on the number of classes and the logit scale: take the full
+            # model's median top-1 probability on the training images, so the soft exits (and with them
+            # the regularizer) neither vanish nor fire everywhere
+            s = replace(s, soft_tau=round(float(_final_confidence(backbone, store, rows, t, s.batch_size).median()), 4))
+        torch.manual_seed(seed)
+        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s))
+        if s.space == "rates":
+            tgem.center.copy_(_mean_features(store, rows, s.space, s.layers))
+        tgem.to(dev)
+        history = _train_modules(backbone, tgem, store, rows, t, replace(s, seed=seed), progress, desc, dev)
+        tgem.to("cpu").eval()
+        if memo is not None:
+            memo[desc] = (tgem, s.soft_tau, history)
     if tgem.recipe == "distilled":
         w, b = fit_readouts(store, rows, s.layers, s.readout_l2)
         tgem.readout_weight.copy_(w)
@@ -287,7 +297,7 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
 
 
 def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None, feats: LayerFeatures | None = None,
-             progress: bool = True, device="cpu", near_chance: str = "warn"):
+             progress: bool = True, device="cpu", near_chance: str = "warn", memo: dict | None = None):
     """Train T-GEMs (G_l for each candidate layer) and the Jumper on a captioned/labelled dataset in memory.
 
     The Jumper is fit on images held out of G_l's training (`jumper_fraction`, at most `jumper_max`). With
@@ -296,7 +306,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     held-out images scored by the main modules and by each half-model on all classes, so half of its
     examples come from classes that model knows only by their text, as a label set never seen in fitting is
     at inference (docs/design.md). This costs about one more module fit. Returns (tgem, jumper, info). Only
-    the classes present in `data` are used. `device`: where the modules train."""
+    the classes present in `data` are used. `device`: where the modules train. `memo`: see `_fit_modules`."""
     s = _checked_settings(backbone, settings)
     templates = list(templates or default_templates(data.name))
     present = np.unique(data.labels)
@@ -316,7 +326,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
         cap_idx = torch.as_tensor(inv, dtype=torch.long)
         t.caption_emb = lambda rows: cap_text[cap_idx[torch.as_tensor(rows)]]
         t.caption_key = lambda rows: cap_idx[torch.as_tensor(rows)]
-    return _fit(backbone, feats, np.arange(len(feats)), t, classes, s, templates, progress, device, near_chance)
+    return _fit(backbone, feats, np.arange(len(feats)), t, classes, s, templates, progress, device, near_chance, memo)
 
 
 def fit_tgem_cached(backbone, cache, settings: FitSettings | None = None, templates=None, progress: bool = True,
@@ -375,7 +385,7 @@ class _Rows:
 
 
 def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettings, templates, progress, device,
-         near_chance: str = "warn"):
+         near_chance: str = "warn", memo: dict | None = None):
     """The fit shared by both feature stores: seeded Jumper / training split, modules, cross-fit, Jumper, tau."""
     full_check = _check_full_model(backbone, store, usable, t, near_chance)
     L = backbone.num_layers
@@ -387,7 +397,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
     n_j = min(int(round(len(perm) * s.jumper_fraction)), cap)
     jump_idx, train_idx = np.sort(usable[perm[:n_j]]), np.sort(usable[perm[n_j:]])
     tgem, s, history = _fit_modules(backbone, store, train_idx, t, s, progress, s.seed, f"fit T-GEM ({s.space})",
-                                    device)
+                                    device, memo)
     jfeats = _Rows(store, jump_idx)
     cross, cross_info, halves = [], None, None
     if t.mode == "labels":
@@ -410,7 +420,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
             t_half = replace(t, y=hmap[t.y], class_text=t.class_text[torch.as_tensor(half)])
             h_tgem, _, h_hist = _fit_modules(backbone, store, hi, t_half, replace(s, soft_tau=given_soft_tau),
                                              progress, s.seed + 1 + h, f"cross-fit T-GEM {h + 1}/2 ({s.space})",
-                                             device)
+                                             device, memo)
             cross_tgems.append(h_tgem)
             cross_info.append({"classes": [classes[i] for i in half], "num_train": len(hi),
                                "final_loss": h_hist[-1]["loss"] if h_hist else None})

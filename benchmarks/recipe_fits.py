@@ -1,0 +1,45 @@
+"""Issue 27's ablation fits: `tgems fit` checkpoints of several exit recipes on the same data and seed, the
+T-GEM modules (main and cross-fitted halves) trained once and shared (the recipe does not change how they
+train: `training.fit._fit_modules`' memo). Each arm is saved as a checkpoint, as `tgems fit` saves it.
+
+    python benchmarks/recipe_fits.py --out results/fits        # arms: tgem, signal, mix
+then `benchmarks/trajectory_ablation.py today=embedded:cls tgem=results/fits/tgem ...` measures them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import tgems
+from tgems.tgem import save_tgem
+from tgems.training.fit import FitSettings, fit_tgem
+
+ARMS = {"tgem": {"recipe": "tgem"},  # today's modules and Jumper, plus the trajectory signals (patience)
+        "signal": {"recipe": "distilled", "readout_mix": False},  # + distilled readouts, read by the Jumper only
+        "mix": {"recipe": "distilled"}}  # + both readouts mixed with per-layer weights: the default
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--data", default="scenes:train")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--out", default="results/fits")
+    args = ap.parse_args()
+    bb = tgems.load_backbone(args.model)
+    data = tgems.load_dataset(args.data, seed=args.seed)
+    feats = tgems.extract_features(bb, data, desc="features")
+    memo: dict = {}
+    for arm in args.arms:
+        s = replace(FitSettings(space="cls", seed=args.seed), **ARMS[arm])
+        tgem, jumper, info = fit_tgem(bb, data, s, feats=feats, memo=memo)
+        out = save_tgem(Path(args.out) / (arm if args.seed == 0 else f"{arm}_s{args.seed}"), tgem, jumper, bb, info,
+                        data_spec=args.data)
+        print(f"{arm}: {out} (mix {json.dumps(tgem.mix.tolist()) if tgem.recipe == 'distilled' else '-'})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
