@@ -101,6 +101,8 @@ class PlainCLIP:
     def predict(self, images):
         import torch
 
+        from tgems.engine import full_flops
+
         with torch.no_grad():
             px = images if isinstance(images, torch.Tensor) else self.bb.preprocess(images)
             z = self.bb.model.get_image_features(pixel_values=px)
@@ -109,7 +111,7 @@ class PlainCLIP:
         idx = probs.argmax(1).numpy()
         n, L = len(px), self.bb.num_layers
         return SimpleNamespace(labels=[self.labels[i] for i in idx], indices=idx, probs=probs.numpy(),
-                               exit_layers=np.full(n, L), flops=np.full(n, float(self.bb.flops_full())),
+                               exit_layers=np.full(n, L), flops=np.full(n, full_flops(self.bb, len(self.labels))),
                                flops_ratio=np.ones(n))
 
 

@@ -181,8 +181,8 @@ def fmt_report(rec: dict) -> str:
         head.append(line)
     parts.append(" ".join(head))
     parts.append("Accuracy per class split; agreement with the full model, mean executed layers, FLOPs ratio "
-                 "(per image against the full encoder, exit heads included) and measured throughput on the "
-                 "engine are over all test images.\n\n" + report_table(d))
+                 "(per image, exit heads included, against plain CLIP: the full encoder and one scoring of the labels) "
+                 "and measured throughput on the engine are over all test images.\n\n" + report_table(d))
     vs = vs_static_table(d)
     if vs:
         parts.append("T-GEM minus static truncation at the same mean depth (static interpolated between the two "

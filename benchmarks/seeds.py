@@ -34,7 +34,7 @@ def evaluate_seed(bb, tgem, jumper, info, test, fc, ft, budgets) -> list[dict]:
     for name, j in jumpers.items():
         clf = EarlyExitClassifier(bb, tgem, test.classes, info["templates"], jumper=j)
         _, lp = clf.layer_predictions(ft)
-        rec = Recorder(bb, ft.labels, lp[:, -1], test.sample_split())
+        rec = Recorder(bb, ft.labels, lp[:, -1], test.sample_split(), len(test.classes))
         rec.static_correct = (clf.profiles.exit_layers, lp.eq(ft.labels[:, None]).float())
         for b in budgets:
             preds, depth = clf.calibrate(fc, budget=b, allow_uncovered=True).simulate(ft)

@@ -254,6 +254,7 @@ def chain(tmp_path_factory):
 
 
 def test_chain_fit_calibrate_predict(chain, tiny_backbone, tmp_path):
+    from tgems.engine import full_flops
     from tgems.jumper import exit_head_flops
     from tgems.tgem import load_tgem
 
@@ -286,7 +287,7 @@ def test_chain_fit_calibrate_predict(chain, tiny_backbone, tmp_path):
     # every candidate visited pays the pooling head (K/V over all tokens), not a cheap projection
     head = exit_head_flops(cal.profiles)
     assert np.allclose(whole.flops, bb.flops_full() + head + 3 * (bb.flops_readout() + head))
-    assert np.allclose(pred.flops, pred.flops_ratio * bb.flops_full())
+    assert np.allclose(pred.flops, pred.flops_ratio * full_flops(bb, len(labels)))
 
     saved = tgems.EarlyExitClassifier.load(cal.save(tmp_path / "clf"), bb)
     again = saved.predict(test.images)

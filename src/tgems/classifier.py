@@ -30,7 +30,7 @@ from tgems.tgem import TGEM, load_tgem
 
 FORMAT_VERSION = artifacts.CLASSIFIER.format  # 2: the backbone's source, a content hash; 3: distilled readouts in the profiles
 CONFIG, TENSORS = artifacts.CLASSIFIER.config, artifacts.CLASSIFIER.tensors
-LABEL_COST_LIMIT = 0.05  # scoring the label set may add this share of the plain encoder's FLOPs before a warning
+LABEL_COST_LIMIT = 0.05  # scoring the label set may add this share of plain CLIP's FLOPs before a warning
 
 
 class LabelSetCostWarning(UserWarning):
@@ -110,15 +110,16 @@ class EarlyExitClassifier:
     def _scoring_cost(self) -> dict:
         """What scoring this label set at the candidate layers costs, in the engine's one FLOPs count: the
         FLOPs ratio of an image that runs to the last layer, and the first candidate layer (before the last)
-        from which an exit costs at least the plain encoder, so exits there save nothing. `costly` when an
-        image run to the end costs more than LABEL_COST_LIMIT above the plain encoder."""
-        from tgems.engine import exit_flops
+        from which an exit costs at least plain CLIP (the encoder and one scoring of the labels,
+        `engine.full_flops`), so exits there save nothing. `costly` when an image run to the end costs more than
+        LABEL_COST_LIMIT above plain CLIP."""
+        from tgems.engine import exit_flops, full_flops
         from tgems.jumper import exit_head_flops, exit_head_flops_by_layer
 
         L, layers = self.backbone.num_layers, self.profiles.exit_layers
         by_layer = exit_head_flops_by_layer(self.profiles) if self.profiles.shortlist else None
         ratios = (exit_flops(self.backbone, torch.as_tensor(layers), layers, exit_head_flops(self.profiles), by_layer)
-                  / self.backbone.flops_full()).tolist()
+                  / full_flops(self.backbone, len(self.labels))).tolist()
         full_depth = ratios[-1]
         break_even = next((l for l, r in zip(layers[:-1], ratios) if r >= 1.0), None)
         out = {"num_classes": len(self.labels), "shortlist": self.profiles.shortlist,
@@ -128,7 +129,7 @@ class EarlyExitClassifier:
             short = (f" (a shortlist of {self.profiles.shortlist} classes between full scorings)"
                      if self.profiles.shortlist else "")
             out["message"] = (f"scoring {len(self.labels)} labels at every candidate layer{short} makes an image that "
-                              f"runs to layer {L} cost {full_depth:.2f} x the plain encoder"
+                              f"runs to layer {L} cost {full_depth:.2f} x plain CLIP"
                               + (f", and an exit from layer {break_even} on saves nothing" if break_even else "")
                               + ": the label set costs more than early exits save (use fewer labels)")
         return out
@@ -262,7 +263,7 @@ class EarlyExitClassifier:
         idx = probs.argmax(1).numpy()
         flops = res.flops.numpy()
         return Prediction([self.labels[i] for i in idx], idx, probs.numpy(), res.exit_layers.numpy(), flops,
-                          flops / self.backbone.flops_full(), res.features.float().cpu().numpy(), self.label_cost())
+                          flops / res.full_flops, res.features.float().cpu().numpy(), self.label_cost())
 
     # ----------------------------------------------------------- persistence
 

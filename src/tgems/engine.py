@@ -6,7 +6,8 @@ so later blocks run on fewer rows: the wall-clock saving follows the FLOPs savin
 An exit policy is any object with `candidate_layers` (sorted ints in 1..L; L is
 always final), optional `needs_rates` (bool), `head_flops` (per row per candidate
 layer visited; optional `head_flops_by_layer`, {layer: FLOPs}, where they differ by layer),
-`start(n)` (called once per call of `run_early_exit` with the number
+`num_classes` (the labels it scores, 0 or absent for none: the plain baseline scores them too, see
+`full_flops`), `start(n)` (called once per call of `run_early_exit` with the number
 of input rows) and `decide(layer, z, rows[, rates])` returning a bool mask
 "these rows exit now", or `(mask, outputs)` with outputs (n_active, K) kept for the
 exiting rows. `rows` are the rows' indices in the input, so a policy can keep
@@ -149,7 +150,16 @@ def run_early_exit(backbone, pixels, policy, batch_size=None):
     flops = exit_flops(backbone, store.exit_layers, readout_layers, float(getattr(policy, "head_flops", 0.0) or 0.0),
                        getattr(policy, "head_flops_by_layer", None))
     return EngineResult(store.features, store.exit_layers, flops, store.outputs,
-                        float(backbone.flops_full()), backbone.num_layers)
+                        full_flops(backbone, getattr(policy, "num_classes", 0)), backbone.num_layers)
+
+
+def full_flops(backbone, num_classes: int = 0) -> float:
+    """The plain-CLIP baseline per image, the denominator of every FLOPs ratio: the whole encoder
+    (`flops_full`) and, for zero-shot classification over `num_classes` labels, its final scoring (2 C D),
+    which an early-exit classifier pays at its last layer too. 0 labels: an embedding (retrieval, indexing)."""
+    from tgems.backbones.flops import flops_zero_shot
+
+    return float(backbone.flops_full()) + float(flops_zero_shot(int(num_classes or 0), backbone.embed_dim))
 
 
 def exit_flops(backbone, exit_layers: torch.Tensor, readout_layers, head_flops: float = 0.0,

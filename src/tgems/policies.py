@@ -68,6 +68,7 @@ class JumperPolicy:
     def __init__(self, profiles: ClassProfiles, jumper: Jumper, tau: float):
         self.p, self.jumper, self.tau = profiles, jumper, tau
         self.candidate_layers = list(profiles.layers)
+        self.num_classes = profiles.num_classes
         self.needs_rates = profiles.space == "rates"
         self.head_flops = exit_head_flops(profiles)
         if profiles.shortlist is not None:  # per-layer cost: full scorings and shortlist scorings differ

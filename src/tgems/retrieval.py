@@ -410,7 +410,9 @@ class EarlyExitIndex:
 
     @property
     def flops_ratio(self) -> float:
-        return float(self.flops.mean()) / float(self.backbone.flops_full())
+        from tgems.engine import full_flops
+
+        return float(self.flops.mean()) / full_flops(self.backbone)  # an embedding: no labels scored
 
     @classmethod
     def build(cls, backbone, images, model: IndexModel | str = "embedded", tau: float | None = None,

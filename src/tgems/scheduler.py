@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tgems.calibration import clopper_pearson_upper, min_calibration_size
-from tgems.engine import _as_policy, _split_decision, exit_flops
+from tgems.engine import _as_policy, _split_decision, exit_flops, full_flops
 from tgems.errors import TGEMError
 
 
@@ -122,6 +122,7 @@ class _Policy:
         at = torch.arange(1, backbone.num_layers + 1, device="cpu")
         self.flops_at = [0.0] + exit_flops(backbone, at, layers, head,
                                            getattr(self.policy, "head_flops_by_layer", None)).tolist()
+        self.flops_full = full_flops(backbone, getattr(self.policy, "num_classes", 0))
         if hasattr(self.policy, "start"):
             self.policy.start(capacity)  # per-row state indexed by slot
 
@@ -156,7 +157,6 @@ class DepthScheduler:
         self.audit = AuditStats(audit_rate, audit_max_drop, audit_delta)
         self._rng = random.Random(seed)
         self._log = log or (lambda msg: None)
-        self.flops_full = float(backbone.flops_full())
         self.stats = {"steps": [0] * self.L, "rows": [0] * self.L, "steps_saturated": [0] * self.L,
                       "rows_saturated": [0] * self.L, "answered": 0, "cancelled": 0,
                       "flops": 0.0, "flops_full": 0.0, "exit_layers": [0] * (self.L + 1),
@@ -361,23 +361,23 @@ class DepthScheduler:
                 continue
             probs = None if outputs is None else outputs[position[k]].float().cpu()
             flops = info.flops_at[l]
-            res = RowResult(l, self.L, z[k].float().cpu(), probs, flops, flops / self.flops_full,
+            res = RowResult(l, self.L, z[k].float().cpu(), probs, flops, flops / info.flops_full,
                             r.t_enqueue - r.t_submit)
             audit = (l < self.L and r.auditable and probs is not None and self.audit.rate > 0
                      and self._rng.random() < self.audit.rate)
             if audit:
                 res.audited, r.audit, r.answer = True, True, int(probs.argmax())
-            self._answer(r, res)
+            self._answer(r, res, info.flops_full)
             out.append(not audit)
         return out
 
-    def _answer(self, r, res):
+    def _answer(self, r, res, flops_full):
         with self.cond:
             done, r.done = r.done, None
             s = self.stats
             s["answered"] += 1
             s["flops"] += res.flops
-            s["flops_full"] += self.flops_full
+            s["flops_full"] += flops_full
             s["exit_layers"][res.exit_layer] += 1
         if done is not None:
             try:

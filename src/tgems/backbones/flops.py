@@ -30,6 +30,11 @@ def flops_full(T, W, M, D, patch, L, channels=3):
     return flops_embed(T, W, patch, channels) + L * flops_block(T, W, M) + flops_readout(W, D)
 
 
+def flops_zero_shot(C, D):
+    """Zero-shot scoring of one image embedding against C label embeddings of size D (the cosine logits)."""
+    return 2 * C * D
+
+
 def flops_attention_pool(T, W, M):
     """SigLIP's attention-pooling head over all T tokens (post_layernorm not counted): the probe's query
     projection, key and value projections of every token, one query's attention, the out projection and

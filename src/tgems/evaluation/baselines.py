@@ -71,6 +71,10 @@ class ProbeExits:
         return self.layers
 
     @property
+    def num_classes(self) -> int:
+        return self.profiles.num_classes
+
+    @property
     def head_flops(self) -> float:
         return float(2 * self.w.shape[1] * self.w.shape[2])
 

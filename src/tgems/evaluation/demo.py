@@ -42,6 +42,7 @@ def retrieval_check(bb, ft, fc, text, budget: float = 0.6, k: int = 10) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from tgems.engine import full_flops
     from tgems.evaluation.harness import analytic_flops
     from tgems.retrieval import calibrate_index, load_index_model
 
@@ -60,7 +61,7 @@ def retrieval_check(bb, ft, fc, text, budget: float = 0.6, k: int = 10) -> dict:
             "precision_full": round(float((ft.labels[top_full] == cls).float().mean()), 4),
             "overlap_full": round(float(sum(overlap) / len(overlap)), 4),
             "mean_layers": round(float(depth.double().mean()), 3),
-            "flops_ratio": round(float(flops.mean() / bb.flops_full()), 4)}
+            "flops_ratio": round(float(flops.mean() / full_flops(bb)), 4)}
 
 
 def run_demo(model: str = "embedded", tgems=None, out="results/demo", n: int | None = None,

@@ -167,8 +167,12 @@ def is_degenerate(warnings) -> bool:
 class Recorder:
     """Turns per-sample predictions and depths into result records, one per class split."""
 
-    def __init__(self, backbone, labels: torch.Tensor, full_preds: torch.Tensor, splits: np.ndarray):
+    def __init__(self, backbone, labels: torch.Tensor, full_preds: torch.Tensor, splits: np.ndarray,
+                 num_classes: int):
+        from tgems.engine import full_flops
+
         self.backbone, self.labels, self.full, self.results = backbone, labels, full_preds, []
+        self.full_flops = full_flops(backbone, num_classes)  # plain CLIP scoring the label set
         self.static_correct = None  # (fixed layers, (N, n) correctness at each), for paired comparisons
         self.masks = {"all": np.ones(len(labels), dtype=bool)}
         for name in ("seen", "heldout"):
@@ -177,7 +181,7 @@ class Recorder:
                 self.masks[name] = m
 
     def add(self, method: str, budget, preds, depth, flops, ips=None, **extra):
-        full_flops = self.backbone.flops_full()
+        full_flops = self.full_flops
         for split, m in self.masks.items():
             mt = torch.as_tensor(m)
             self.results.append({
@@ -229,7 +233,7 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
     y = ft.labels
     _, ref_preds = ref.layer_predictions(ft)
     full_preds = ref_preds[:, -1]
-    rec = Recorder(backbone, y, full_preds, test.sample_split())
+    rec = Recorder(backbone, y, full_preds, test.sample_split(), len(labels))
     warns = data_warnings(full_preds, labels, len(calib), y)
     for w in warns:
         log(f"warning: {w['message']}")
@@ -242,7 +246,7 @@ def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, bud
     full_depth = torch.full((len(y),), L)
 
     time_later(rec.add("full", None, full_preds, full_depth,
-                       analytic_flops(backbone, full_depth, [], exit_head_flops(ref.profiles))), NeverExit())
+                       torch.full((len(y),), rec.full_flops, dtype=torch.float64)), NeverExit())
 
     # static truncation with the T-GEM `cls` profiles of each candidate layer (layer L: full CLIP)
     static_layers = ref.profiles.exit_layers

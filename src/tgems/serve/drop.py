@@ -41,7 +41,6 @@ class DropScheduler:
         self._thread, self._stopping = None, False
         self._current = []
         self.audit = AuditStats()
-        self.flops_full = float(backbone.flops_full())
         self.stats = {"steps": [0] * self.L, "rows": [0] * self.L, "steps_saturated": [0] * self.L,
                       "rows_saturated": [0] * self.L, "answered": 0, "cancelled": 0,
                       "flops": 0.0, "flops_full": 0.0, "exit_layers": [0] * (self.L + 1), "errors": 0}
@@ -130,7 +129,7 @@ class DropScheduler:
                         s["rows_saturated"][l - 1] += k
             s["answered"] += len(rows)
             s["flops"] += sum(flops)
-            s["flops_full"] += self.flops_full * len(rows)
+            s["flops_full"] += res.full_flops * len(rows)
             for e in layers:
                 s["exit_layers"][e] += 1
             dones = []
@@ -142,7 +141,7 @@ class DropScheduler:
                 continue
             probs = None if res.outputs is None else res.outputs[i].float().cpu()
             result = RowResult(layers[i], self.L, res.features[i].float().cpu(), probs, flops[i],
-                               flops[i] / self.flops_full, start - r.t_submit)
+                               flops[i] / res.full_flops, start - r.t_submit)
             try:
                 done(result)
             except Exception:  # a caller's callback must not stop the scheduler
