@@ -27,7 +27,7 @@ import torch
 
 import tgems
 from tgems.calibration import simulate
-from tgems.engine import exit_flops
+from tgems.engine import exit_flops, full_flops
 from tgems.evaluation.guarantee import guarantee_study
 from tgems.evaluation.harness import lens_predictions
 from tgems.features import LayerFeatures
@@ -88,7 +88,7 @@ def evaluate(bb, name: str, ckpt: str, ft, fc, split_t, pool, frac: float) -> di
         c = clf.calibrate(fc, budget=b, allow_uncovered=True)
         scores, _ = c.layer_predictions(ft)
         p, depth = simulate(scores, lp, prof.exit_layers, c.tau)
-        flops = exit_flops(bb, depth, prof.exit_layers, head) / bb.flops_full()
+        flops = exit_flops(bb, depth, prof.exit_layers, head) / full_flops(bb, prof.num_classes)
         row = {"budget": b, "tau": round(c.tau, 5), "mean_layers": round(float(depth.double().mean()), 3),
                "flops_ratio": round(float(flops.mean()), 4)}
         for s, m in masks.items():
