@@ -20,9 +20,9 @@ from tgems.training.fit import FitSettings, fit_tgem
 sys.path.insert(0, str(Path(__file__).parent))
 from jumper_study import cached_features  # noqa: E402
 
-ARMS = {"tgem": {"recipe": "tgem"},  # today's modules and Jumper, plus the trajectory signals (patience)
-        "signal": {"recipe": "distilled", "readout_mix": False},  # + distilled readouts, read by the Jumper only
-        "mix": {"recipe": "distilled"}}  # + both readouts mixed with per-layer weights: the default
+ARMS = {"tgem": {"recipe": "tgem", "trajectory": True},  # today's modules and Jumper + the trajectory signals
+        "signal": {"recipe": "distilled", "readout_mix": False, "trajectory": True},  # + distilled readouts, Jumper only
+        "mix": {"recipe": "distilled", "trajectory": True}}  # + both readouts mixed with per-layer weights
 
 
 def main():

@@ -125,7 +125,8 @@ def test_cross_fit_trains_two_half_class_models_for_the_budget_jumper(bb, train,
     assert sorted(halves[0]["classes"] + halves[1]["classes"]) == sorted(info["train_classes"])
     assert sum(h["num_train"] for h in halves) == info["num_train"]
     assert jumper.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + D].any()
-    plain_tgem, plain, plain_info = fit_tgem(bb, train, FitSettings(space="cls", epochs=2, cross_fit=False),
+    plain_tgem, plain, plain_info = fit_tgem(bb, train, FitSettings(space="cls", epochs=2, cross_fit=False,
+                                                                    recipe="distilled", trajectory=True),
                                              feats=train_feats, progress=False)
     assert plain_info["cross_fit"] is None and not plain_info["settings"]["cross_fit"]
     assert not plain.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + D].any()

@@ -120,7 +120,7 @@ def test_trajectory_signals(bb, fitted, test_data, test_feats):
     pair without `pairs` (and for profiles without distilled readouts)."""
     clf = make_classifier(bb, fitted, "cls", test_data.classes)
     prof = clf.profiles.to("cpu")
-    assert prof.distilled  # the cls fit's default recipe
+    assert prof.distilled  # the session's cls fit (tests/conftest.py)
     probs, pairs = layer_probs(prof, test_feats, pairs=True)
     sig = jumper_signals(probs, test_feats, prof.layers, prof.text, pairs)[..., -NUM_TRAJ_SIGNALS:]
     top = probs[:, :-1].argmax(-1)

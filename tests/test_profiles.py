@@ -37,6 +37,8 @@ def test_profile_and_logit_shapes(bb, L, fitted, test_feats, space):
     assert not jumper.weight[:, NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
     assert jumper.budget.weight.shape == (L - 1, width)
     assert jumper.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
+    # the trajectory signals are read only when the fit asks for them (tests/conftest.py: cls does, rates not)
+    assert bool(jumper.budget.weight[:, -NUM_TRAJ_SIGNALS:].any()) == (space == "cls")
 
 
 @pytest.mark.parametrize("space", ["cls", "rates"])

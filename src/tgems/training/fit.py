@@ -41,7 +41,8 @@ class FitSettings:
     default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
     jumper_target: str = "goal"  # what the Jumper's score estimates: see fit_jumper
     cross_fit: bool = True  # the budget Jumper also learns from two half-class T-GEMs (see fit_tgem)
-    recipe: str | None = None  # tgem.RECIPES; None: "distilled" for cls, "tgem" for rates (docs/design.md)
+    recipe: str = "tgem"  # tgem.RECIPES: "distilled" mixes in distilled readouts (cls only; no gain measured, design.md)
+    trajectory: bool = False  # the Jumper reads the trajectory signals (patience, readout pair; no gain measured)
     readout_l2: float = READOUT_L2  # ridge penalty of the distilled readouts
     readout_mix: bool = True  # distilled: mix both readouts' logits; False: T-GEM predicts, the Jumper reads both
     jumper_max: int = 4000  # at most this many images fit the Jumper and set tau: its memory stays flat in N
@@ -210,7 +211,7 @@ def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings,
 
 
 def recipe_of(s: FitSettings) -> str:
-    return s.recipe or ("distilled" if s.space == "cls" else "tgem")
+    return s.recipe
 
 
 def _set_mix(tgem: TGEM, main_text, store, jfeats, cross: list, halves, backbone) -> None:
@@ -285,7 +286,7 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
     check_jumper_target(s.jumper_target)
     from tgems.tgem import RECIPES
 
-    if s.recipe is not None and s.recipe not in RECIPES:
+    if s.recipe not in RECIPES:
         raise TGEMError(f"unknown exit recipe '{s.recipe}' (choose from {', '.join(RECIPES)})")
     if recipe_of(s) == "distilled" and s.space != "cls":
         raise TGEMError("the distilled recipe maps the readout z_l: it needs --space cls (rates: --recipe tgem)")
@@ -428,7 +429,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
         _set_mix(tgem, profiles.text, store, jfeats, cross_tgems, halves, backbone)
         profiles = tgem.profiles(profiles.text, backbone).to("cpu")
     cross = [h.profiles(t.class_text, backbone).to("cpu") for h in cross_tgems]
-    jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross)
+    jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross, trajectory=s.trajectory)
     signals, preds = training_signals([profiles], jfeats)
     scores = jumper.for_goal("budget").scores(signals)
     del signals
