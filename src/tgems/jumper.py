@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tgems.profiles import ClassProfiles
+from tgems.readouts import readout_pair  # noqa: F401 (the readout pair is a Jumper signal; defined beside the readouts)
 
 NUM_SIGNALS = 6  # the confidence signals; the unit readout z_l follows them
 NUM_SET_SIGNALS = 3  # label-set signals, after z_l (when the label set's text embeddings are given)
@@ -27,14 +28,6 @@ def text_neighbours(text: torch.Tensor) -> torch.Tensor:
     cos = t @ t.T
     cos.fill_diagonal_(-2.0)
     return cos.max(1).values
-
-
-def readout_pair(t: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
-    """(n, 2): whether the T-GEM and the distilled readout (their logits t, d over the same classes) pick the
-    same top-1, and the distilled readout's top-1 probability; zeros without a distilled readout."""
-    if d is None:
-        return torch.zeros(len(t), 2, device=t.device)
-    return torch.stack([(t.argmax(1) == d.argmax(1)).float(), d.softmax(-1).max(1).values], dim=1)
 
 
 def trajectory_signals(patience: torch.Tensor, pair: torch.Tensor | None) -> torch.Tensor:

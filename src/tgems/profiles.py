@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tgems.errors import TGEMError
-from tgems.readouts import distilled_embed, distilled_flops
+from tgems.readouts import distilled_embed, distilled_flops, readout_pair
 
 SPACES = ("cls", "rates")
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}")
@@ -345,9 +345,7 @@ def zero_shot_head(backbone) -> dict:
 
 def layer_probs(profiles: ClassProfiles, feats, pairs: bool = False):
     """(N, n + 1, C) probabilities at every candidate layer and the last, on cached features; with `pairs`,
-    also (N, n, 2) `jumper.readout_pair` at each candidate layer (for the Jumper's trajectory signals)."""
-    from tgems.jumper import readout_pair
-
+    also (N, n, 2) `readouts.readout_pair` at each candidate layer (for the Jumper's trajectory signals)."""
     x = feats.space(profiles.space)
     out, pair, keep = [], [], None
     for j, l in enumerate(profiles.layers):

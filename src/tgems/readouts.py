@@ -18,3 +18,12 @@ def distilled_flops(dim: int, scored: int) -> float:
     """Per row and candidate layer: the affine map (2 D^2 + D), two normalisations (about 6 D) and scoring
     against `scored` class texts (2 C D)."""
     return float(2 * dim * dim + 7 * dim + 2 * scored * dim)
+
+
+def readout_pair(t: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+    """(n, 2): whether the T-GEM and the distilled readout (their logits t, d over the same classes) pick the
+    same top-1, and the distilled readout's top-1 probability; zeros without a distilled readout. Two of the
+    Jumper's trajectory signals (`jumper.trajectory_signals`)."""
+    if d is None:
+        return torch.zeros(len(t), 2, device=t.device)
+    return torch.stack([(t.argmax(1) == d.argmax(1)).float(), d.softmax(-1).max(1).values], dim=1)
