@@ -126,11 +126,13 @@ def _cpu_seconds() -> float:
 def timed_job(predictor, data, out, args, settings, scheduler=None):
     """(images per wall second, summary, images per CPU second): on a shared machine the CPU figure is the
     steadier one."""
-    from tgems.batch import run_job
+    from tgems.jobs.runner import run_job
+    from tgems.spec import JobSpec
 
+    job = JobSpec(data=data, out=str(out), batch_size=args.batch_size, workers=args.workers,
+                  **({"scheduler": scheduler} if scheduler else {}))
     t, c = time.perf_counter(), _cpu_seconds()
-    s = run_job(predictor, data, out, batch_size=args.batch_size, workers=args.workers, settings=settings,
-                progress=False, scheduler=scheduler)
+    s = run_job(predictor, job, settings=settings, progress=False)
     dt, dc = time.perf_counter() - t, _cpu_seconds() - c
     s["images_per_cpu_s"] = round(s["images"] / dc, 2) if dc > 0 else None
     return s["images"] / dt, s
@@ -144,7 +146,7 @@ def encoder_only(clf, pixels, batch_size: int, repeats: int) -> dict:
 
     import torch
 
-    from tgems.scheduler import DepthScheduler, predict_rows
+    from tgems.scheduling.depth import DepthScheduler, predict_rows
 
     def drop():
         return [clf.predict(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
@@ -235,7 +237,7 @@ def main():
     import torch
 
     import tgems
-    from tgems.batch import ClassifierSpec
+    from tgems.spec import JobSpec, PredictorSpec, predictor_settings
     from tgems.io import write_json
 
     skip = set(filter(None, args.skip.split(",")))
@@ -317,8 +319,8 @@ def main():
         shutil.rmtree(saved, ignore_errors=True)
         clf.save(saved)
         try:  # run_ray_job starts a local Ray on every CPU and chooses actors and threads itself
-            s = run_ray_job(ClassifierSpec(classifier=str(saved)), data, work / "out_ray", batch_size=args.batch_size,
-                            progress=False)
+            s = run_ray_job(PredictorSpec(classifier=str(saved)),
+                            JobSpec(data=data, out=str(work / "out_ray"), batch_size=args.batch_size), progress=False)
             st = s["stages"]
             if s["engine"] != "ray":
                 raise RuntimeError("the job was small enough to run locally; raise --n")
@@ -335,8 +337,9 @@ def main():
             labels = tgems.load_dataset("scenes:test:10").classes
             # label-free calibration: scenes:calib has no image of the 12 held-out (text-only) classes
             calib = f"scenes:calib:{200 if args.quick else 2000}"
-            spec = ClassifierSpec(labels=labels, budget=0.5, calib=calib, label_free=True).check()
-            built.update(clf=spec.build(), settings=spec.settings())
+            spec = PredictorSpec(labels=labels, budget=0.5, calib=calib, label_free=True).check()
+            clf = spec.build()
+            built.update(clf=clf, settings=predictor_settings(clf))
         return built["clf"]
 
     def embedded(name="embedded", scheduler="drop"):

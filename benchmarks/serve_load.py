@@ -88,7 +88,7 @@ def build(model: str, n_calib: int, work: Path, quick: bool, device: str = "cpu"
 
 
 def request_bodies(n_bodies: int, per_request: int, image_size: int, seed: int, tau=None) -> list[bytes]:
-    """Pre-encoded /v1/classify JSON bodies of `per_request` scenes images each (JPEG at the model's input
+    """Pre-encoded /v1/tgems/classify JSON bodies of `per_request` scenes images each (JPEG at the model's input
     size, as a client would send a photo; the server decodes and preprocesses them)."""
     from PIL import Image
 
@@ -280,7 +280,7 @@ async def closed_loop(port, bodies, clients, warm_requests, warm_s, requests, se
             while not stop[0]:
                 t = time.perf_counter()
                 try:
-                    status, data = await conn.request("POST", "/v1/classify", bodies[i % len(bodies)])
+                    status, data = await conn.request("POST", "/v1/tgems/classify", bodies[i % len(bodies)])
                 except ConnectionError:
                     if inside():
                         tally.error("connection")
@@ -331,7 +331,7 @@ async def open_loop(port, bodies, rate, seconds, max_requests, drain_s, seed):
     async def one(k, at):
         conn = idle.pop() if idle else Connection(port)
         try:
-            status, data = await conn.request("POST", "/v1/classify", bodies[k % len(bodies)])
+            status, data = await conn.request("POST", "/v1/tgems/classify", bodies[k % len(bodies)])
         except ConnectionError:
             tally.error("connection")
             return

@@ -106,9 +106,9 @@ __all__ = ["LABELS", "tgem_checkpoint", "scene_images", "make_folder", "make_sha
 @pytest.fixture(scope="module")
 def spec():
     """The job's classifier spec: the shipped embedded model and T-GEM over LABELS."""
-    from tgems.batch import ClassifierSpec
+    from tgems.spec import PredictorSpec
 
-    return ClassifierSpec(tgem=tgem_checkpoint(), labels=list(LABELS)).check()
+    return PredictorSpec(tgem=tgem_checkpoint(), labels=list(LABELS)).check()
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,13 @@ from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
                             LABELS, decoded, encode, make_folder, make_parquet, make_shards, read_parts,
                             scene_images, tgem_checkpoint, truncated_jpeg)
 
-from tgems.batch import ClassifierSpec, run_command, run_job
+from tgems.batch import run_command
+from tgems.jobs.runner import run_job
+from tgems.spec import JobSpec, PredictorSpec
 from tgems.spec import predictor_settings
 from tgems.cli import main
 from tgems.errors import TGEMError
-from tgems.jobs.runner import reader_geometry
+from tgems.jobs.stages import reader_geometry
 
 N = 60
 
@@ -44,8 +46,8 @@ def _source(kind, tmp_path, images, classes):
 def test_streamed_classification_equals_in_memory_predict(kind, tmp_path, clf, spec, imgs):
     data, ids, images = _source(kind, tmp_path, *imgs)
     assert reader_geometry(clf) == clf.backbone.transform.geometry  # the workers resize and crop
-    summary = run_job(clf, data, tmp_path / "out", batch_size=16, workers=2, settings=spec.settings(),
-                      progress=False)
+    summary = run_job(clf, JobSpec(data=data, out=str(tmp_path / "out"), batch_size=16, workers=2),
+                      settings=predictor_settings(clf), progress=False)
     t = read_parts(tmp_path / "out")
     pred = clf.predict(images)
     assert t.column("id").to_pylist() == ids
@@ -75,8 +77,8 @@ def test_images_resized_and_cropped_in_the_workers_give_the_in_memory_rows(tmp_p
     big = [im.resize((61 + i % 5, 45 + i % 3), Image.BICUBIC) for i, im in enumerate(images[:24])]
     data, ids, order = _source("folder", tmp_path, big, classes[:24])
     for task in ("classify", "embed"):
-        summary = run_job(clf, data, tmp_path / task, task=task, batch_size=8, workers=2,
-                          settings=spec.settings(), progress=False)
+        summary = run_job(clf, JobSpec(data=data, out=str(tmp_path / task), task=task, batch_size=8, workers=2),
+                          settings=predictor_settings(clf), progress=False)
         t = read_parts(tmp_path / task)
         pred = clf.predict(order)
         assert t.column("id").to_pylist() == ids
@@ -96,8 +98,8 @@ def test_images_resized_and_cropped_in_the_workers_give_the_in_memory_rows(tmp_p
 def test_embed_writes_the_exit_embedding(tmp_path, clf, spec, imgs):
     images, classes = imgs
     data, ids, images = _source("folder", tmp_path, images[:30], classes[:30])
-    run_job(clf, data, tmp_path / "out", task="embed", batch_size=8, workers=0, settings=spec.settings(),
-            progress=False)
+    run_job(clf, JobSpec(data=data, out=str(tmp_path / "out"), task="embed", batch_size=8, workers=0),
+            settings=predictor_settings(clf), progress=False)
     t = read_parts(tmp_path / "out")
     assert t.schema.names == ["id", "source_label", "embedding", "exit_layer", "flops_ratio"]
     assert t.schema.field("embedding").type.value_type == "float"
@@ -119,33 +121,41 @@ def test_embed_writes_the_exit_embedding(tmp_path, clf, spec, imgs):
 def test_rerun_skips_finished_parts_and_other_settings_are_refused(tmp_path, clf, spec, imgs):
     data, _, _ = _source("folder", tmp_path, *imgs)
     out = tmp_path / "out"
-    first = run_job(clf, data, out, batch_size=16, workers=0, settings=spec.settings(), progress=False)
+    first = run_job(clf, JobSpec(data=data, out=str(out), batch_size=16, workers=0),
+                    settings=predictor_settings(clf), progress=False)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    again = run_job(clf, data, out, batch_size=16, workers=0, settings=spec.settings(), progress=False)
+    again = run_job(clf, JobSpec(data=data, out=str(out), batch_size=16, workers=0),
+                    settings=predictor_settings(clf), progress=False)
     assert again["parts_skipped"] == 3 and again["parts_written"] == 0 and again["images"] == first["images"]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == stamps
     with pytest.raises(TGEMError, match=r"holds another job \(different batch_size\)"):
-        run_job(clf, data, out, batch_size=8, workers=0, settings=spec.settings(), progress=False)
-    other = ClassifierSpec(tgem=tgem_checkpoint(), labels=list(LABELS[:-1])).check()
+        run_job(clf, JobSpec(data=data, out=str(out), batch_size=8, workers=0),
+                settings=predictor_settings(clf), progress=False)
+    other = PredictorSpec(tgem=tgem_checkpoint(), labels=list(LABELS[:-1])).check().build()
     with pytest.raises(TGEMError, match=r"holds another job \(different predictor.labels"):
-        run_job(clf, data, out, batch_size=16, workers=0, settings=other.settings(), progress=False)
+        run_job(clf, JobSpec(data=data, out=str(out), batch_size=16, workers=0),
+                settings=predictor_settings(other), progress=False)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("keep me")
     with pytest.raises(TGEMError, match="holds no tgems job"):
-        run_job(clf, data, tmp_path / "foreign", settings=spec.settings(), progress=False)
+        run_job(clf, JobSpec(data=data, out=str(tmp_path / "foreign")),
+                settings=predictor_settings(clf), progress=False)
     # an object without settings is fingerprinted by its state: another threshold is another job
-    run_job(clf, data, tmp_path / "obj", batch_size=16, workers=0, progress=False)
-    other_clf = ClassifierSpec(tgem=tgem_checkpoint(), labels=list(LABELS), tau=clf.tau + 0.5).check().build()
+    run_job(clf, JobSpec(data=data, out=str(tmp_path / "obj"), batch_size=16, workers=0),
+            progress=False)
+    other_clf = PredictorSpec(tgem=tgem_checkpoint(), labels=list(LABELS), tau=clf.tau + 0.5).check().build()
     with pytest.raises(TGEMError, match="holds another job"):
-        run_job(other_clf, data, tmp_path / "obj", batch_size=16, workers=0, progress=False)
+        run_job(other_clf, JobSpec(data=data, out=str(tmp_path / "obj"), batch_size=16, workers=0),
+                progress=False)
 
 
 KILLED_JOB = """
 import sys, time
 import torch
 torch.set_num_threads(1)  # as the test process (conftest): bit-equal floats need the same thread count
-from tgems.batch import ClassifierSpec, run_job
-spec = ClassifierSpec(tgem={tgem!r}, labels={labels!r}).check()
+from tgems.jobs.runner import run_job
+from tgems.spec import JobSpec, PredictorSpec, predictor_settings
+spec = PredictorSpec(tgem={tgem!r}, labels={labels!r}).check()
 clf = spec.build()
 
 class Slow:  # slows the job so the test can kill it between parts
@@ -155,7 +165,8 @@ class Slow:  # slows the job so the test can kill it between parts
         time.sleep(0.1)
         return clf.predict(images)
 
-run_job(Slow(), {data!r}, {out!r}, batch_size=5, workers=1, settings=spec.settings(), progress=False)
+run_job(Slow(), JobSpec(data={data!r}, out={out!r}, batch_size=5, workers=1), settings=predictor_settings(clf),
+        progress=False)
 """
 
 
@@ -180,10 +191,11 @@ def test_killed_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, clf, s
         proc.wait()
     done = sorted(p.name for p in out.glob("part-*.parquet"))
     assert 1 <= len(done) < 6 and not (out / "_SUCCESS").exists()
-    resumed = run_job(clf, data, out, batch_size=5, workers=1, settings=spec.settings(), progress=False)
+    resumed = run_job(clf, JobSpec(data=data, out=str(out), batch_size=5, workers=1),
+                      settings=predictor_settings(clf), progress=False)
     assert resumed["parts_skipped"] == len(done) and resumed["parts"] == 6
-    reference = run_job(clf, data, tmp_path / "whole", batch_size=5, workers=1, settings=spec.settings(),
-                        progress=False)
+    reference = run_job(clf, JobSpec(data=data, out=str(tmp_path / "whole"), batch_size=5, workers=1),
+                        settings=predictor_settings(clf), progress=False)
     assert read_parts(out).equals(read_parts(tmp_path / "whole"))
     assert resumed["images"] == reference["images"] == N
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
@@ -273,6 +285,39 @@ def test_bad_inputs_are_listed_and_the_command_exits_non_zero(tmp_path, capsys, 
     assert pq.read_table(tmp_path / "pq" / "_errors.parquet").to_pylist()[0]["reason"] == "no image bytes (null)"
 
 
+def test_full_disk_is_one_line_and_a_rerun_resumes(tmp_path, capsys, imgs, monkeypatch):
+    """A full disk while a part is committed: one line (the folder, parts done, rerun resumes), no partial part;
+    the rerun, with space, ends with the rows of an uninterrupted job."""
+    import errno
+
+    import tgems.jobs.writer
+
+    images, classes = imgs
+    make_folder(tmp_path / "f", images[:12], classes[:12])
+    args = ["classify", "--data", f"folder:{tmp_path / 'f'}?block=4", "--tgem", tgem_checkpoint(),
+            "--labels", ",".join(LABELS), "--workers", "0", "--batch-size", "4", "--quiet"]
+    real, calls = tgems.jobs.writer.commit, []
+
+    def commit(tmp, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, path)
+
+    monkeypatch.setattr(tgems.jobs.writer, "commit", commit)
+    out = tmp_path / "out"
+    rc = main([*args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"tgems: error: no space left on the device of {out}: 1 of 3 parts are done (kept "
+                               f"whole); free space and rerun the same command to resume"]
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(tgems.jobs.writer, "commit", real)
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert read_parts(out).equals(read_parts(tmp_path / "whole"))
+
+
 def test_missing_shard_or_unreadable_parquet_fails_before_any_work(tmp_path, capsys, imgs):
     images, _ = imgs
     pattern, _ = make_shards(tmp_path / "wds", images[:20], per_shard=10)
@@ -306,7 +351,7 @@ def test_saved_classifier_directory(tmp_path, clf, imgs):
 
 
 def test_core_package_does_not_import_ray():
-    code = ("import sys, tgems, tgems.batch, tgems.data.streaming, tgems.integrations; "
+    code = ("import sys, tgems, tgems.batch, tgems.jobs.sources, tgems.integrations; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -562,3 +562,49 @@ def test_eval_folder_too_small_to_split(work, tmp_path, capsys):
                            "--data", f"folder:{root}", "--quiet", "--no-speed", "--json", tmp_path / "o.json")
     assert "--calib" in assert_one_line_error(rc, err)
     assert not (tmp_path / "o.json").exists()
+
+
+def test_file_mode_refuses_a_jobs_options(tmp_path, capsys):
+    """--engine, --workers and the other streamed-job options, given with image files, are refused in one line
+    (they would be silently ignored), as --scheduler is."""
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    base = ["classify", "--labels", "a red circle,a blue star", "--quiet"]
+    for extra, said in ((["--engine", "ray"], "--engine ray"), (["--workers", "4"], "--workers 4"),
+                        (["--concurrency", "2"], "--concurrency 2"), (["--scheduler", "depth"], "--scheduler depth")):
+        rc, out, err = run_cli(capsys, *base, *extra, img)
+        assert assert_one_line_error(rc, err) == f"tgems: error: {said} is for a streamed job (--data SPEC --out DIR)"
+        assert out == ""
+
+
+def test_calibrate_checks_the_classes_before_encoding(tmp_path, capsys, monkeypatch):
+    """Calibration images of classes outside the label set are refused before any image is encoded, with the
+    --label-free hint (the README's example)."""
+    import tgems.classifier
+
+    def no_encoding(*a, **k):
+        raise AssertionError("encoded before the classes were checked")
+
+    monkeypatch.setattr(tgems.classifier, "extract_features", no_encoding)
+    rc, _, err = run_cli(capsys, "calibrate", "--labels", "a red circle,a blue star", "--calib", "scenes:calib:200",
+                         "--budget", "0.5", "--out", tmp_path / "c", "--quiet")
+    line = assert_one_line_error(rc, err)
+    assert "outside the label set" in line and "--label-free" in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_fit_disk_full_is_one_line(tmp_path, capsys, monkeypatch):
+    """A full disk under fit is a user error in one line (where, that finished files are whole, rerun)."""
+    import errno
+
+    import tgems.training.fit
+
+    out = tmp_path / "tgem"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "tgem.safetensors"))
+
+    monkeypatch.setattr(tgems.training.fit, "fit_and_save", full)
+    rc, _, err = run_cli(capsys, "fit", "--data", "scenes:train:64", "--out", out, "--quiet")
+    line = assert_one_line_error(rc, err)
+    assert rc == 2 and f"no space left on the device writing {out / 'tgem.safetensors'}" in line and "rerun" in line

@@ -376,7 +376,7 @@ def test_spec_real_scenes():
 def test_load_dataset_and_the_streaming_reader_list_the_same_files(tmp_path):
     """fit / eval / calibrate (load_dataset) and batch jobs (open_source) read one folder the same way:
     nested sub-folders and .tif files included, the same order, the same labels."""
-    from tgems.data.streaming import open_source
+    from tgems.jobs.sources import open_source
 
     root = tmp_path / "imgs"
     _png(root / "cat" / "a.png", (9, 9), (0, 0, 255))

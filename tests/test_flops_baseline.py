@@ -11,8 +11,8 @@ import tgems
 from tgems.engine import full_flops, run_early_exit
 from tgems.evaluation.harness import Recorder
 from tgems.policies import NeverExit
-from tgems.scheduler import DepthScheduler, predict_rows
-from tgems.serve.drop import DropScheduler
+from tgems.scheduling.depth import DepthScheduler, predict_rows
+from tgems.scheduling.drop import DropScheduler
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import torch
 
 import tgems
 from tgems.images import to_rgb
-from tgems.data.streaming import decode_image, iter_items, open_source
+from tgems.jobs.sources import decode_image, open_source
+from tgems.jobs.readers import iter_items
 
 
 def _upright_scene() -> Image.Image:

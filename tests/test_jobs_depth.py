@@ -17,11 +17,12 @@ from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
                             truncated_jpeg)
 from torch.overrides import TorchFunctionMode
 
-import tgems.scheduler
-from tgems.batch import run_command, run_job
+import tgems.scheduling.depth
+from tgems.batch import run_command
+from tgems.jobs.runner import run_job
 from tgems.cli import main
 from tgems.errors import TGEMError
-from tgems.spec import JobSpec
+from tgems.spec import JobSpec, predictor_settings
 
 N = 60
 EXACT = ("id", "source_label", "label", "label_index", "exit_layer", "flops_ratio", "top5_labels")
@@ -83,11 +84,11 @@ def test_the_device_trap_catches_a_tensor_made_without_the_inputs_device():
 
 @pytest.mark.parametrize("task", ["classify", "embed"])
 def test_depth_rows_equal_the_drop_rows(tmp_path, folder, clf, spec, task):
-    drop = run_job(clf, folder, tmp_path / "drop", task=task, batch_size=8, workers=1, settings=spec.settings(),
-                   progress=False, scheduler="drop")
+    drop = run_job(clf, JobSpec(data=folder, out=str(tmp_path / "drop"), task=task, batch_size=8, workers=1, scheduler="drop"),
+                   settings=predictor_settings(clf), progress=False)
     with DeviceTrap():  # the depth path makes every tensor on its input's device
-        depth = run_job(clf, folder, tmp_path / "depth", task=task, batch_size=8, workers=1,
-                        settings=spec.settings(), progress=False, scheduler="depth")
+        depth = run_job(clf, JobSpec(data=folder, out=str(tmp_path / "depth"), task=task, batch_size=8, workers=1, scheduler="depth"),
+                        settings=predictor_settings(clf), progress=False)
     a, b = read_parts(tmp_path / "drop"), read_parts(tmp_path / "depth")
     _same_rows(a, b, task)
     assert len(set(a.column("exit_layer").to_pylist())) > 3  # rows leave at many depths: the order is tested
@@ -105,16 +106,16 @@ def test_every_block_runs_a_full_batch_while_images_wait(tmp_path, imgs, clf, sp
     slowest row; only the drain at the end of a shard runs partial batches."""
     made = []
 
-    class Recording(tgems.scheduler.DepthScheduler):
+    class Recording(tgems.scheduling.depth.DepthScheduler):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             made.append(self)
 
-    monkeypatch.setattr(tgems.scheduler, "DepthScheduler", Recording)
+    monkeypatch.setattr(tgems.scheduling.depth, "DepthScheduler", Recording)
     images, classes = imgs
     make_folder(tmp_path / "f", images, classes)
-    run_job(clf, f"folder:{tmp_path / 'f'}", tmp_path / "out", batch_size=4, workers=0, settings=spec.settings(),
-            progress=False, scheduler="depth")
+    run_job(clf, JobSpec(data=f"folder:{tmp_path / 'f'}", out=str(tmp_path / "out"), batch_size=4, workers=0, scheduler="depth"),
+            settings=predictor_settings(clf), progress=False)
     (sched,) = made
     saturated = [o for o in sched.occupancy(saturated=True) if o is not None]
     assert len(saturated) >= 5 and all(o == 1.0 for o in saturated)  # depths 1..5 at least, full every step
@@ -127,18 +128,20 @@ KILLED_JOB = """
 import time
 import torch
 torch.set_num_threads(1)  # as the test process (conftest): bit-equal floats need the same thread count
-import tgems.scheduler
-from tgems.batch import ClassifierSpec, run_job
-spec = ClassifierSpec(tgem={tgem!r}, labels={labels!r}).check()
+import tgems.scheduling.depth
+from tgems.jobs.runner import run_job
+from tgems.spec import JobSpec, PredictorSpec, predictor_settings
+spec = PredictorSpec(tgem={tgem!r}, labels={labels!r}).check()
 clf = spec.build()
-step = tgems.scheduler.DepthScheduler.step
+step = tgems.scheduling.depth.DepthScheduler.step
 
 def slow_step(self, flush=False):  # slows the job so the test can kill it between parts
     time.sleep(0.01)
     return step(self, flush)
 
-tgems.scheduler.DepthScheduler.step = slow_step
-run_job(clf, {data!r}, {out!r}, batch_size=4, workers=1, settings=spec.settings(), progress=False, scheduler="depth")
+tgems.scheduling.depth.DepthScheduler.step = slow_step
+run_job(clf, JobSpec(data={data!r}, out={out!r}, batch_size=4, workers=1, scheduler="depth"),
+        settings=predictor_settings(clf), progress=False)
 """
 
 
@@ -164,14 +167,16 @@ def test_killed_depth_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, 
     done = sorted(p.name for p in out.glob("part-*.parquet"))
     assert 1 <= len(done) < 6 and not (out / "_SUCCESS").exists()
     with pytest.raises(TGEMError, match=r"holds another job \(different scheduler\)"):
-        run_job(clf, data, out, batch_size=4, workers=1, settings=spec.settings(), progress=False, scheduler="drop")
-    resumed = run_job(clf, data, out, batch_size=4, workers=1, settings=spec.settings(), progress=False,
-                      scheduler="depth")
+        run_job(clf, JobSpec(data=data, out=str(out), batch_size=4, workers=1, scheduler="drop"),
+                settings=predictor_settings(clf), progress=False)
+    resumed = run_job(clf, JobSpec(data=data, out=str(out), batch_size=4, workers=1, scheduler="depth"),
+                      settings=predictor_settings(clf), progress=False)
     assert resumed["parts_skipped"] == len(done) and resumed["parts"] == 6 and resumed["images"] == N
-    run_job(clf, data, tmp_path / "whole", batch_size=4, workers=1, settings=spec.settings(), progress=False,
-            scheduler="depth")
+    run_job(clf, JobSpec(data=data, out=str(tmp_path / "whole"), batch_size=4, workers=1, scheduler="depth"),
+            settings=predictor_settings(clf), progress=False)
     assert read_parts(out).equals(read_parts(tmp_path / "whole"))  # bit-equal, floats included
-    run_job(clf, data, tmp_path / "drop", batch_size=4, workers=1, settings=spec.settings(), progress=False)
+    run_job(clf, JobSpec(data=data, out=str(tmp_path / "drop"), batch_size=4, workers=1),
+            settings=predictor_settings(clf), progress=False)
     _same_rows(read_parts(out), read_parts(tmp_path / "drop"))
 
 
@@ -208,8 +213,8 @@ def test_cli_scheduler_option_and_what_it_cannot_serve(tmp_path, capsys, imgs, c
             return clf.predict(images)
 
     with pytest.raises(TGEMError, match="--scheduler depth needs an early-exit classifier .* got PredictOnly"):
-        run_job(PredictOnly(), f"folder:{tmp_path / 'f'}", tmp_path / "z", batch_size=4, workers=0, progress=False,
-                scheduler="depth")
+        run_job(PredictOnly(), JobSpec(data=f"folder:{tmp_path / 'f'}", out=str(tmp_path / "z"), batch_size=4, workers=0, scheduler="depth"),
+                progress=False)
     assert not (tmp_path / "z").exists()  # refused before the output directory is touched
 
 
@@ -244,8 +249,8 @@ def test_an_image_the_encoder_refuses_is_an_error_record_as_in_the_drop_path(tmp
             return clf.predict(self.backbone.preprocess(images))
 
     for scheduler in ("drop", "depth"):
-        s = run_job(Predictor(), f"folder:{tmp_path / 'f'}", tmp_path / scheduler, batch_size=4, workers=0,
-                    progress=False, scheduler=scheduler, settings={"picky": 1})
+        s = run_job(Predictor(), JobSpec(data=f"folder:{tmp_path / 'f'}", out=str(tmp_path / scheduler), batch_size=4, workers=0, scheduler=scheduler),
+                    progress=False, settings={"picky": 1})
         assert s["errors"] == 1 and s["images"] == 15
     _same_rows(read_parts(tmp_path / "drop"), read_parts(tmp_path / "depth"))
     errors = pq.read_table(tmp_path / "depth" / "_errors.parquet")
@@ -278,14 +283,14 @@ def _distilled_checkpoint(path) -> str:
 
 
 def test_depth_rows_equal_the_drop_rows_with_distilled_readouts(tmp_path, folder):
-    from tgems.batch import ClassifierSpec
+    from tgems.spec import PredictorSpec
 
-    clf_d = ClassifierSpec(tgem=_distilled_checkpoint(tmp_path / "dist"), labels=list(LABELS)).check()
+    clf_d = PredictorSpec(tgem=_distilled_checkpoint(tmp_path / "dist"), labels=list(LABELS)).check()
     model = clf_d.build()
     assert model.profiles.distilled
-    kw = dict(task="classify", batch_size=8, workers=1, settings=clf_d.settings(), progress=False)
-    run_job(model, folder, tmp_path / "drop", scheduler="drop", **kw)
-    run_job(model, folder, tmp_path / "depth", scheduler="depth", **kw)
+    for sched in ("drop", "depth"):
+        run_job(model, JobSpec(data=folder, out=str(tmp_path / sched), task="classify", batch_size=8, workers=1,
+                               scheduler=sched), settings=predictor_settings(model), progress=False)
     a, b = read_parts(tmp_path / "drop"), read_parts(tmp_path / "depth")
     _same_rows(a, b)
     assert len(set(a.column("exit_layer").to_pylist())) > 2

@@ -19,10 +19,11 @@ PACKAGE = SRC / "tgems"
 # The package root is the public API: it lazily re-exports training, so only the CLI sits above it.
 RANKS = {
     "tgems.errors": 0,
+    "tgems.options": 0.5,  # shared defaults and the one set of option checks
     "tgems.io": 1, "tgems.pretrained": 1,
     "tgems.images": 0.5,  # the one decode: below the torch-free leaves that decoding workers import
-    # torch-free leaves that decoding workers import: what a folder holds, and the resize / crop as a value
-    "tgems.jobs.lister": 1, "tgems.data.geometry": 1,
+    # what a folder holds: the one listing for jobs and for the in-memory folder reader (tgems.data.folder)
+    "tgems.jobs.lister": 1,
     "tgems.backbones": 2, "tgems.data": 2, "tgems.artifacts": 2,
     "tgems.features": 3, "tgems.engine": 3, "tgems.calibration": 3,
     "tgems.readouts": 3.5,  # distilled readouts: torch only, read by the profiles and the Jumper's signals
@@ -30,12 +31,14 @@ RANKS = {
     "tgems.profiles": 4,
     "tgems.jumper": 5,
     "tgems.tgem": 6, "tgems.policies": 6,
-    "tgems.classifier": 7, "tgems.retrieval": 7, "tgems.scheduler": 7,
+    "tgems.classifier": 7, "tgems.scheduling": 7,
     "tgems.pipeline": 8, "tgems.spec": 8,
     "tgems.jobs": 8.5,
-    "tgems.batch": 9,
+    "tgems.retrieval": 9,  # indexes streamed sources with the jobs' readers
+    "tgems.indexing": 9.5,  # an index from a data spec; a saved index searched
     "tgems.integrations": 10, "tgems.serve": 10,
     "tgems.integrations.ray_serve": 10.5,  # the server's app, as a Ray Serve deployment
+    "tgems.batch": 10.5,  # a whole job: the local runner or the Ray integration
     "tgems.training": 11, "tgems.evaluation": 11,
     "tgems": 12,
     "tgems.cli": 13,
@@ -47,14 +50,6 @@ UPPER = ("tgems.training", "tgems.evaluation", "tgems.cli")
 ALLOWED = {("tgems.evaluation.demo", "tgems.training.fit"),
            # the k-shot baseline of `tgems eval` is a classifier whose Jumper is fit on the spot
            ("tgems.evaluation.harness", "tgems.training.jumper_fit")}
-# Upward imports in today's code (lazy, inside functions), reported to the lead; remove a line once its
-# import is gone. They never reach training, evaluation or the CLI (see the test after this one).
-KNOWN = {
-    ("tgems.batch", "tgems.integrations.ray"): "run_job dispatches engine='ray' to the integration built on it",
-    ("tgems.data.streaming", "tgems.jobs.readers"): "stream_chunks and iter_items keep their old import path",
-}
-
-
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -112,7 +107,7 @@ def test_no_module_imports_a_module_above_it():
                 continue  # within one sub-package
             if rd < r:
                 continue
-            if (mod, dep) in ALLOWED or (mod, dep) in KNOWN:
+            if (mod, dep) in ALLOWED:
                 continue
             bad.append(f"{mod} (rank {r}) imports {dep} (rank {rd})")
     assert not bad, "\n".join(bad)
@@ -172,3 +167,81 @@ def test_importing_the_root_stays_light():
     code = "import sys, tgems; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# Files still over the limit, reported to the lead; remove a line once the file is split.
+LONG = set()
+
+
+def test_no_source_file_is_over_600_lines():
+    long = {str(p.relative_to(SRC)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert set(long) <= LONG, long
+    assert (PACKAGE / "cli" / "__init__.py").is_file()  # the command line is a package, one module per group
+
+
+def test_one_scheduling_package_for_jobs_and_the_server():
+    g = graph()
+    assert "tgems.scheduling.depth" in g["tgems.jobs.depth"] and "tgems.scheduling.depth" in g["tgems.serve.models"]
+    assert "tgems.scheduling.drop" in g["tgems.serve.models"]
+    from tgems.scheduling.depth import DepthScheduler
+    from tgems.scheduling.driver import Driver
+    from tgems.scheduling.drop import DropScheduler
+
+    assert issubclass(DepthScheduler, Driver) and issubclass(DropScheduler, Driver)
+    assert not [m for m in g if m in ("tgems.scheduler", "tgems.serve.drop")]
+
+
+def import_edges(path: Path, mod: str) -> set[str]:
+    """The modules `path` imports, top-level and lazy alike, as Python resolves them: `from a import b` is a.b
+    when b is a module (the package a is only a path to it), else a."""
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(up + ([node.module] if node.module else []))
+            for a in node.names:
+                out.add(f"{base}.{a.name}" if is_module(f"{base}.{a.name}") else base)
+    return {m for m in out if (m == "tgems" or m.startswith("tgems.")) and m != mod}
+
+
+def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle_lazy_imports_included():
+    edges = {module_name(p): import_edges(p, module_name(p)) for p in sorted(PACKAGE.rglob("*.py"))}
+    assert len(edges) > 30 and "tgems.jobs.readers" in edges["tgems.jobs.runner"]
+    assert not import_cycles(edges)
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the finder finds

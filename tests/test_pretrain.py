@@ -194,6 +194,14 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     assert state["step"] == 10 and state["seed"] == 1 and state["data"] == "scenes:train"
     assert {"model.safetensors", "optimizer.safetensors"} <= {p.name for p in ckpt.iterdir()}
     assert not (out / "model.safetensors").exists()
+    # the optimizer file is part of the artifact: its checksum is in state.json, a damaged one is one line
+    opt = (ckpt / "optimizer.safetensors").read_bytes()
+    assert state["files"] == {"optimizer.safetensors": __import__("hashlib").sha256(opt).hexdigest()}
+    (ckpt / "optimizer.safetensors").write_bytes(opt[:-1] + bytes([opt[-1] ^ 0xFF]))
+    with pytest.raises(TGEMError, match=r"optimizer.safetensors is damaged") as e:
+        _run(out, **kw, resume=True)
+    assert "\n" not in str(e.value)
+    (ckpt / "optimizer.safetensors").write_bytes(opt)
 
     # a checkpoint from another recipe, seed or data is refused (and left intact)
     with pytest.raises(TGEMError, match="another recipe"):
@@ -305,15 +313,15 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one_whole(tmp_pat
     import tgems.artifacts as artifacts
 
     out, calls = tmp_path / "m", []
-    real = pt._save_optimizer
+    real = artifacts.sha256_file
 
-    def crash_on_second(opt, path):
+    def crash_in_the_second(path):  # a checkpoint checksums its model, then its optimizer file
         calls.append(path)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise _Crash()
-        return real(opt, path)
+        return real(path)
 
-    monkeypatch.setattr(pt, "_save_optimizer", crash_on_second)
+    monkeypatch.setattr(artifacts, "sha256_file", crash_in_the_second)
     with pytest.raises(_Crash):
         _run(out, steps=12, batch_size=16, ckpt_every=4, seed=0)
     ckpt = out / "checkpoint"

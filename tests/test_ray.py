@@ -25,7 +25,9 @@ from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
                             LABELS, encode, make_folder, read_parts, scene_images, tgem_checkpoint,
                             truncated_jpeg)
 
-from tgems.batch import run_command, run_job
+from tgems.batch import run_command
+from tgems.jobs.runner import run_job
+from tgems.spec import JobSpec, PredictorSpec, predictor_settings
 from tgems.errors import TGEMError
 from tgems.integrations.ray import TGEMPredictor, _units, plan_actors, run_ray_job
 
@@ -86,7 +88,8 @@ def test_a_small_job_runs_locally_without_starting_ray(tmp_path, spec, clf, caps
         pytest.skip("a Ray is already running in this process")
     images, classes = scene_images(12)
     rels = make_folder(tmp_path / "f", images, classes)
-    summary = run_ray_job(spec, f"folder:{tmp_path / 'f'}", tmp_path / "out", batch_size=8, workers=0, progress=True)
+    summary = run_ray_job(spec, JobSpec(data=f"folder:{tmp_path / 'f'}", out=str(tmp_path / "out"), batch_size=8,
+                                        workers=0), progress=True)
     assert "running locally" in capsys.readouterr().err and not ray.is_initialized()
     assert summary["engine"] == "local" and summary["images"] == 12
     order = sorted(range(12), key=lambda i: rels[i])
@@ -132,8 +135,8 @@ def test_ray_engine_gives_the_rows_of_the_local_run(tmp_path, local_ray, spec, c
     make_folder(root, images, classes)
     (root / "zz_bad.jpg").write_bytes(truncated_jpeg(images[0]))
     data = f"folder:{root}?block=25"
-    local = run_job(clf, data, tmp_path / "local", batch_size=16, workers=0, settings=spec.settings(),
-                    progress=False)
+    local = run_job(clf, JobSpec(data=data, out=str(tmp_path / "local"), batch_size=16, workers=0),
+                    settings=predictor_settings(clf), progress=False)
     summary, code = run_command(data=data, out=str(tmp_path / "ray"), tgem=tgem_checkpoint(), labels=LABELS,
                                 engine="ray", batch_size=16, quiet=True)
     assert code == 1 and summary["engine"] == "ray"
@@ -149,11 +152,13 @@ def test_ray_engine_gives_the_rows_of_the_local_run(tmp_path, local_ray, spec, c
     assert {"ray_startup_s", "encode_s", "decode_s", "write_s"} <= set(summary["stages"])
     assert not [p for p in (tmp_path / "ray").rglob("*") if p.name.endswith(".tmp")]
     # a finished Ray job is not redone
-    again = run_ray_job(spec, data, tmp_path / "ray", batch_size=16, progress=True)
+    again = run_ray_job(spec, JobSpec(data=data, out=str(tmp_path / "ray"), batch_size=16),
+                        progress=True)
     assert again["images"] == 100 and again["parts_written"] == 0 and again["parts_skipped"] == 5
     assert "Ray: 2 actors x 1 threads (2 CPUs)" in capsys.readouterr().err
     # a job of fewer than two batches per actor runs locally, and says so
-    small = run_ray_job(spec, f"folder:{root}", tmp_path / "small", batch_size=32, progress=True)
+    small = run_ray_job(spec, JobSpec(data=f"folder:{root}", out=str(tmp_path / "small"), batch_size=32),
+                        progress=True)
     assert "running locally" in capsys.readouterr().err and small["engine"] == "local" and small["images"] == 100
 
 
@@ -163,8 +168,8 @@ def test_ray_engine_with_depth_queues_gives_the_rows_of_the_local_depth_run(tmp_
     images, classes = scene_images(100)
     make_folder(tmp_path / "f", images, classes)
     data = f"folder:{tmp_path / 'f'}?block=50"
-    run_job(clf, data, tmp_path / "local", batch_size=16, workers=0, settings=spec.settings(), progress=False,
-            scheduler="depth")
+    run_job(clf, JobSpec(data=data, out=str(tmp_path / "local"), batch_size=16, workers=0, scheduler="depth"),
+            settings=predictor_settings(clf), progress=False)
     summary, code = run_command(data=data, out=str(tmp_path / "ray"), tgem=tgem_checkpoint(), labels=LABELS,
                                 engine="ray", batch_size=16, quiet=True, scheduler="depth")
     assert code == 0 and summary["engine"] == "ray" and summary["settings"]["scheduler"] == "depth"
@@ -175,10 +180,42 @@ def test_ray_engine_with_depth_queues_gives_the_rows_of_the_local_depth_run(tmp_
     assert len(set(a.column("exit_layer").to_pylist())) > 3
 
 
+def test_calibrated_ray_job_calibrates_once_and_gives_the_local_rows(tmp_path, local_ray):
+    """--budget on Ray: the driver calibrates once (one calibration in the log); the actors get the calibrated
+    classifier saved, never the goal, so the rows are the local job's."""
+    from tgems.integrations.ray import actor_payload, predictor_from_payload
+
+    images, classes = scene_images(100)
+    make_folder(tmp_path / "f", images, classes)
+    goal = dict(data=f"folder:{tmp_path / 'f'}?block=25", tgem=tgem_checkpoint(), labels=LABELS, budget=0.5,
+                calib="scenes:calib:150", label_free=True, batch_size=16, quiet=True)
+    local_log, ray_log = [], []
+    local, _ = run_command(out=str(tmp_path / "local"), workers=0, log=local_log.append, **goal)
+    summary, code = run_command(out=str(tmp_path / "ray"), engine="ray", log=ray_log.append, **goal)
+    assert code == 0 and summary["engine"] == "ray" and summary["actors"] == 2
+    assert [m for m in ray_log if m.startswith("calibrated")] == [m for m in local_log if m.startswith("calibrated")]
+    assert len([m for m in ray_log if m.startswith("calibrated")]) == 1
+    assert summary["settings"]["predictor"] == local["settings"]["predictor"]
+    a, b = read_parts(tmp_path / "local"), read_parts(tmp_path / "ray")
+    for col in ("id", "label", "label_index", "exit_layer", "flops_ratio", "top5_labels"):
+        assert a.column(col).equals(b.column(col)), col
+    np.testing.assert_allclose(a.column("probability").to_numpy(), b.column("probability").to_numpy(), atol=1e-5)
+    # what an actor receives: the saved classifier and no goal; asked to calibrate, it refuses
+    spec = PredictorSpec(tgem=tgem_checkpoint(), labels=LABELS, budget=0.5, calib="scenes:calib:150",
+                         label_free=True).check()
+    clf = spec.build()
+    payload = actor_payload(spec, clf)
+    assert set(payload) == {"saved", "options"} and "budget" not in payload["options"]
+    assert predictor_from_payload(payload).tau == clf.tau
+    with pytest.raises(TGEMError, match="asked to calibrate"):
+        predictor_from_payload({"options": spec.options()})
+    assert actor_payload(PredictorSpec(labels=LABELS), None) == {"options": PredictorSpec(labels=LABELS).options()}
+
+
 def test_depth_queues_take_folder_blocks_whole(tmp_path):
     """The drop path splits a folder block into pieces of whole batches (its batches do not depend on the
     split); the depth queues are drained at a piece's end, so a piece is the whole block, as locally."""
-    from tgems.data.streaming import open_source
+    from tgems.jobs.sources import open_source
 
     images, classes = scene_images(40)
     make_folder(tmp_path / "f", images, classes)
@@ -193,30 +230,26 @@ def test_num_gpus_on_a_cluster_without_gpus_is_refused(tmp_path, local_ray, spec
     images, classes = scene_images(4)
     make_folder(tmp_path / "f", images, classes)
     with pytest.raises(TGEMError, match=r"--num-gpus 1 asks for GPUs, but the Ray cluster has 0") as e:
-        run_ray_job(spec, f"folder:{tmp_path / 'f'}", tmp_path / "out", num_gpus=1, progress=False)
+        run_ray_job(spec, JobSpec(data=f"folder:{tmp_path / 'f'}", out=str(tmp_path / "out"), num_gpus=1),
+                    progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
 KILLED_RAY_JOB = """
 import time, ray
-from tgems.batch import ClassifierSpec
 from tgems.integrations.ray import run_ray_job
+from tgems.spec import JobSpec, PredictorSpec, predictor_settings
 
-class SlowSpec:  # the same classifier, slowed in every actor so the test can kill the job between parts
-    def __init__(self, spec):
-        self.spec = spec
-    def build(self):
-        clf = self.spec.build()
-        class Slow:
-            labels, backbone = clf.labels, clf.backbone
-            def predict(self, images):
-                time.sleep(0.3)
-                return clf.predict(images)
-        return Slow()
+clf = PredictorSpec(tgem={tgem!r}, labels={labels!r}).check().build()
 
-spec = ClassifierSpec(tgem={tgem!r}, labels={labels!r}).check()
-run_ray_job(SlowSpec(spec), {data!r}, {out!r}, batch_size=5, address={address!r}, progress=False,
-            settings=spec.settings())
+class Slow:  # the same classifier, slowed; sent to every actor as it is, so the test can kill the job between parts
+    labels, backbone = clf.labels, clf.backbone
+    def predict(self, images):
+        time.sleep(0.3)
+        return clf.predict(images)
+
+run_ray_job(Slow(), JobSpec(data={data!r}, out={out!r}, batch_size=5, address={address!r}), progress=False,
+            settings=predictor_settings(clf))
 """
 
 
@@ -243,9 +276,11 @@ def test_killed_ray_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, lo
     done = sorted(p.name for p in out.glob("part-*.parquet"))
     assert 1 <= len(done) < 6 and not (out / "_SUCCESS").exists()
     assert json.loads((out / "_job.json").read_text())["engine"] == "ray"
-    resumed = run_ray_job(spec, data, out, batch_size=5, progress=False)
+    resumed = run_ray_job(spec, JobSpec(data=data, out=str(out), batch_size=5),
+                          progress=False)
     assert resumed["parts_skipped"] == len(done) and resumed["parts"] == 6 and resumed["images"] == 60
-    whole = run_job(clf, data, tmp_path / "whole", batch_size=5, workers=0, settings=spec.settings(), progress=False)
+    whole = run_job(clf, JobSpec(data=data, out=str(tmp_path / "whole"), batch_size=5, workers=0),
+                    settings=predictor_settings(clf), progress=False)
     a, b = read_parts(out), read_parts(tmp_path / "whole")
     assert whole["images"] == 60 and a.column("id").equals(b.column("id"))
     for col in ("label", "label_index", "exit_layer", "top5_labels"):

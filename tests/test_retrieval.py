@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import tgems
 from tgems import TGEMError
 from tgems.features import extract_features
-from tgems.retrieval import (INDEX_FILES, NEVER, EarlyExitIndex, build_index, calibrate_index, load_index_model,
-                             rank_failures, search, write_index_model)
+from tgems.indexing import build_index, search
+from tgems.retrieval import (INDEX_FILES, NEVER, EarlyExitIndex, calibrate_index, load_index_model, rank_failures,
+                             write_index_model)
 from tgems.training.index_fit import IndexFitSettings, fit_index_model
 
 from tgems.calibration import simulate, tau_grid
@@ -146,16 +147,16 @@ def test_save_load_round_trip_and_refusals(tiny_backbone, tiny_clip_factory, mod
     write_index_model(tmp_path / "m", model, tiny_backbone)
     with pytest.raises(TGEMError, match="another backbone"):
         load_index_model(tmp_path / "m", other)
-    # corrupted tensors, corrupted header, missing file
+    # damaged tensors, damaged header, missing file: one line naming the file (tgems.artifacts)
     raw = bytearray((out / INDEX_FILES[1]).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     (out / INDEX_FILES[1]).write_bytes(bytes(raw))
-    with pytest.raises(TGEMError, match="corrupted") as e:
+    with pytest.raises(TGEMError, match="index.safetensors is damaged") as e:
         EarlyExitIndex.load(out, tiny_backbone)
     assert "\n" not in str(e.value)
     index.save(out)  # an earlier index may be replaced
     (out / INDEX_FILES[0]).write_text("{not json")
-    with pytest.raises(TGEMError, match="corrupted"):
+    with pytest.raises(TGEMError, match="index.json: damaged"):
         EarlyExitIndex.load(out, tiny_backbone)
     with pytest.raises(TGEMError, match="not a tgems index"):
         EarlyExitIndex.load(tmp_path, tiny_backbone)
@@ -229,7 +230,7 @@ def test_cli_index_and_search(tiny_clip_dir, tiny_clip_factory, tiny_backbone, m
 
 
 def test_summary_line(tiny_backbone, model, gallery):
-    from tgems.retrieval import summary_line
+    from tgems.indexing import summary_line
 
     index = EarlyExitIndex.build(tiny_backbone, gallery.subset(np.arange(12)), model, tau=NEVER)
     line = summary_line(index, "a red circle", k=2)

@@ -1,4 +1,4 @@
-"""The depth-queue scheduler (tgems.scheduler) on the shipped embedded model: its answers equal
+"""The depth-queue scheduler (tgems.scheduling.depth) on the shipped embedded model: its answers equal
 EarlyExitClassifier.predict row for row with label sets, taus and goals mixed in flight; cancelled rows are
 dropped without leaking slots; audited rows answer at their exit and are checked at full depth."""
 import dataclasses
@@ -10,7 +10,7 @@ import torch
 
 import tgems
 from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper
-from tgems.scheduler import DepthScheduler, QueueFull, predict_rows
+from tgems.scheduling.depth import DepthScheduler, QueueFull, predict_rows
 
 
 @pytest.fixture(scope="module")

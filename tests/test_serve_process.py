@@ -104,7 +104,7 @@ def server(classifier_dir):
 def test_a_client_that_leaves_has_its_rows_dropped(server, classifier_dir):
     body = json.dumps(_long_request(classifier_dir[1].images)).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/tgems/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     server.wait_busy()
     sock.close()
@@ -115,7 +115,7 @@ def test_a_client_that_leaves_has_its_rows_dropped(server, classifier_dir):
     assert server.metric("tgems_rows_inflight") == 0 and server.metric("tgems_rows_waiting") == 0
     assert server.metric("tgems_rows_cancelled_total") > 0
     assert server.metric("tgems_layer_rows_total") < 256 * 12  # not every row ran every block
-    r = httpx.post(server.url + "/v1/classify", json={"inputs": _png_uri(classifier_dir[1].images[0])}, timeout=60)
+    r = httpx.post(server.url + "/v1/tgems/classify", json={"inputs": _png_uri(classifier_dir[1].images[0])}, timeout=60)
     assert r.status_code == 200  # the server goes on
 
 
@@ -124,7 +124,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(classifier_dir):
     got = {}
 
     def call():
-        got["r"] = httpx.post(s.url + "/v1/classify", json=_long_request(classifier_dir[1].images), timeout=300)
+        got["r"] = httpx.post(s.url + "/v1/tgems/classify", json=_long_request(classifier_dir[1].images), timeout=300)
 
     t = threading.Thread(target=call)
     t.start()

@@ -188,7 +188,8 @@ def test_edited_label_text_in_a_saved_classifier_is_refused(tmp_path, clf):
 
 def test_cli_defaults_are_the_specs():
     from tgems.cli import build_parser
-    from tgems.spec import PredictorSpec, specs_from_args
+    from tgems.cli import specs_from_args
+    from tgems.spec import PredictorSpec
 
     args = build_parser().parse_args(["classify", "--labels", "a,b", "--data", "folder:x", "--out", "o"])
     args.task = "classify"

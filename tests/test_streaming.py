@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from stream_helpers import (decoded, encode, make_folder, make_parquet, make_shards, scene_images, truncated_jpeg)
 
-from tgems.data.streaming import iter_items, open_source, stream_chunks
+from tgems.jobs.sources import open_source
+from tgems.jobs.readers import iter_items, prepare_records, stream_chunks
 from tgems.errors import TGEMError
-from tgems.jobs.readers import prepare_records
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +163,8 @@ def test_a_1080p_photo_reaches_the_main_process_as_a_model_size_array(tmp_path):
 
 
 def test_an_image_smaller_than_the_crop_is_an_error_record(tmp_path):
-    from tgems.data.geometry import ImageGeometry
-    from tgems.data.streaming import Record
+    from tgems.backbones.geometry import ImageGeometry
+    from tgems.jobs.sources import Record
 
     geometry = ImageGeometry("exact", (40, 40), (48, 48))
     items, spent = prepare_records([Record("a", data=encode(scene_images(1)[0][0], "PNG"))], geometry)

@@ -27,12 +27,13 @@ class Kind:
 
 TGEM = Kind("tgem.json", "tgem.safetensors", "a T-GEM checkpoint", format=2)
 CLASSIFIER = Kind("classifier.json", "classifier.safetensors", "a saved classifier", format=3)
-RETRIEVAL = Kind("retrieval.json", "retrieval.safetensors", "retrieval maps")
-INDEX = Kind("index.json", "index.safetensors", "a retrieval index")
+RETRIEVAL = Kind("retrieval.json", "retrieval.safetensors", "a retrieval model")  # maps + scorer
+INDEX = Kind("index.json", "index.safetensors", "a tgems index")
 PRETRAIN_STATE = Kind("state.json", "model.safetensors", "a pretrain checkpoint")
 
 
 def sha256_file(path) -> str:
+    """The one checksum of a saved file (read in 1 MB pieces)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -75,6 +76,17 @@ def read_tensors(path, kind: Kind, cfg: dict | None = None) -> dict:
     return load_tensors(file)
 
 
+def read_extra(path, kind: Kind, cfg: dict, name: str) -> dict:
+    """One more tensors file of an artifact (`write(..., extra=)`), checked against its sha256 in the config."""
+    file = Path(path).expanduser() / name
+    if not file.is_file():
+        raise TGEMError(f"{file} is missing: {Path(path)} is not a whole {kind.what.split(' ', 1)[-1]}")
+    want = (cfg.get("files") or {}).get(name)
+    if want is not None and want != sha256_file(file):
+        raise TGEMError(f"{file} is damaged (its checksum does not match {kind.config})")
+    return load_tensors(file)
+
+
 def load_tensors(file) -> dict:
     """A safetensors file, every failure one line naming the file."""
     from safetensors.torch import load_file
@@ -86,16 +98,22 @@ def load_tensors(file) -> dict:
         raise TGEMError(f"cannot read {file}: damaged or not a safetensors file ({why})") from None
 
 
-def write(path, kind: Kind, cfg: dict, tensors: dict) -> Path:
+def write(path, kind: Kind, cfg: dict, tensors: dict, extra: dict | None = None) -> Path:
     """Write tensors, then the config with their sha256 and the format, into a temporary directory that
-    replaces `path` (an earlier artifact of the same kind or an empty directory, nothing else)."""
+    replaces `path` (an earlier artifact of the same kind or an empty directory, nothing else). `extra`: more
+    tensors files {name: tensors} (a pretrain checkpoint's optimizer state), their sha256 under "files"."""
     from safetensors.torch import save_file
 
     from tgems.io import atomic_dir
 
     with atomic_dir(path, kind.config, kind.what) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / kind.tensors))
-        cfg = {"format": kind.format, **cfg, "sha256": sha256_file(tmp / kind.tensors)}
+        sums = {}
+        for name, more in {kind.tensors: tensors, **(extra or {})}.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in more.items()}, str(tmp / name))
+            sums[name] = sha256_file(tmp / name)
+        cfg = {"format": kind.format, **cfg, "sha256": sums.pop(kind.tensors)}
+        if sums:
+            cfg["files"] = sums
         (tmp / kind.config).write_text(json.dumps(cfg, indent=1, default=float))
     return Path(path)
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from tgems.errors import TGEMError
+from tgems.options import NEVER_EXIT  # above every sigmoid score: no early exit, the full model
 
-NEVER_EXIT = 2.0  # above every sigmoid score: no early exit, the full model
 ALWAYS_EXIT = 0.0
 
 

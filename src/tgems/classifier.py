@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from tgems.features import LayerFeatures, extract_features
 from tgems.jumper import Jumper, jumper_signals
 from tgems.policies import JumperPolicy
 from tgems.profiles import ClassProfiles, check_readable_labels, layer_probs
+from tgems.options import DELTA
 from tgems.tgem import TGEM, load_tgem
 
 FORMAT_VERSION = artifacts.CLASSIFIER.format  # 2: the backbone's source, a content hash; 3: distilled readouts in the profiles
@@ -189,7 +191,7 @@ class EarlyExitClassifier:
         jumper = self.jumper.for_goal(goal or self.goal).to("cpu")
         return jumper.scores(jumper_signals(probs, feats, profiles.layers, profiles.text, pairs)), probs.argmax(-1)
 
-    def calibrate(self, data, budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
+    def calibrate(self, data, budget: float | None = None, max_drop: float | None = None, delta: float = DELTA,
                   use_labels: bool = True, allow_uncovered: bool = False,
                   progress: bool = False) -> "EarlyExitClassifier":
         """A copy calibrated on held-out images (a Dataset or its LayerFeatures): for a compute budget (mean
@@ -252,8 +254,31 @@ class EarlyExitClassifier:
 
     # ----------------------------------------------------------- prediction on the engine
 
-    def policy(self, tau: float | None = None) -> JumperPolicy:
-        return JumperPolicy(self.profiles, self.jumper.for_goal(self.goal), self.tau if tau is None else tau)
+    def policy(self, tau: float | None = None, profiles: ClassProfiles | None = None) -> JumperPolicy:
+        """The exit policy: this classifier's Jumper for its goal, at `tau` (default: its own), over `profiles`
+        (default: its own; another label set's, made by the same T-GEM modules)."""
+        return JumperPolicy(self.profiles if profiles is None else profiles, self.jumper.for_goal(self.goal),
+                            self.tau if tau is None else tau)
+
+    def meets_goal(self, budget: float | None = None, max_drop: float | None = None) -> bool:
+        """Whether this classifier was calibrated for the goal asked (a budget or a max drop; none: any)."""
+        cal = self.calibration
+
+        def same(a, b):
+            return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
+
+        if budget is not None and not (cal.get("goal") == "budget" and same(cal.get("budget"), budget)):
+            return False
+        return max_drop is None or (cal.get("goal") == "max_drop" and same(cal.get("max_drop"), max_drop))
+
+    def goal_text(self) -> str:
+        """The goal it holds, in words: "budget 0.5", "max_drop 0.02 (delta 0.1)" or the threshold's source."""
+        cal = self.calibration
+        if cal.get("goal") == "budget" and cal.get("budget") is not None:
+            return f"budget {cal['budget']}"
+        if cal.get("goal") == "max_drop" and cal.get("max_drop") is not None:
+            return f"max_drop {cal['max_drop']} (delta {cal.get('delta')})"
+        return f"no goal (tau {cal.get('tau')} from its {cal.get('source', 'checkpoint')})"
 
     def predict(self, images, batch_size: int = 256) -> Prediction:
         """PIL images, uint8 arrays or preprocessed pixels -> labels, probabilities, exit layers, FLOPs."""

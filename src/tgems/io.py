@@ -2,6 +2,7 @@
 run never leaves a partial file. Files get the usual permissions (umask), not mkstemp's 0600."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,6 +14,12 @@ def _umask_mode(base: int = 0o666) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return base & ~mask
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError for a full disk (pyarrow's may carry the errno only in its text)."""
+    return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or "No space left on device" in str(exc))
 
 
 def tmp_path(path) -> Path:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tgems.errors import TGEMError
+from tgems.options import check_labels
 from tgems.readouts import distilled_embed, distilled_flops, readout_pair
 
 SPACES = ("cls", "rates")
@@ -27,19 +28,6 @@ def default_templates(data_name: str) -> list[str]:
 
         return list(PROMPT_TEMPLATES)
     return list(DEFAULT_TEMPLATES)
-
-
-def check_labels(labels) -> list[str]:
-    labels = list(labels) if labels is not None else []
-    if not labels:
-        raise TGEMError("the label list is empty")
-    if any(not isinstance(t, str) or not t.strip() for t in labels):
-        raise TGEMError("every label must be a non-empty string")
-    seen = set()
-    dups = sorted({t for t in labels if t in seen or seen.add(t)})
-    if dups:
-        raise TGEMError(f"duplicate labels: {', '.join(dups)}")
-    return labels
 
 
 # Large label sets (issue 23.7): above SHORTLIST_ABOVE labels, a candidate layer scores only the

@@ -16,8 +16,6 @@ module is inference only; the maps and the scorer are trained by `tgems.training
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -28,15 +26,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import tgems.artifacts as artifacts
 from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
 from tgems.jumper import Jumper
 
 from tgems.calibration import NEVER_EXIT as NEVER
 from tgems.calibration import calibrate_max_drop, first_exit, simulate, tau_grid
+from tgems.options import DELTA
 
-MODEL_FILES = ("retrieval.json", "retrieval.safetensors")
-INDEX_FILES = ("index.json", "index.safetensors")
+INDEX_FILES = (artifacts.INDEX.config, artifacts.INDEX.tensors)
 MODEL_FORMAT = 1
 INDEX_FORMAT = 1
 NUM_INDEX_SIGNALS = 3  # scalar signals before the unit estimate zhat_l
@@ -174,51 +173,12 @@ class IndexModel:
         return est[torch.arange(len(z)), e], depth
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_dir(path, files, what: str) -> tuple[dict, dict]:
-    """(header, tensors) of a directory written by `_write_dir`; every failure is one TGEMError line."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not all((path / f).is_file() for f in files):
-        raise TGEMError(f"{path} is not a {what} (expected {' and '.join(files)})")
-    try:
-        header = json.loads((path / files[0]).read_text())
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise TGEMError(f"{path / files[0]} is corrupted: {str(e).splitlines()[0]}") from None
-    if header.get("sha256") != _sha256(path / files[1]):
-        raise TGEMError(f"{path / files[1]} is corrupted (its checksum does not match {files[0]})")
-    try:
-        tensors = load_file(str(path / files[1]))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise TGEMError(f"{path / files[1]} is corrupted: {str(e).splitlines()[0]}") from None
+def _read(path, kind) -> tuple[dict, dict]:
+    """(header, tensors) of a retrieval model or an index (`tgems.artifacts`: one line naming a damaged file)."""
+    header = artifacts.read_config(path, kind, required=("sha256",))
+    tensors = artifacts.read_tensors(path, kind, header)
+    header.pop("sha256", None)
     return header, tensors
-
-
-def _write_dir(path, files, header: dict, tensors: dict, what: str) -> Path:
-    """Tensors, then a JSON header carrying their checksum, written into a temporary sibling directory that
-    is renamed into place (`tgems.io.atomic_dir`): an earlier directory of the same kind or an empty one
-    is replaced, nothing else."""
-    from safetensors.torch import save_file
-
-    from tgems.io import atomic_dir
-
-    path = Path(path)
-    with atomic_dir(path, files[0], f"a {what}") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / files[1]))
-        header = {**header, "sha256": _sha256(tmp / files[1])}
-        (tmp / files[0]).write_text(json.dumps(header, indent=1))
-    return path
 
 
 def _check_fingerprint(header: dict, backbone, path, what: str) -> None:
@@ -241,17 +201,16 @@ def resolve_index_model(path) -> Path:
 def load_index_model(path, backbone) -> IndexModel:
     """Load maps + scorer written by `tgems.training.index_fit.save_index_model`, refusing another backbone's."""
     path = resolve_index_model(path)
-    header, tensors = _read_dir(path, MODEL_FILES, "retrieval model")
+    header, tensors = _read(path, artifacts.RETRIEVAL)
     _check_fingerprint(header, backbone, path, "retrieval model")
-    header.pop("sha256", None)
-    return IndexModel.from_state(header, tensors, str(path / MODEL_FILES[1])).to(backbone.device)
+    return IndexModel.from_state(header, tensors, str(path / artifacts.RETRIEVAL.tensors)).to(backbone.device)
 
 
 def write_index_model(path, model: IndexModel, backbone, info: dict | None = None) -> Path:
     """Atomic write of a retrieval model (maps + scorer) directory."""
     header = {"format": MODEL_FORMAT, "backbone": backbone.name, **model.header(), **(info or {})}
     header["fingerprint"] = backbone.fingerprint()
-    return _write_dir(path, MODEL_FILES, header, model.state(), "retrieval model")
+    return artifacts.write(path, artifacts.RETRIEVAL, header, model.state())
 
 
 # ------------------------------------------------------------------ engine policy
@@ -313,7 +272,7 @@ def rank_failures(est: torch.Tensor, text: torch.Tensor, rank: int = 1) -> torch
 
 
 def calibrate_index(model: IndexModel, z: torch.Tensor, budget: float | None = None, max_drop: float | None = None,
-                    delta: float = 0.1, text: torch.Tensor | None = None, rank: int = 1) -> tuple[float, dict]:
+                    delta: float = DELTA, text: torch.Tensor | None = None, rank: int = 1) -> tuple[float, dict]:
     """tau for a budget (mean executed layers / L <= budget, best mean cos(stored, z_L) under it: label-free)
     or for max_drop = eps: the share of images whose full-CLIP best reference text (rows of `text`, unit) is
     not in the index's top `rank` stays <= eps with probability >= 1 - delta (Learn-then-Test, as
@@ -448,14 +407,14 @@ class EarlyExitIndex:
     def build_stream(cls, backbone, source, model: IndexModel | str = "embedded", tau: float | None = None,
                      n: int | None = None, calibration: dict | None = None, meta: dict | None = None,
                      workers: int | None = None, chunk_size: int = 256, progress: bool = False) -> "EarlyExitIndex":
-        """Index a streaming source (`tgems.data.streaming.open_source`: a folder of any layout, webdataset
+        """Index a streaming source (`tgems.jobs.sources.open_source`: a folder of any layout, webdataset
         shards, parquet) chunk by chunk, so the images are never all in memory. Ids are the source's (a
         folder's relative paths, sample keys, the id column). An image that cannot be read or prepared
         is listed in meta["skipped"] ({id, reason}) and left out; the first `n` items when `n` is given.
         `workers`: decoding processes (None: `stream_chunks`' default)."""
         from tqdm.auto import tqdm
 
-        from tgems.data.streaming import stream_chunks
+        from tgems.jobs.readers import stream_chunks
 
         model, tau = _model_and_tau(backbone, model, tau)
         embs, layers, flops, ids, skipped, seen = [], [], [], [], [], 0
@@ -542,14 +501,14 @@ class EarlyExitIndex:
                   "calibration": self.calibration, "meta": self.meta, "model": self.model.header()}
         tensors = {"embeddings": self.embeddings, "exit_layers": self.exit_layers, "flops": self.flops,
                    **{f"model.{k}": v for k, v in self.model.state().items()}}
-        return _write_dir(path, INDEX_FILES, header, tensors, "tgems index")
+        return artifacts.write(path, artifacts.INDEX, header, tensors)
 
     @classmethod
     def load(cls, path, backbone) -> "EarlyExitIndex":
         """Load an index, refusing another backbone's and any file that is corrupted."""
-        header, tensors = _read_dir(path, INDEX_FILES, "tgems index")
+        header, tensors = _read(path, artifacts.INDEX)
         _check_fingerprint(header, backbone, path, "index")
-        where = str(Path(path) / INDEX_FILES[1])
+        where = str(Path(path) / artifacts.INDEX.tensors)
         try:
             emb, layers, flops = tensors["embeddings"], tensors["exit_layers"], tensors["flops"]
             ids, n = header["ids"], header["size"]
@@ -559,7 +518,7 @@ class EarlyExitIndex:
             model = IndexModel.from_state(header["model"], {k[6:]: v for k, v in tensors.items()
                                                            if k.startswith("model.")}, where)
         except (KeyError, ValueError, TypeError) as e:
-            raise TGEMError(f"{where} is corrupted: {str(e).splitlines()[0]}") from None
+            raise TGEMError(f"{where} is damaged: {str(e).splitlines()[0]}") from None
         return cls(backbone, model.to(backbone.device), header.get("tau", NEVER), emb.to(backbone.device),
                    layers, flops, ids, header.get("calibration"), header.get("meta"))
 
@@ -568,135 +527,3 @@ def _open_image(path):
     from tgems.data.folder import read_image
 
     return read_image(path)
-
-
-# ------------------------------------------------------------------ one call per CLI command
-
-
-STREAM_KINDS = ("folder", "webdataset", "wds", "parquet")  # indexed through tgems.data.streaming
-
-
-def is_stream_spec(spec) -> bool:
-    """A user's own images (a folder of any layout, webdataset shards, parquet), read as a stream."""
-    return isinstance(spec, str) and spec.strip().partition(":")[0].lower() in STREAM_KINDS
-
-
-def sample_images(spec: str, n: int | None = None, seed: int = 0):
-    """A Dataset of images named by a spec, for calibration or fitting the maps: the built-in datasets by
-    `load_dataset`; a stream spec (`is_stream_spec`) as a seeded random sample of n of its items (all when n
-    is None), read in two passes so only the sample is held. Labels of a stream are its source labels (a
-    folder's first sub-folder, a sample's .txt) where they read as text, else -1; unreadable items are
-    left out and counted in meta["skipped"]."""
-    from tgems.data import load_dataset
-    from tgems.data.dataset import Dataset
-    from tgems.data.streaming import decode_records, open_source
-
-    if not is_stream_spec(spec):
-        return load_dataset(spec, n=n, seed=seed)
-    source = open_source(spec)
-    sizes = [s.size for s in source.shards]
-    total = sum(sizes) if None not in sizes else sum(1 for s in source.shards for _ in source.records(s))
-    pick = set(np.random.default_rng(seed).permutation(total)[:total if n is None else n].tolist())
-    chosen, i = [], 0
-    for shard in source.shards:
-        for rec in source.records(shard):
-            if i in pick:
-                chosen.append(rec)
-            i += 1
-    items = [it for it in decode_records(chosen) if it.error is None]
-    if not items:
-        raise TGEMError(f"{spec}: none of the {len(chosen)} sampled images could be read")
-    texts = sorted({it.source_label for it in items if it.source_label and any(c.isalpha() for c in it.source_label)})
-    code = {t: j for j, t in enumerate(texts)}
-    return Dataset(name=spec, images=[it.image for it in items],
-                   labels=np.asarray([code.get(it.source_label, -1) for it in items], dtype=np.int64),
-                   classes=texts, meta={"spec": spec, "ids": [it.id for it in items],
-                                        "skipped": len(chosen) - len(items)})
-
-
-def build_index(model: str = "embedded", index_model: str = "embedded:retrieval", data: str = "scenes:testall",
-                out=None, budget: float | None = None, max_drop: float | None = None, delta: float = 0.1,
-                rank: int = 1, calib: str | None = None, n_calib: int = 2000, n: int | None = None,
-                seed: int = 0, device="cpu", dtype="float32", progress: bool = False,
-                workers: int | None = None) -> dict:
-    """`tgems index`: calibrate tau (on `calib`, default a seeded random subset of the data itself: the
-    rule is label-free), encode the data with early exit and write the index. Returns a summary dict.
-
-    `folder:DIR` (any layout: flat or in sub-folders), `webdataset:PATTERN` and `parquet:PATH` are read as
-    streams (`EarlyExitIndex.build_stream`): ids are relative paths, sample keys or the id column, and
-    unreadable images are skipped and listed (the summary's `skipped`, the index's meta)."""
-    from tgems.backbones import load_backbone
-    from tgems.data import load_dataset
-    from tgems.data.streaming import open_source
-    from tgems.features import extract_features
-
-    if budget is not None and max_drop is not None:
-        raise TGEMError("give --budget or --max-drop, not both")
-    if out is None:
-        raise TGEMError("give an output directory for the index")
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and ((out / INDEX_FILES[0]).is_file() or not any(out.iterdir()))):
-        raise TGEMError(f"{out} exists and is not a tgems index; refusing to replace it")
-    if rank < 1 or n_calib < 1:
-        raise TGEMError("rank and the number of calibration images must be >= 1")
-    bb = load_backbone(model, device=device, dtype=dtype)
-    im = load_index_model(index_model, bb)
-    stream = is_stream_spec(data)
-    source = open_source(data) if stream else None
-    ds = None if stream else load_dataset(data, n=n, seed=seed)
-    calibration = {"goal": "model_default", "tau": im.config.get("tau", NEVER)}
-    tau = None
-    if budget is not None or max_drop is not None:
-        if calib is not None or stream:
-            cds = sample_images(calib or data, n_calib, seed)
-        else:
-            pick = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n_calib])
-            cds = ds.subset(pick)
-        feats = extract_features(bb, cds, progress=progress, desc="calibration features")
-        text = bb.encode_text(reference_texts(cds)) if max_drop is not None else None
-        tau, calibration = calibrate_index(im, feats.z, budget=budget, max_drop=max_drop, delta=delta,
-                                           text=text, rank=rank)
-        calibration["calib"] = calib or f"{n_calib} images of {data} (seed {seed})"
-    meta = {"data": data, "model": model, "index_model": str(index_model), "seed": seed}
-    if stream:
-        index = EarlyExitIndex.build_stream(bb, source, im, tau=tau, n=n, calibration=calibration, meta=meta,
-                                            workers=workers, progress=progress)
-    else:
-        index = EarlyExitIndex.build(bb, ds, im, tau=tau, calibration=calibration, progress=progress, meta=meta)
-    index.save(out)
-    skipped = index.meta.get("skipped", [])
-    return {"index": str(out), "images": len(index), "mean_layers": round(index.mean_layers, 4),
-            "num_layers": bb.num_layers, "flops_ratio": round(index.flops_ratio, 4), "tau": index.tau,
-            "calibration": calibration, "skipped": skipped}
-
-
-def search(index_dir, query: str | None = None, image=None, k: int = 10, model: str | None = None,
-           device="cpu", dtype="float32") -> dict:
-    """`tgems search`: top-k of a text query or (with `image`) of a query image. Returns a dict.
-    `model` None: the backbone the index was built with (its `--model`)."""
-    from tgems.backbones import load_backbone
-
-    k = _check_k(k)
-    if (query is None) == (image is None):
-        raise TGEMError("give a text query or --image, not both" if query is not None else "give a text query or --image")
-    if query is not None and (not isinstance(query, str) or not query.strip()):
-        raise TGEMError("the query is empty: give a non-empty text")
-    path = Path(index_dir)
-    header, _ = _read_dir(path, INDEX_FILES, "tgems index")
-    model = model or (header.get("meta") or {}).get("model") or header.get("backbone")
-    bb = load_backbone(model, device=device, dtype=dtype)
-    index = EarlyExitIndex.load(path, bb)
-    hits = index.search_text(query, k) if query is not None else index.search_image(image, k)
-    return {"index": str(path), "query": query if query is not None else str(image), "k": k,
-            "hits": [{"rank": r + 1, "id": h.id, "score": round(h.score, 6), "exit_layer": h.exit_layer,
-                      **({"path": index.path_of(h.id)} if index.path_of(h.id) else {})}
-                     for r, h in enumerate(hits)]}
-
-
-def summary_line(index: EarlyExitIndex, query: str = "a small red star near the top left", k: int = 3) -> str:
-    """One line for the demo: the top hits of one text query and what the index cost."""
-    hits = index.search_text(query, k)
-    L = index.backbone.num_layers
-    tops = ", ".join(f"{h.id} ({h.score:.3f}, layer {h.exit_layer})" for h in hits)
-    return (f'retrieval: "{query}" -> {tops}; index of {len(index)} images at {index.mean_layers:.2f} of {L} layers, '
-            f"FLOPs ratio {index.flops_ratio:.3f}")

@@ -14,10 +14,12 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from tgems.errors import TGEMError
+from tgems.options import BATCH_SIZE, DELTA, NEVER_EXIT, SEED_MAX, integer, label_list, number
 
 DEFAULT_MODEL = "embedded"
 DEFAULT_TGEM = "embedded:cls"
@@ -25,47 +27,26 @@ DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("classify", "embed")
 ENGINES = ("local", "ray")
 SCHEDULERS = ("drop", "depth")  # a job's encoding: exit-and-drop micro-batches, or depth queues (tgems.jobs.depth)
-NEVER_EXIT = 2.0  # the largest threshold (calibration.NEVER_EXIT: scores are probabilities)
 
 
-def _number(value, what: str, lo: float, hi: float, lo_open=True, hi_open=False) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TGEMError(f"{what} must be a number, got {value!r}") from None
-    ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)  # also refuses nan
-    if not ok:
-        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise TGEMError(f"{what} must lie in {span}, got {x}")
-    return x
+@runtime_checkable
+class Predictor(Protocol):
+    """What a job, Ray's actors and the server run: class texts and `predict(images) -> Prediction` (labels,
+    probabilities, exit layers, FLOPs, and the exit embeddings for the embed task). `build()` makes one; any
+    object of this shape runs too."""
+
+    labels: list
+
+    def predict(self, images): ...
 
 
-def _int(value, what: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        span = f">= {lo}" if hi is None else f"in {lo} .. {hi}"
-        raise TGEMError(f"{what} must be an integer {span}, got {value!r}")
-    return value
+@runtime_checkable
+class EarlyExitPredictor(Predictor, Protocol):
+    """A predictor whose encoder a scheduler runs itself, block by block: its backbone and its exit policy."""
 
+    backbone: object
 
-def check_label_list(labels) -> list[str]:
-    """Class texts (a list, or one comma-separated string): at least two, non-empty, no duplicates."""
-    if labels is None:
-        raise TGEMError("give --labels, --labels-file or --classifier")
-    if isinstance(labels, str):
-        labels = [t for t in labels.split(",") if t.strip()]
-    labels = list(labels)
-    if not labels:
-        raise TGEMError("the label list is empty")
-    if any(not isinstance(t, str) or not t.strip() for t in labels):
-        raise TGEMError("every label must be a non-empty string")
-    labels = [t.strip() for t in labels]
-    seen = set()
-    dups = sorted({t for t in labels if t in seen or seen.add(t)})
-    if dups:
-        raise TGEMError(f"duplicate labels: {', '.join(dups)}")
-    if len(labels) < 2:
-        raise TGEMError("give at least two class texts")
-    return labels
+    def policy(self): ...
 
 
 def read_label_file(path) -> list[str]:
@@ -76,11 +57,12 @@ def read_label_file(path) -> list[str]:
         raise TGEMError(f"cannot read labels file {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class PredictorSpec:
     """A predictor: a saved `classifier` directory, or `model` + `tgem` + `labels` (+ `templates`); and a goal
-    (`budget` or `max_drop` with `delta`, calibrated on `calib`, or a hand-set `tau`). Plain data, so it
-    travels to Ray actors and into `_SUCCESS`; `build()` makes the `EarlyExitClassifier`.
+    (`budget` or `max_drop` with `delta`, calibrated on `calib`, or a hand-set `tau`). Plain, frozen data: it
+    travels to Ray actors and into `_SUCCESS`; `check()` returns a checked copy, `build()` makes the
+    `EarlyExitClassifier` and keeps nothing.
 
     `model=None` means the default model, or, with a `classifier`, the backbone it was saved with (a given
     `model` is checked against the classifier's backbone fingerprint)."""
@@ -92,20 +74,25 @@ class PredictorSpec:
     templates: list | None = None
     budget: float | None = None
     max_drop: float | None = None
-    delta: float = 0.1
+    delta: float = DELTA
     calib: str | None = None
     tau: float | None = None
     label_free: bool = False
     device: str = "cpu"
     dtype: str = "float32"
-    batch_size: int = 64
     seed: int = 0
 
+    @property
+    def calibrated(self) -> bool:
+        """Built with a calibration (a goal on --calib images), not only from the options."""
+        return self.budget is not None or self.max_drop is not None
+
     def check(self) -> "PredictorSpec":
-        """Every option checked once, before any model is loaded; returns self."""
+        """Every option checked once, before any model is loaded; returns the checked (normalised) copy."""
+        fixed = {}
         if self.classifier is not None:
-            self.classifier = str(self.classifier)
-            if not Path(self.classifier).expanduser().is_dir():
+            fixed["classifier"] = str(self.classifier)
+            if not Path(fixed["classifier"]).expanduser().is_dir():
                 raise TGEMError(f"saved classifier {self.classifier} is not a directory")
             if self.labels:
                 raise TGEMError("--classifier already holds its labels; drop --labels")
@@ -114,7 +101,7 @@ class PredictorSpec:
             if self.tgem is not None:
                 raise TGEMError("--classifier already holds its T-GEM; drop --tgem")
         else:
-            self.labels = check_label_list(self.labels)
+            fixed["labels"] = label_list(self.labels)
             from tgems.artifacts import TGEM
             from tgems.pretrained import tgem_path
 
@@ -122,32 +109,30 @@ class PredictorSpec:
             if not (tgem / TGEM.config).is_file() or not (tgem / TGEM.tensors).is_file():
                 raise TGEMError(f"{tgem} is not a T-GEM checkpoint (expected {TGEM.config} and {TGEM.tensors})")
         if self.templates is not None:
-            self.templates = [str(t) for t in self.templates]
-            if not self.templates or any("{}" not in t for t in self.templates):
+            fixed["templates"] = [str(t) for t in self.templates]
+            if not fixed["templates"] or any("{}" not in t for t in fixed["templates"]):
                 raise TGEMError("every template must hold {} where the label goes, e.g. 'a photo of {}'")
         if self.budget is not None and self.max_drop is not None:
             raise TGEMError("give --budget or --max-drop, not both")
-        goal = self.budget is not None or self.max_drop is not None
-        if self.tau is not None and goal:
+        if self.tau is not None and self.calibrated:
             raise TGEMError("--tau sets the threshold directly; it cannot be combined with --budget/--max-drop")
-        if goal and not self.calib:
+        if self.calibrated and not self.calib:
             raise TGEMError("--budget/--max-drop need --calib SPEC (held-out images to calibrate on)")
-        if self.calib and not goal:
+        if self.calib and not self.calibrated:
             raise TGEMError("--calib is only used with --budget or --max-drop")
         if self.budget is not None:
-            self.budget = _number(self.budget, "budget", 0, 1)
+            fixed["budget"] = number(self.budget, "budget", 0, 1)
         if self.max_drop is not None:
-            self.max_drop = _number(self.max_drop, "max-drop", 0, 1, hi_open=True)
-        self.delta = _number(self.delta, "delta", 0, 1, hi_open=True)
+            fixed["max_drop"] = number(self.max_drop, "max-drop", 0, 1, hi_open=True)
+        fixed["delta"] = number(self.delta, "delta", 0, 1, hi_open=True)
         if self.tau is not None:
-            self.tau = _number(self.tau, f"tau ({NEVER_EXIT:g} never exits early)", 0, NEVER_EXIT, lo_open=False)
+            fixed["tau"] = number(self.tau, f"tau ({NEVER_EXIT:g} never exits early)", 0, NEVER_EXIT, lo_open=False)
         if self.dtype not in DTYPES:
             raise TGEMError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.device, str) or not self.device:
             raise TGEMError(f"device must be a name such as cpu, cuda or cuda:1, got {self.device!r}")
-        _int(self.batch_size, "batch size", 1)
-        _int(self.seed, "seed", 0, 2 ** 32 - 1)
-        return self
+        integer(self.seed, "seed", 0, SEED_MAX)
+        return replace(self, **fixed)
 
     def build(self, backbone=None, progress: bool = False, log=None):
         """The EarlyExitClassifier this spec describes (`backbone`: an already loaded one to use)."""
@@ -164,10 +149,13 @@ class PredictorSpec:
 
             read_tgem_config(self.tgem or DEFAULT_TGEM)
             clf = EarlyExitClassifier(backbone, self.tgem or DEFAULT_TGEM, self.labels, self.templates)
-        if self.budget is not None or self.max_drop is not None:
+        if self.calibrated:
             from tgems.data import load_dataset
 
-            clf = clf.calibrate(load_dataset(self.calib, seed=self.seed), budget=self.budget, max_drop=self.max_drop,
+            calib = load_dataset(self.calib, seed=self.seed)
+            if not self.label_free and (calib.labels >= 0).all():
+                clf.match_labels(calib)  # its classes against the label set before minutes of encoding
+            clf = clf.calibrate(calib, budget=self.budget, max_drop=self.max_drop,
                                 delta=self.delta, use_labels=not self.label_free, progress=progress)
             if log:
                 how = "on labels" if clf.calibration["labels_used"] else "label-free (agreement with the full model)"
@@ -175,23 +163,11 @@ class PredictorSpec:
                     f"{clf.calibration['calib_mean_layers']:.2f} mean layers")
         elif self.tau is not None:
             clf = clf.with_tau(self.tau)
-        self.__dict__["_built"] = clf
         return clf
-
-    def built(self):
-        """The classifier of the last `build()` (built now if there was none)."""
-        return self.__dict__.get("_built") or self.build()
 
     def options(self) -> dict:
         """The options as plain data (what a Ray actor receives)."""
         return asdict(self)
-
-    def settings(self) -> dict:
-        """What determines the rows, from the built predictor (the job fingerprint and _SUCCESS)."""
-        return predictor_settings(self.built())
-
-    def fingerprint(self) -> str:
-        return fingerprint(predictor_settings(self.built()))
 
 
 def fingerprint(settings: dict) -> str:
@@ -269,17 +245,18 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobSpec:
-    """A streamed job: the input `data` spec, the output directory, the task, and how it runs (decoding
-    `workers`, the `engine` and its Ray options, the reader's options). The encoder batch size is the
-    predictor's (`PredictorSpec.batch_size`). `scheduler`: "drop" runs one micro-batch at a time, its later
-    blocks on the rows that have not exited; "depth" keeps every block's batch full, refilled from the
-    stream (for accelerators; on a CPU the two measured equally fast, docs/batch.md)."""
+    """A streamed job: the input `data` spec, the output directory, the task, the encoder `batch_size`, and
+    how it runs (decoding `workers`, the `engine` and its Ray options, the reader's options). `scheduler`:
+    "drop" runs one micro-batch at a time, its later blocks on the rows that have not exited; "depth" keeps
+    every block's batch full, refilled from the stream (for accelerators; on a CPU the two measured equally
+    fast, docs/batch.md)."""
 
     data: str
     out: str
     task: str = "classify"
+    batch_size: int = BATCH_SIZE
     workers: int = 2
     engine: str = "local"
     address: str | None = None
@@ -291,6 +268,7 @@ class JobSpec:
     scheduler: str = "drop"
 
     def check(self) -> "JobSpec":
+        """Every option checked; returns the checked copy (`out` a string, `workers` at most the CPUs)."""
         if not self.data or not self.out:
             raise TGEMError("a streamed job needs both --data SPEC and --out DIR")
         if self.task not in TASKS:
@@ -299,18 +277,19 @@ class JobSpec:
             raise TGEMError(f"unknown engine '{self.engine}' (use {' or '.join(ENGINES)})")
         if self.scheduler not in SCHEDULERS:
             raise TGEMError(f"unknown scheduler '{self.scheduler}' (use {' or '.join(SCHEDULERS)})")
-        _int(self.workers, "--workers (decoding processes; 0 decodes in a thread)", 0)
-        cpus = available_cpus()
-        if self.workers > cpus:
-            warnings.warn(f"--workers {self.workers} is more than the {cpus} CPUs here; using {cpus} workers",
+        integer(self.batch_size, "batch size", 1)
+        integer(self.workers, "--workers (decoding processes; 0 decodes in a thread)", 0)
+        workers, cpus = self.workers, available_cpus()
+        if workers > cpus:
+            warnings.warn(f"--workers {workers} is more than the {cpus} CPUs here; using {cpus} workers",
                           stacklevel=2)
-            self.workers = cpus
+            workers = cpus
         if self.concurrency is not None:
-            _int(self.concurrency, "--concurrency (Ray actors)", 1)
-        self.num_gpus = _number(self.num_gpus, "--num-gpus", 0, 1024, lo_open=False)
+            integer(self.concurrency, "--concurrency (Ray actors)", 1)
         if self.block is not None:
-            _int(self.block, "--block (files per part)", 1)
-        return self
+            integer(self.block, "--block (files per part)", 1)
+        return replace(self, out=str(self.out), workers=workers,
+                       num_gpus=number(self.num_gpus, "--num-gpus", 0, 1024, lo_open=False))
 
     def reader_options(self) -> dict:
         return {"block": self.block, "image_column": self.image_column, "id_column": self.id_column}
@@ -344,10 +323,3 @@ def specs_from_options(**options) -> tuple[PredictorSpec, JobSpec | None]:
     job_opts = {k: v for k, v in options.items() if k in JOB_FIELDS and v is not None}
     job = JobSpec(**{"data": None, "out": None, **job_opts}) if job_opts.get("data") or job_opts.get("out") else None
     return pred, job
-
-
-def specs_from_args(args, job: bool = True) -> tuple[PredictorSpec, JobSpec | None]:
-    """An argparse namespace -> (PredictorSpec, JobSpec or None). `job=False`: `--out` is not a job's
-    (as for `tgems calibrate`)."""
-    names = set(PREDICTOR_FIELDS) | {"labels_file"} | (set(JOB_FIELDS) if job else set())
-    return specs_from_options(**{k: v for k, v in vars(args).items() if k in names})

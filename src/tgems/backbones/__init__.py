@@ -1,13 +1,19 @@
 """Layer-wise access to image-text models. `load_backbone` reads a checkpoint's `model_type` and builds the
-family registered for it; a new family is one file and one line in BACKBONES."""
+family registered for it; a new family is one file and one line in BACKBONES.
+
+torch is imported on first use, not here: decoding workers unpickle `geometry.ImageGeometry` (the resize and
+crop a backbone wants) and stay free of it."""
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-import torch
-
-from tgems.backbones.base import Backbone
 from tgems.errors import TGEMError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tgems.backbones.base import Backbone
 
 BACKBONES = {
     "clip": "tgems.backbones.hf_clip:CLIPBackbone",
@@ -23,7 +29,17 @@ def backbone_class(model_type: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def __getattr__(name):
+    if name == "Backbone":
+        from tgems.backbones.base import Backbone
+
+        return Backbone
+    raise AttributeError(f"module 'tgems.backbones' has no attribute '{name}'")
+
+
 def as_dtype(dtype) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -32,6 +48,8 @@ def as_dtype(dtype) -> torch.dtype:
 
 
 def as_device(device) -> torch.device:
+    import torch
+
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -43,11 +61,13 @@ def as_device(device) -> torch.device:
     return device
 
 
-def load_backbone(name_or_path, device="cpu", dtype=torch.float32) -> Backbone:
+def load_backbone(name_or_path, device="cpu", dtype="float32") -> Backbone:
     """Load a model: "embedded", a local HF directory, or a hub id (HF cache first).
 
     The weights are read in float32 and fingerprinted before the cast to `dtype`, so T-GEMs,
     classifiers and indexes saved in one dtype load in any other."""
+    import torch
+
     from tgems.backbones.base import weights_fingerprint
     from tgems.backbones.hub import check_weights, load_parts, resolve
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tgems.data.geometry import ImageGeometry
+from tgems.backbones.geometry import ImageGeometry
 from tgems.errors import TGEMError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -8,6 +8,7 @@ import torch
 from tgems.calibration import calibrate_max_drop, simulate
 from tgems.classifier import EarlyExitClassifier
 from tgems.features import LayerFeatures, extract_features
+from tgems.options import DELTA
 
 
 def guarantee_pool(backbone, n_calib: int = 2900, n_test: int = 20000, seed: int = 0,
@@ -21,7 +22,7 @@ def guarantee_pool(backbone, n_calib: int = 2900, n_test: int = 20000, seed: int
     return extract_features(backbone, data, progress=progress, desc="guarantee pool")
 
 
-def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 0.01, delta: float = 0.1,
+def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 0.01, delta: float = DELTA,
                     n_splits: int = 20, seed: int = 0, calib_fraction: float = 0.5) -> dict:
     """Re-split a pool into calibration / test halves n_splits times; calibrate max_drop on one half and
     measure the disagreement with the full model on the other."""

@@ -22,6 +22,7 @@ from tgems.features import LayerFeatures, extract_features
 from tgems.jumper import exit_head_flops
 from tgems.policies import ExitAtLayer, NeverExit
 from tgems.tgem import read_tgem_config
+from tgems.options import DELTA
 
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
 METHODS = ("full", "lens", "static", "probe", "sample", "tgem_cls", "tgem_rates", "oracle")
@@ -211,7 +212,7 @@ class Recorder:
 
 def run_eval(backbone, tgem_dirs: list, test, calib, train=None, shots=None, budgets=DEFAULT_BUDGETS,
              k_shot: int = 16, seed: int = 0, progress: bool = True, speed: bool = True, timing_n: int = 1024,
-             templates=None, max_drop: float | None = None, delta: float = 0.1, log=print) -> dict:
+             templates=None, max_drop: float | None = None, delta: float = DELTA, log=print) -> dict:
     """Every method, every budget; returns {"results": [...], "extras": {...}} (the schema: docs/design.md).
 
     Calibration matches the calibration images to the test label set by class text; test classes without
@@ -368,7 +369,7 @@ def split_dataset(data, seed: int, frac: float = 0.5):
 
 def make_report(backbone, model_name: str, tgem_dirs: list, test, calib, train=None, shots=None,
                 budgets=DEFAULT_BUDGETS, seed: int = 0, progress: bool = True, speed: bool = True,
-                max_drop: float | None = None, delta: float = 0.1, log=print) -> tuple[dict, dict]:
+                max_drop: float | None = None, delta: float = DELTA, log=print) -> tuple[dict, dict]:
     """(report, raw): the JSON report (schema in docs/design.md) and run_eval's raw output."""
     out = run_eval(backbone, tgem_dirs, test, calib, train, shots, budgets, seed=seed, progress=progress,
                    speed=speed, max_drop=max_drop, delta=delta, log=log)
@@ -383,7 +384,7 @@ def make_report(backbone, model_name: str, tgem_dirs: list, test, calib, train=N
 def evaluate(model: str, tgem_dirs: list, data: str, n=None, calib=None, train=None, shots=None,
              n_train: int = 4000, budgets=DEFAULT_BUDGETS, seed: int = 0, speed: bool = True,
              progress: bool = True, device="cpu", dtype="float32", max_drop: float | None = None,
-             delta: float = 0.1, log=print) -> dict:
+             delta: float = DELTA, log=print) -> dict:
     """`tgems eval`: load the model and data by name, run every method, return the report."""
     from tgems.backbones import load_backbone
     from tgems.data import load_dataset

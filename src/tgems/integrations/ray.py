@@ -5,11 +5,12 @@
     out = ds.map_batches(tr.TGEMPredictor, fn_constructor_kwargs={"classifier": "my_classifier/"},
                          batch_size=64, batch_format="pyarrow", num_gpus=1, **tr.actor_pool(ray, 4))
 
-`TGEMPredictor` builds the classifier once per actor (from a spec object's `.build()`, a saved directory,
-or a spec's fields as a dict) and returns the columns of the local runner's parts, plus `error` (null
+`TGEMPredictor` builds the classifier once per actor (from a `PredictorSpec`, a saved directory, or a
+spec's fields as a dict) and returns the columns of the local runner's parts, plus `error` (null
 for an image that was classified, the reason otherwise).
 
-`run_ray_job` is `tgems classify|embed --engine ray`: the same spec object is built once in each actor;
+`run_ray_job` is `tgems classify|embed --engine ray`: the spec is built (and calibrated) once, here; each
+actor gets its plain options, or the calibrated classifier saved, and builds it once;
 the actors read, decode, preprocess and encode the input shard by shard (a folder's blocks in pieces of
 whole batches), and this process writes each part when its shard is complete, with the local runner's
 writer. So a Ray job resumes as a local one does (finished parts are skipped; a killed job, rerun, ends
@@ -28,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tgems.data.streaming import Item, Record, _one_line
+from tgems.jobs.sources import Item, Record, _one_line
 from tgems.errors import TGEMError
 from tgems.jobs.lister import ID_COLUMNS, find_image_column
 from tgems.jobs.readers import prepare_records
-from tgems.jobs.runner import check_job_args, job_record, open_job, predict_items, reader_geometry, run_job
-from tgems.jobs.writer import PartWriter, finish_job, result_schema, shard_done
+from tgems.jobs.runner import check_job_predictor, job_record, open_job, run_job
+from tgems.jobs.stages import predict_items, reader_geometry
+from tgems.jobs.writer import PartWriter, disk_full_is_user_error, finish_job, result_schema, shard_done
+from tgems.spec import JobSpec, predictor_settings
 
 SMALL_JOB_BATCHES = 2  # per actor: fewer images than this many batches per actor run locally
 
@@ -60,24 +63,61 @@ def actor_pool(ray, concurrency) -> dict:
     return {"compute": ray.data.ActorPoolStrategy(size=int(concurrency))}
 
 
-def _spec_class():
-    from tgems.spec import PredictorSpec
-
-    return PredictorSpec
-
-
 def build_classifier(classifier):
-    """A spec object (anything with `.build()`), a saved-classifier directory, a spec's fields as a dict, or a
-    ready classifier."""
-    if hasattr(classifier, "build") and callable(classifier.build):
-        return classifier.build()
+    """A `PredictorSpec`, a saved-classifier directory, a spec's fields as a dict, or a ready predictor (anything
+    with `predict`) -> the predictor."""
+    from tgems.spec import Predictor, PredictorSpec
+
+    if isinstance(classifier, PredictorSpec):
+        return classifier.check().build()
     if isinstance(classifier, dict):
-        return _spec_class()(**classifier).build()
+        return PredictorSpec(**classifier).check().build()
     if isinstance(classifier, (str, os.PathLike)):
-        return _spec_class()(classifier=str(classifier)).check().build()
-    if hasattr(classifier, "predict"):
+        return PredictorSpec(classifier=str(classifier)).check().build()
+    if isinstance(classifier, Predictor):
         return classifier
     raise TGEMError(f"cannot build a classifier from {type(classifier).__name__}")
+
+
+def actor_payload(spec, clf) -> dict:
+    """What each actor receives to make its predictor: a spec's plain options; for a calibrated spec the
+    classifier calibrated here, saved (its files as bytes, so that every node can load it): a job calibrates
+    once, not once per actor; a ready predictor object as it is."""
+    from tgems.spec import PredictorSpec
+
+    if not isinstance(spec, PredictorSpec):
+        return {"predictor": clf}
+    if not spec.calibrated:
+        return {"options": spec.options()}
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tgems-ray-") as tmp:
+        saved = Path(clf.save(Path(tmp) / "classifier"))
+        files = {p.name: p.read_bytes() for p in sorted(saved.iterdir()) if p.is_file()}
+    return {"saved": files, "options": {"model": spec.model, "device": spec.device, "dtype": spec.dtype}}
+
+
+def predictor_from_payload(payload: dict):
+    """The predictor an actor runs, from `actor_payload`."""
+    from tgems.spec import PredictorSpec
+
+    if "predictor" in payload:
+        return payload["predictor"]
+    if "saved" not in payload:
+        spec = PredictorSpec(**payload["options"])
+        if spec.calibrated:
+            raise TGEMError("internal: an actor was asked to calibrate (the driver calibrates once)")
+        return spec.check().build()
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="tgems-ray-"))
+    try:
+        for name, data in payload["saved"].items():
+            (tmp / name).write_bytes(data)
+        return PredictorSpec(classifier=str(tmp), **payload["options"]).check().build()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _column_lists(batch) -> dict:
@@ -205,14 +245,14 @@ def plan_actors(cpus: float, gpus: float, concurrency: int | None, num_gpus: flo
 
 
 class ShardWorker:
-    """A Ray actor: builds the predictor once from the spec, then reads, decodes, preprocesses and encodes
+    """A Ray actor: makes the predictor once (`predictor_from_payload`), then reads, decodes, preprocesses and encodes
     pieces of shards with the local runner's own functions."""
 
-    def __init__(self, spec, task: str, threads: int):
+    def __init__(self, payload: dict, task: str, threads: int):
         import torch
 
         torch.set_num_threads(int(threads))
-        self.predictor = build_classifier(spec)
+        self.predictor = predictor_from_payload(payload)
         self.task = task
         self.geometry = reader_geometry(self.predictor)
 
@@ -223,7 +263,7 @@ class ShardWorker:
 
         import pyarrow as pa
 
-        from tgems.data.streaming import Chunk
+        from tgems.jobs.sources import Chunk
         from tgems.jobs.runner import encoded
 
         shard = source.shards[unit["shard"]]
@@ -277,81 +317,78 @@ def _say(progress: bool, text: str):
         print(f"tgems: {text}", file=sys.stderr, flush=True)
 
 
-def run_ray_job(classifier, data, out_dir, *, task: str = "classify", batch_size: int = 64,
-                concurrency: int | None = None, num_gpus: float = 0, address: str | None = None,
-                progress: bool = True, settings: dict | None = None, workers: int = 2,
-                scheduler: str | None = None) -> dict:
+def run_ray_job(classifier, job: JobSpec, *, settings: dict | None = None, progress: bool = True,
+                log=None, source=None) -> dict:
     """A whole classify/embed job on Ray actors, writing the local runner's OUT_DIR layout, resumable by shard.
 
-    `classifier` is a spec object (built in every actor with `.build()`), a saved classifier directory, a
-    spec's fields as a dict, or a ready classifier. With `progress` False Ray's own logs are silenced too.
-    `workers` are the decoding processes of a small job run locally. `scheduler`: as `run_job`'s.
+    `classifier` is a `PredictorSpec` (built once here; each actor gets its plain options, or, when it is
+    calibrated, the classifier calibrated here, saved), a saved classifier directory, a spec's fields as a
+    dict, or a ready predictor (sent to the actors as it is). With `progress` False Ray's own logs are
+    silenced too. `job.workers` are the decoding processes of a small job run locally.
     """
-    from tgems.data.streaming import StreamSource, open_source
-    from tgems.spec import default
+    from tgems.jobs.sources import open_source
+    from tgems.spec import PredictorSpec
 
     ray = require_ray()
-    scheduler = default("scheduler") if scheduler is None else scheduler
-    check_job_args(task, batch_size, scheduler, classifier if hasattr(classifier, "predict") else None)
-    source = data if isinstance(data, StreamSource) else open_source(data)
+    job = job.check()
+    task, batch_size, scheduler = job.task, job.batch_size, job.scheduler
     if isinstance(classifier, dict):
-        classifier = _spec_class()(**classifier)
+        classifier = PredictorSpec(**classifier)
     elif isinstance(classifier, (str, os.PathLike)):
-        classifier = _spec_class()(classifier=str(classifier)).check()
+        classifier = PredictorSpec(classifier=str(classifier))
+    if isinstance(classifier, PredictorSpec):
+        classifier = classifier.check()
+    source = source or open_source(job.data, **job.reader_options())
+    clf = classifier.build(log=log) if isinstance(classifier, PredictorSpec) else classifier
+    check_job_predictor(job, clf)
     if settings is None:
-        if hasattr(classifier, "settings"):
-            settings = classifier.settings()
-        else:
-            from tgems.spec import predictor_settings as describe_predictor
-
-            settings = describe_predictor(classifier)
-    if num_gpus < 0:
-        raise TGEMError(f"--num-gpus must be 0 or more, got {num_gpus:g}")
+        settings = predictor_settings(clf)
     n = source.num_items
 
     def run_locally(actors):
         _say(progress, f"small job ({n} images, fewer than {SMALL_JOB_BATCHES} batches of {batch_size} for each "
                        f"of {actors} Ray actors): running locally")
-        return run_job(build_classifier(classifier), source, out_dir, task=task, batch_size=batch_size,
-                       workers=workers, settings=settings, progress=progress, scheduler=scheduler)
+        return run_job(clf, job, settings=settings, progress=progress, source=source)
 
     def small(actors):
         return n is not None and n < SMALL_JOB_BATCHES * batch_size * actors
 
-    if address is None and not num_gpus and not ray.is_initialized():  # a local Ray would have these CPUs
-        actors = plan_actors(os.cpu_count() or 1, 0, concurrency, 0)[0]
+    if job.address is None and not job.num_gpus and not ray.is_initialized():  # a local Ray would have these CPUs
+        actors = plan_actors(os.cpu_count() or 1, 0, job.concurrency, 0)[0]
         if small(actors):
             return run_locally(actors)  # without starting Ray at all
     started = time.perf_counter()
-    connect(ray, address, quiet=not progress)  # before OUT_DIR is touched: no cluster, no _job.json
+    connect(ray, job.address, quiet=not progress)  # before OUT_DIR is touched: no cluster, no _job.json
     ray_ready = time.perf_counter()
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    if num_gpus and gpus < num_gpus:
-        raise TGEMError(f"--num-gpus {num_gpus:g} asks for GPUs, but the Ray cluster has {gpus:g}; "
+    if job.num_gpus and gpus < job.num_gpus:
+        raise TGEMError(f"--num-gpus {job.num_gpus:g} asks for GPUs, but the Ray cluster has {gpus:g}; "
                         f"leave out --num-gpus to run on its {cpus:g} CPUs")
-    actors, threads, why = plan_actors(cpus, gpus, concurrency, num_gpus)
+    actors, threads, why = plan_actors(cpus, gpus, job.concurrency, job.num_gpus)
     if small(actors):
         return run_locally(actors)
     _say(progress, f"Ray: {actors} actors x {threads} threads ({why})")
-    with open_job(out_dir, job_record(task, source, settings, batch_size, "ray", scheduler)) as (out, job):
+    with open_job(job.out, job_record(task, source, settings, batch_size, "ray", scheduler)) as (out, record):
         todo = [s for s in source.shards if not shard_done(out, s.index)]
         counts = {"written": 0, "skipped": len(source.shards) - len(todo), "images": 0}
         stats = {"ray_startup_s": ray_ready - started}
-        if todo:
-            _run_actors(ray, classifier, source, todo, out, task, batch_size, actors, threads, num_gpus, counts,
-                        stats, progress, scheduler)
-        return finish_job(out, job, task, started, counts, stats, {"actors": actors, "threads": threads})
+        with disk_full_is_user_error(out, counts, len(source.shards)):
+            if todo:
+                _run_actors(ray, actor_payload(classifier, clf), source, todo, out, task, batch_size, actors,
+                            threads, job.num_gpus, counts, stats, progress, scheduler)
+            return finish_job(out, record, task, started, counts, stats, {"actors": actors, "threads": threads})
 
 
-def _run_actors(ray, spec, source, todo, out, task, batch_size, actors, threads, num_gpus, counts, stats,
+def _run_actors(ray, payload, source, todo, out, task, batch_size, actors, threads, num_gpus, counts, stats,
                 progress, scheduler="drop"):
     """Pieces go to the actors (two in flight each); a shard's part is written when all its pieces are back,
     in order, so its rows do not depend on which actor finished first."""
     from tgems.jobs.runner import _Progress
 
     remote = ray.remote(ShardWorker).options(num_cpus=threads, num_gpus=num_gpus or 0)
-    pool = [remote.remote(spec, task, threads) for _ in range(actors)]
+    payload_ref = ray.put(payload)
+    pool = [remote.remote(payload_ref, task, threads) for _ in range(actors)]
     t = time.perf_counter()
     ray.get([a.__ray_ready__.remote() for a in pool])  # each has built its predictor
     stats["actor_startup_s"] = time.perf_counter() - t

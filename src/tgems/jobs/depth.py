@@ -1,4 +1,4 @@
-"""The encode stage of a batch job through depth queues (`--scheduler depth`, tgems.scheduler).
+"""The encode stage of a batch job through depth queues (`--scheduler depth`, tgems.scheduling.depth).
 
 Exit-and-drop (`predict_items`, one micro-batch at a time) runs the later blocks of a micro-batch on the
 rows that have not exited yet, and starts the next micro-batch only when its slowest row is done. Here
@@ -23,8 +23,9 @@ from tgems.errors import TGEMError
 
 def check_depth_predictor(predictor) -> None:
     """`--scheduler depth` runs the predictor's backbone and exit policy itself: it needs both."""
-    if not (hasattr(getattr(predictor, "backbone", None), "block") and callable(getattr(predictor, "policy", None))
-            and hasattr(predictor, "labels")):
+    from tgems.spec import EarlyExitPredictor
+
+    if not isinstance(predictor, EarlyExitPredictor):
         raise TGEMError(f"--scheduler depth needs an early-exit classifier (a backbone, labels and an exit policy), "
                         f"got {type(predictor).__name__}; use --scheduler drop")
 
@@ -48,7 +49,7 @@ def _pixels(predictor, items, stats):
     refuses (say, smaller than the crop) is an error record, as in `predict_items`."""
     import torch
 
-    from tgems.jobs.runner import encoder_input
+    from tgems.jobs.stages import encoder_input
 
     bb = predictor.backbone
     t = time.perf_counter()
@@ -81,7 +82,7 @@ def _table(predictor, pending, task):
     import numpy as np
 
     from tgems.classifier import Prediction
-    from tgems.jobs.runner import prediction_table
+    from tgems.jobs.stages import prediction_table
 
     if not pending.good:
         return None
@@ -101,7 +102,7 @@ def _table(predictor, pending, task):
 def depth_results(predictor, chunks, task: str, batch_size: int, stats: dict | None = None):
     """Chunks of a stream (any number of shards, in order) -> (chunk, table or None, encode errors) per chunk,
     in the same order, with the rows computed through a DepthScheduler of `batch_size` rows a step."""
-    from tgems.scheduler import DepthScheduler
+    from tgems.scheduling.depth import DepthScheduler
 
     check_depth_predictor(predictor)
     stats = {} if stats is None else stats

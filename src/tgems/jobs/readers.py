@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from tgems.data.streaming import Chunk, Item, StreamSource, _one_line, decode_image
+from tgems.jobs.sources import Chunk, Item, StreamSource, _one_line, decode_image
 from tgems.errors import TGEMError
+from tgems.options import BATCH_SIZE
 
 STAGES = ("read_s", "decode_s", "preprocess_s", "reader_wait_s", "wait_s")
 _HEADER = struct.Struct("!Q")
@@ -193,7 +194,7 @@ def _tasks(source: StreamSource, shards, chunk_size: int):
         yield shard, buf, True  # possibly empty: it closes the shard
 
 
-def stream_chunks(source: StreamSource, shards=None, *, chunk_size: int = 64, workers: int = 2,
+def stream_chunks(source: StreamSource, shards=None, *, chunk_size: int = BATCH_SIZE, workers: int = 2,
                   prefetch: int | None = None, geometry=None, stats: dict | None = None) -> Iterator[Chunk]:
     """Decoded (and, with `geometry`, preprocessed) chunks of the given shards, in order.
 

@@ -1,4 +1,4 @@
-"""Runner: the stages of a batch job put together, with the seconds each one took.
+"""Runner: the stages of a batch job put together (`tgems.jobs.stages`), with the seconds each one took.
 
     lister / source -> readers (decode + resize / crop, in workers) -> normalise + encode (this process)
     -> writer (one part per shard, errors, _SUCCESS)
@@ -15,123 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tgems.errors import TGEMError
-from tgems.spec import SCHEDULERS, default
-from tgems.jobs.writer import (TASKS, TOP_K, PartWriter, finish_job, locked, part_name, result_schema,
-                               shard_done)
+from tgems.spec import JobSpec, predictor_settings
+from tgems.jobs.stages import predict_items, reader_geometry
+from tgems.jobs.writer import TOP_K, PartWriter, disk_full_is_user_error, finish_job, locked, shard_done
 
 JOB_FORMAT = 1
 ENCODER_STAGES = ("normalize_s", "encode_s", "write_s")
-
-
-# ------------------------------------------------------------------------------------- the predictor stage
-
-
-def reader_geometry(predictor):
-    """The resize / crop the readers may apply for this predictor: its backbone's own, or None (a predictor
-    without a backbone transform gets decoded PIL images, as before)."""
-    transform = getattr(getattr(predictor, "backbone", None), "transform", None)
-    if transform is None or not hasattr(transform, "normalize"):
-        return None
-    return getattr(transform, "geometry", None)
-
-
-def encoder_input(predictor, images):
-    """Images as the readers give them -> what `predictor.predict` takes: normalised pixels when every image
-    is already a model-size array (the readers applied the backbone's geometry), else the images as they are."""
-    import numpy as np
-
-    geometry = reader_geometry(predictor)
-    if geometry is not None and images and all(isinstance(im, np.ndarray) and im.ndim == 3 for im in images):
-        shape = images[0].shape
-        if shape[:2] == tuple(geometry.crop_size) and all(im.shape == shape for im in images):
-            bb = predictor.backbone
-            return bb.transform.normalize(np.stack(images), bb.device)
-    return images
-
-
-def _embeddings(predictor, inputs, pred):
-    """The readout z at each image's exit layer: Prediction.embeddings when the classifier gives it,
-    else the same engine run with the classifier's own policy (older classifiers)."""
-    import numpy as np
-
-    emb = getattr(pred, "embeddings", None)
-    if emb is not None:
-        return np.asarray(emb, dtype=np.float32)
-    import torch
-
-    from tgems.engine import run_early_exit
-
-    bb = predictor.backbone
-    pixels = inputs if isinstance(inputs, torch.Tensor) else bb.preprocess(inputs)
-    res = run_early_exit(bb, pixels, predictor.policy())
-    if not np.array_equal(res.exit_layers.numpy(), np.asarray(pred.exit_layers)):
-        raise TGEMError("internal: embedding run took other exits than predict")
-    return res.features.float().cpu().numpy()
-
-
-def predict_table(predictor, images, ids, source_labels, task: str):
-    """Run the predictor on images (PIL images, uint8 arrays, or normalised pixels) and return the part
-    columns as a pyarrow Table."""
-    return prediction_table(predictor, predictor.predict(images), ids, source_labels, task, images)
-
-
-def prediction_table(predictor, pred, ids, source_labels, task: str, images=None):
-    """A Prediction -> the part columns as a pyarrow Table (`images`: what an older classifier without
-    Prediction.embeddings is run on again, for the embed task)."""
-    import numpy as np
-
-    import pyarrow as pa
-
-    exit_layers = np.asarray(pred.exit_layers, dtype=np.int16)
-    flops_ratio = np.asarray(pred.flops_ratio, dtype=np.float32)
-    cols = {"id": pa.array([str(i) for i in ids], pa.string()),
-            "source_label": pa.array(list(source_labels), pa.string())}
-    if task == "classify":
-        probs = np.asarray(pred.probs, dtype=np.float32)
-        idx = np.asarray(pred.indices, dtype=np.int64)
-        k = min(TOP_K, probs.shape[1])
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        labels = list(predictor.labels)
-        cols.update(label=pa.array(list(pred.labels), pa.string()), label_index=pa.array(idx.astype(np.int32)),
-                    probability=pa.array(probs[np.arange(len(idx)), idx]),
-                    top5_labels=pa.array([[labels[j] for j in row] for row in order], pa.list_(pa.string())),
-                    top5_probs=pa.array(list(np.take_along_axis(probs, order, 1)), pa.list_(pa.float32())))
-    else:
-        emb = _embeddings(predictor, images, pred)
-        cols["embedding"] = pa.array(list(emb), pa.list_(pa.float32()))
-    cols.update(exit_layer=pa.array(exit_layers), flops_ratio=pa.array(flops_ratio))
-    return pa.table(cols, schema=result_schema(task))
-
-
-def predict_items(predictor, items, task: str, stats: dict | None = None):
-    """Decoded items (good ones) -> (table, [(id, reason)]). A batch the predictor refuses is retried image
-    by image, so one odd image (say, smaller than the crop) is an error record, not a failed job."""
-    if not items:
-        return None, []
-    stats = {} if stats is None else stats
-    clock = time.perf_counter
-    t = clock()
-    inputs = encoder_input(predictor, [it.image for it in items])
-    t1 = clock()
-    stats["normalize_s"] = stats.get("normalize_s", 0.0) + t1 - t
-    try:
-        try:
-            return predict_table(predictor, inputs, [it.id for it in items], [it.source_label for it in items],
-                                 task), []
-        except TGEMError as e:
-            if len(items) == 1:
-                return None, [(items[0].id, f"cannot encode image: {e}")]
-        import pyarrow as pa
-
-        tables, errors = [], []
-        for i, it in enumerate(items):
-            try:
-                tables.append(predict_table(predictor, inputs[i:i + 1], [it.id], [it.source_label], task))
-            except TGEMError as e:
-                errors.append((it.id, f"cannot encode image: {e}"))
-        return (pa.concat_tables(tables) if tables else None), errors
-    finally:
-        stats["encode_s"] = stats.get("encode_s", 0.0) + clock() - t1
 
 
 # ------------------------------------------------------------------------------------- progress
@@ -182,17 +71,12 @@ def job_record(task, source, settings, batch_size, engine, scheduler="drop"):
     return record
 
 
-def check_job_args(task, batch_size, scheduler="drop", predictor=None):
-    if scheduler not in SCHEDULERS:
-        raise TGEMError(f"unknown scheduler '{scheduler}' (use {' or '.join(SCHEDULERS)})")
-    if scheduler == "depth" and predictor is not None:
+def check_job_predictor(job, predictor) -> None:
+    """What the job's scheduler needs of the predictor (the depth queues: an early-exit classifier)."""
+    if job.scheduler == "depth":
         from tgems.jobs.depth import check_depth_predictor
 
         check_depth_predictor(predictor)
-    if task not in TASKS:
-        raise TGEMError(f"unknown task '{task}' (use one of {', '.join(TASKS)})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TGEMError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
 @contextmanager
@@ -209,59 +93,57 @@ def open_job(out_dir, record: dict):
         yield out, prepare_out_dir(out, record, record["engine"])
 
 
-def run_job(predictor, data, out_dir, *, task: str = "classify", batch_size: int = 64, workers: int = 2,
-            prefetch: int | None = None, settings: dict | None = None, progress: bool = True,
-            source_options: dict | None = None, scheduler: str | None = None) -> dict:
-    """Stream `data` (a spec or a StreamSource) through `predictor` into `out_dir`; resume what is there.
+def run_job(predictor, job: JobSpec, *, settings: dict | None = None, progress: bool = True,
+            source=None, prefetch: int | None = None) -> dict:
+    """Stream `job.data` through `predictor` into `job.out`; resume what is there.
 
-    Returns the summary also written to ``out_dir/_SUCCESS``. `settings` describe the predictor for the
-    resume check (default: a fingerprint of the object's labels, threshold and weights). A predictor with a
-    `backbone` gets its images resized and cropped by the decoding workers (its backbone's own geometry)
-    and normalised here. `scheduler`: "drop" (micro-batches, exit-and-drop) or "depth" (depth queues
-    refilled from the stream, tgems.jobs.depth); default JobSpec's.
+    Returns the summary also written to ``job.out/_SUCCESS``. `settings` describe the predictor for the
+    resume check (default: `predictor_settings` of the object: its labels, threshold and weights). A
+    predictor with a `backbone` gets its images resized and cropped by the decoding workers (its backbone's
+    own geometry) and normalised here. `source`: `job.data` already opened (a StreamSource).
     """
-    from tgems.data.streaming import StreamSource, open_source
+    from tgems.jobs.sources import open_source
     from tgems.jobs.readers import stream_chunks
 
-    scheduler = default("scheduler") if scheduler is None else scheduler
-    check_job_args(task, batch_size, scheduler, predictor)
-    source = data if isinstance(data, StreamSource) else open_source(data, **(source_options or {}))
+    job = job.check()
+    check_job_predictor(job, predictor)
+    task, batch_size, workers, scheduler = job.task, job.batch_size, job.workers, job.scheduler
+    source = source or open_source(job.data, **job.reader_options())
     started = time.perf_counter()
     if settings is None:
-        from tgems.spec import predictor_settings as describe_predictor
-
-        settings = describe_predictor(predictor)
-    with open_job(out_dir, job_record(task, source, settings, batch_size, "local", scheduler)) as (out, job):
+        settings = predictor_settings(predictor)
+    with open_job(job.out, job_record(task, source, settings, batch_size, "local", scheduler)) as (out, record):
         todo = [s for s in source.shards if not shard_done(out, s.index)]
         todo_index = {s.index for s in todo}
         done_items = sum(s.size or 0 for s in source.shards if s.index not in todo_index)
         bar = _Progress(source.num_items, done_items, progress)
         counts = {"written": 0, "skipped": len(source.shards) - len(todo), "images": 0}
-        stats = dict.fromkeys(ENCODER_STAGES, 0.0)
-        part = None
-        chunks = stream_chunks(source, todo, chunk_size=batch_size, workers=workers, prefetch=prefetch,
-                               geometry=reader_geometry(predictor), stats=stats)
-        try:
-            for chunk, table, bad in encoded(predictor, chunks, task, batch_size, scheduler, stats):
-                if part is None:
-                    part = PartWriter(out, chunk.shard, task)
-                good = [it for it in chunk.items if it.error is None]
-                t = time.perf_counter()
-                part.add(table, [(it.id, it.error) for it in chunk.items if it.error is not None] + bad)
-                if chunk.last:
-                    part.close()
-                    part = None
-                    counts["written"] += 1
-                stats["write_s"] += time.perf_counter() - t
-                counts["images"] += len(chunk.items)
-                bar.update(len(chunk.items), None if table is None else table.column("exit_layer").to_numpy(),
-                           len(chunk.items) - len(good) + len(bad))
-        finally:
-            chunks.close()
-            bar.close()
-            if part is not None:
-                part.abort()
-        return finish_job(out, job, task, started, counts, stats)
+        with disk_full_is_user_error(out, counts, len(source.shards)):
+            stats = dict.fromkeys(ENCODER_STAGES, 0.0)
+            part = None
+            chunks = stream_chunks(source, todo, chunk_size=batch_size, workers=workers, prefetch=prefetch,
+                                   geometry=reader_geometry(predictor), stats=stats)
+            try:
+                for chunk, table, bad in encoded(predictor, chunks, task, batch_size, scheduler, stats):
+                    if part is None:
+                        part = PartWriter(out, chunk.shard, task)
+                    good = [it for it in chunk.items if it.error is None]
+                    t = time.perf_counter()
+                    part.add(table, [(it.id, it.error) for it in chunk.items if it.error is not None] + bad)
+                    if chunk.last:
+                        part.close()
+                        part = None
+                        counts["written"] += 1
+                    stats["write_s"] += time.perf_counter() - t
+                    counts["images"] += len(chunk.items)
+                    bar.update(len(chunk.items), None if table is None else table.column("exit_layer").to_numpy(),
+                               len(chunk.items) - len(good) + len(bad))
+            finally:
+                chunks.close()
+                bar.close()
+                if part is not None:
+                    part.abort()
+            return finish_job(out, record, task, started, counts, stats)
 
 
 def encoded(predictor, chunks, task: str, batch_size: int, scheduler: str, stats: dict):
@@ -276,5 +158,4 @@ def encoded(predictor, chunks, task: str, batch_size: int, scheduler: str, stats
         yield (chunk, *predict_items(predictor, [it for it in chunk.items if it.error is None], task, stats))
 
 
-__all__ = ["run_job", "predict_items", "predict_table", "prediction_table", "encoded", "reader_geometry", "encoder_input", "job_record",
-           "open_job", "check_job_args", "JOB_FORMAT", "part_name"]
+__all__ = ["run_job", "encoded", "job_record", "open_job", "check_job_predictor", "JOB_FORMAT"]

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tgems.errors import TGEMError
-from tgems.io import atomic_path, commit, is_tmp, tmp_path, write_json
+from tgems.io import atomic_path, commit, is_disk_full, is_tmp, tmp_path, write_json
 from tgems.spec import TASKS
 
 TOP_K = 5
@@ -72,6 +72,20 @@ def locked(out: Path):
         yield
     finally:
         f.close()
+
+
+@contextmanager
+def disk_full_is_user_error(out: Path, counts: dict, total: int):
+    """A full disk ends the job in one line that says where, how far it got and that a rerun resumes (the
+    finished parts are whole: each was renamed into place only when complete)."""
+    try:
+        yield
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        done = counts.get("written", 0) + counts.get("skipped", 0)
+        raise TGEMError(f"no space left on the device of {out}: {done} of {total} parts are done (kept whole); "
+                        f"free space and rerun the same command to resume") from None
 
 
 def shard_done(out: Path, index: int) -> bool:
@@ -226,5 +240,5 @@ def prepare_out_dir(out: Path, job: dict, engine: str) -> dict:
 
 
 __all__ = ["prepare_out_dir", "TASKS", "TOP_K", "ROW_GROUP", "ERRORS_DIR", "ERRORS_FILE", "part_name", "errors_path", "result_schema",
-           "error_schema", "write_table_atomic", "locked", "shard_done", "write_shard_errors", "PartWriter",
+           "error_schema", "write_table_atomic", "locked", "disk_full_is_user_error", "shard_done", "write_shard_errors", "PartWriter",
            "finish_job"]

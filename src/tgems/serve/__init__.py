@@ -1,5 +1,7 @@
-"""`tgems serve`: an HTTP service on the depth-queue scheduler (tgems.scheduler).
+"""`tgems serve`: an HTTP service on the depth-queue scheduler (tgems.scheduling).
 
-app.py holds the routes, schemas.py the request shapes (Hugging Face zero-shot image classification,
-OpenAI embeddings), models.py the served classifiers, metrics.py the Prometheus metrics, static/ the page.
-Needs the `serve` extra (starlette, uvicorn, prometheus-client, python-multipart)."""
+app.py puts the routes together; hf.py holds the Hugging Face routes and shapes (zero-shot classification),
+openai.py the OpenAI ones (embeddings, models), service.py what every route shares (models, errors, rows),
+schemas.py the classify request shapes and image decoding, models.py the served classifiers, metrics.py the
+Prometheus metrics, static/ the page. Needs the `serve` extra (starlette, uvicorn, prometheus-client,
+python-multipart)."""

@@ -6,13 +6,14 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class _SchedulerCollector:
-    """Per model: batch occupancy and steps per layer, rows in flight and waiting, FLOPs saved, audit."""
+    """Per model: batch occupancy and steps per layer, rows in flight and waiting, FLOPs saved, audit, and the
+    exit-layer histogram (from the scheduler's counts, so its buckets are that model's layers)."""
 
     def __init__(self, models_ref):
         self.models_ref = models_ref
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         steps = CounterMetricFamily("tgems_layer_steps", "Blocks run at this layer", labels=["model", "layer"])
         rows = CounterMetricFamily("tgems_layer_rows", "Rows run through this layer", labels=["model", "layer"])
@@ -28,10 +29,18 @@ class _SchedulerCollector:
         audit_n = CounterMetricFamily("tgems_audit_rows", "Early exits audited at full depth", labels=["model"])
         audit_k = CounterMetricFamily("tgems_audit_disagreements", "Audited exits whose answer differs from "
                                       "the full model's", labels=["model"])
-        audit_ucb = GaugeMetricFamily("tgems_audit_disagreement_ucb", "Clopper-Pearson upper bound on the live "
-                                      "disagreement (1 - delta)", labels=["model"])
-        audit_eps = GaugeMetricFamily("tgems_audit_max_drop", "The calibrated max_drop the bound is held to",
+        audit_lo = GaugeMetricFamily("tgems_audit_disagreement_lower", "Anytime-valid (1 - delta) lower bound on "
+                                     "the live disagreement; above max_drop: evidence of a violation (the alarm)",
+                                     labels=["model"])
+        audit_hi = GaugeMetricFamily("tgems_audit_disagreement_upper", "Anytime-valid (1 - delta) upper bound on "
+                                     "the live disagreement; below max_drop: the guarantee confirmed live",
+                                     labels=["model"])
+        audit_eps = GaugeMetricFamily("tgems_audit_max_drop", "The calibrated max_drop the bounds are held to",
                                       labels=["model"])
+        audit_alarm = GaugeMetricFamily("tgems_audit_alarm", "1 while the lower bound is above max_drop",
+                                        labels=["model"])
+        exits = HistogramMetricFamily("tgems_exit_layer", "Layer each answered image exited at (buckets: the "
+                                      "model's layers)", labels=["model"])
         for name, m in (self.models_ref() or {}).items():
             s = m.scheduler
             with s.cond:
@@ -50,15 +59,22 @@ class _SchedulerCollector:
             saved.add_metric([name], st["flops_full"] - st["flops"])
             audit_n.add_metric([name], a["n"])
             audit_k.add_metric([name], a["disagree"])
-            if a["ucb"] is not None:
-                audit_ucb.add_metric([name], a["ucb"])
+            if a["n"]:
+                audit_lo.add_metric([name], a["lower"])
+                audit_hi.add_metric([name], a["upper"])
             if a["max_drop"] is not None:
                 audit_eps.add_metric([name], a["max_drop"])
-        yield from (steps, rows, occ, inflight, waiting, cancelled, flops, saved, audit_n, audit_k, audit_ucb, audit_eps)
+                audit_alarm.add_metric([name], float(a["exceeded"]))
+            counts = st["exit_layers"]
+            cum = [sum(counts[:l + 1]) for l in range(1, s.L + 1)]
+            exits.add_metric([name], [(str(float(l)), cum[l - 1]) for l in range(1, s.L + 1)] + [("+Inf", cum[-1])],
+                             sum_value=float(sum(l * c for l, c in enumerate(counts))))
+        yield from (steps, rows, occ, inflight, waiting, cancelled, flops, saved, audit_n, audit_k, audit_lo, audit_hi,
+                    audit_eps, audit_alarm, exits)
 
 
 class Metrics:
-    def __init__(self, models_ref, num_layers_max: int = 64):
+    def __init__(self, models_ref):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
@@ -70,8 +86,6 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue = Histogram("tgems_queue_seconds", "Time an image waited before its first block", ["model"],
                                buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.exit_layer = Histogram("tgems_exit_layer", "Layer each answered image exited at", ["model"],
-                                    buckets=tuple(range(1, num_layers_max + 1)), registry=self.registry)
         self.registry.register(_SchedulerCollector(models_ref))
 
     def observe_request(self, route: str, code: int, seconds: float):
@@ -82,7 +96,6 @@ class Metrics:
 
     def observe_row(self, model: str, res):
         self.queue.labels(model).observe(res.queue_s)
-        self.exit_layer.labels(model).observe(res.exit_layer)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

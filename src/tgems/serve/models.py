@@ -2,13 +2,13 @@
 label-set caches and one depth-queue scheduler."""
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from tgems.errors import TGEMError
+from tgems.options import BATCH_SIZE, DELTA
 
 LABEL_CACHE_SIZE = 64  # label sets whose text embeddings and profiles stay cached (LRU)
 
@@ -19,12 +19,12 @@ class ServeSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int = 64
+    max_batch_size: int = BATCH_SIZE
     max_wait_ms: float = 5.0
     queue_size: int = 1024
     max_client_batch: int = 256
     max_body_mb: float = 64.0  # a request body past this is refused with 413 before it is read whole
-    max_inflight: int | None = None  # default: max_batch_size * num_layers (see tgems.scheduler)
+    max_inflight: int | None = None  # default: max_batch_size * num_layers (see tgems.scheduling.depth)
     audit_rate: float = 0.0
     seed: int = 0
     device: str = "cpu"
@@ -33,7 +33,8 @@ class ServeSettings:
     engine: str = "local"  # "ray": replicas of the same app on Ray Serve (tgems.integrations.ray_serve)
     replicas: int = 1  # engine "ray": Serve replicas, each with its own scheduler
     replica_cpus: float | None = None  # engine "ray": CPUs a replica reserves (default: an equal share)
-    scheduler: str = "depth"  # "depth": depth queues (tgems.scheduler); "drop": exit-and-drop micro-batches
+    scheduler: str = "depth"  # "depth": depth queues (tgems.scheduling.depth); "drop": exit-and-drop micro-batches
+    threads: int | None = None  # torch threads; default: serve.server.default_threads (one CPU left over)
 
 
 SCHEDULERS = ("depth", "drop")
@@ -47,16 +48,12 @@ def load_served(name: str, path, device: str = "cpu", dtype: str = "float32"):
     return PredictorSpec(classifier=str(path), device=device, dtype=dtype).check().build()
 
 
-def _same(a, b) -> bool:
-    return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
-
-
 class ServedModel:
     """One named classifier behind the server: policies for any label set and goal, one scheduler."""
 
     def __init__(self, name: str, clf, settings: ServeSettings, tgem=None, log=None):
         from tgems.policies import NeverExit
-        from tgems.scheduler import DepthScheduler
+        from tgems.scheduling.depth import DepthScheduler
 
         self.name, self.clf, self.backbone = name, clf, clf.backbone
         self.tgem = tgem
@@ -64,7 +61,7 @@ class ServedModel:
         if settings.scheduler not in SCHEDULERS:
             raise TGEMError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {settings.scheduler!r}")
         if settings.scheduler == "drop":
-            from tgems.serve.drop import DropScheduler
+            from tgems.scheduling.drop import DropScheduler
 
             if settings.audit_rate:
                 raise TGEMError("the live audit runs on the depth queues: --audit-rate needs --scheduler depth")
@@ -75,7 +72,7 @@ class ServedModel:
                 self.backbone, settings.max_batch_size, settings.max_inflight, settings.max_wait_ms / 1000,
                 settings.queue_size, settings.audit_rate,
                 cal.get("max_drop") if cal.get("goal") == "max_drop" else None,
-                float(cal.get("delta", 0.1)), settings.seed, log)
+                float(cal.get("delta", DELTA)), settings.seed, log)
         self._profiles = OrderedDict()
         self._policies = OrderedDict()
         self._lock = threading.Lock()
@@ -91,7 +88,8 @@ class ServedModel:
     def describe(self) -> dict:
         clf, bb, cal = self.clf, self.backbone, self.clf.calibration
         return {"id": self.name, "object": "model", "owned_by": "tgems", "backbone": bb.name,
-                "fingerprint": bb.fingerprint(), "num_layers": bb.num_layers, "labels": clf.labels,
+                "fingerprint": bb.fingerprint(), "num_layers": bb.num_layers, "embedding_dim": bb.embed_dim,
+                "labels": clf.labels,
                 "templates": clf.templates, "space": clf.profiles.space,
                 "calibration": {k: cal.get(k) for k in ("goal", "budget", "max_drop", "delta", "tau", "source",
                                                         "n_calib", "labels_used") if k in cal},
@@ -99,12 +97,7 @@ class ServedModel:
                 "audit": self.scheduler.audit.summary()}
 
     def calibration_text(self) -> str:
-        cal = self.clf.calibration
-        if cal.get("goal") == "budget" and cal.get("budget") is not None:
-            return f"budget {cal['budget']}"
-        if cal.get("goal") == "max_drop" and cal.get("max_drop") is not None:
-            return f"max_drop {cal['max_drop']} (delta {cal.get('delta')})"
-        return f"no goal (tau {cal.get('tau')} from its {cal.get('source', 'checkpoint')})"
+        return self.clf.goal_text()
 
     # ------------------------------------------------------------------ label sets and goals
 
@@ -135,23 +128,21 @@ class ServedModel:
         return value
 
     def policy(self, labels=None, templates=None, budget=None, max_drop=None, tau=None):
-        """(policy, calibrated, notes, labels) for one request; a TGEMError says why a goal cannot be met."""
+        """(policy, calibrated, notes, labels) for one request; a TGEMError says why a goal cannot be met. The
+        goal matching and the policy are the classifier's; the label-set caches are the server's."""
         from tgems.calibration import check_tau
-        from tgems.policies import JumperPolicy
 
-        clf, cal = self.clf, self.clf.calibration
+        clf = self.clf
         labels = tuple(labels or clf.labels)
         templates = tuple(templates or clf.templates)
         notes = []
         given = [k for k, v in (("budget", budget), ("max_drop", max_drop), ("tau", tau)) if v is not None]
         if len(given) > 1:
             raise TGEMError(f"give at most one of budget, max_drop and tau, got {' and '.join(given)}")
-        if budget is not None and not (cal.get("goal") == "budget" and _same(cal.get("budget"), budget)):
-            raise TGEMError(f"model '{self.name}' was not calibrated for budget {budget} (it holds "
-                            f"{self.calibration_text()})")
-        if max_drop is not None and not (cal.get("goal") == "max_drop" and _same(cal.get("max_drop"), max_drop)):
-            raise TGEMError(f"model '{self.name}' was not calibrated for max_drop {max_drop} (it holds "
-                            f"{self.calibration_text()})")
+        for what, value in (("budget", budget), ("max_drop", max_drop)):
+            if value is not None and not clf.meets_goal(**{what: value}):
+                raise TGEMError(f"model '{self.name}' was not calibrated for {what} {value} (it holds "
+                                f"{clf.goal_text()})")
         own = labels == tuple(clf.labels) and templates == tuple(clf.templates)
         if tau is not None:
             tau = check_tau(tau)
@@ -171,7 +162,7 @@ class ServedModel:
         with self._lock:
             pol = self._policies.get(key)
             if pol is None:
-                pol = JumperPolicy(profiles, clf.jumper.for_goal(clf.goal), tau)
+                pol = clf.policy(tau, profiles)
                 self._policies[key] = pol
                 while len(self._policies) > LABEL_CACHE_SIZE:
                     self._policies.popitem(last=False)

@@ -1,12 +1,14 @@
-"""Request shapes: Hugging Face zero-shot image classification (JSON or multipart) and OpenAI embeddings
-with Infinity's image extension. Every bad input is a `BadRequest` with a status and a one-line reason that
-names the input's index; nothing here raises anything else on user data."""
+"""Request shapes: Hugging Face zero-shot image classification (JSON, multipart or a raw image body), and the
+image decoding every route shares (openai.py parses the embeddings request with it). Every bad input is a
+`BadRequest` with a status and a one-line reason that names the input's index; nothing here raises anything
+else on user data."""
 from __future__ import annotations
 
 import base64
 import binascii
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -14,11 +16,22 @@ import numpy as np
 
 
 class BadRequest(Exception):
-    """A client error: `status` (4xx) and a one-line reason."""
+    """A client error: `status` (4xx), a one-line reason, and for OpenAI's error shape the request field at
+    fault (`param`) and a machine-readable `code`."""
 
-    def __init__(self, reason: str, status: int = 400, headers: dict | None = None):
+    def __init__(self, reason: str, status: int = 400, headers: dict | None = None, param: str | None = None,
+                 code: str | None = None):
         super().__init__(reason)
-        self.status, self.headers = status, headers or {}
+        self.status, self.headers, self.param, self.code = status, headers or {}, param, code
+
+
+_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _reason(e: Exception) -> str:
+    """An exception's first line for a user, without Python object reprs ('<_io.BytesIO object at 0x...>')."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return _REPR.sub("", first).strip() or type(e).__name__
 
 
 def decode_image(data: bytes, index: int) -> np.ndarray:
@@ -38,8 +51,7 @@ def decode_image(data: bytes, index: int) -> np.ndarray:
         raise BadRequest(f"input {index}: the image is past the decompression-bomb limit of "
                          f"{Image.MAX_IMAGE_PIXELS} pixels", 413) from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadRequest(f"input {index}: not a readable image ({why})") from None
+        raise BadRequest(f"input {index}: not a readable image ({_reason(e)})") from None
     if arr.ndim != 3 or min(arr.shape[:2]) < 1:
         raise BadRequest(f"input {index}: an empty image")
     return arr
@@ -107,6 +119,7 @@ class ClassifyRequest:
     labels: list[str] | None = None
     templates: list[str] | None = None
     top_k: int = 5
+    top_k_given: bool = False
     budget: float | None = None
     max_drop: float | None = None
     tau: float | None = None
@@ -123,7 +136,7 @@ def _parameters(params: dict, req: ClassifyRequest) -> ClassifyRequest:
             raise BadRequest("parameters.hypothesis_template must be a string with one '{}' (e.g. 'a photo of {}')")
         req.templates = [tpl]
     top_k = _number(params, "top_k", 1, None, integer=True)
-    req.top_k = 5 if top_k is None else top_k
+    req.top_k, req.top_k_given = (5, False) if top_k is None else (top_k, True)
     req.budget = _number(params, "budget", 0, 1)
     req.max_drop = _number(params, "max_drop", 0, 1)
     req.tau = _number(params, "tau", 0, 2)
@@ -171,58 +184,49 @@ async def parse_classify_form(request, max_client_batch: int) -> ClassifyRequest
     except BadRequest:  # the body limit, counted while it streams in
         raise
     except Exception as e:
-        raise BadRequest(f"malformed multipart body: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    files = [v for k, v in form.multi_items() if k in ("image", "file", "inputs", "images") and hasattr(v, "read")]
-    _check_count(len(files), max_client_batch)
-    images = [decode_image(await f.read(), i) for i, f in enumerate(files)]
-    req = ClassifyRequest(images, len(files) == 1, form.get("model"))
-    labels = form.getlist("candidate_labels")
-    params = {k: form.get(k) for k in ("hypothesis_template", "top_k", "budget", "max_drop", "tau") if form.get(k)}
+        raise BadRequest(f"malformed multipart body: {_reason(e)}") from None
+    try:  # the uploads are spooled files: closed here, not left to the garbage collector
+        files = [v for k, v in form.multi_items() if k in ("image", "file", "inputs", "images") and hasattr(v, "read")]
+        _check_count(len(files), max_client_batch)
+        images = [decode_image(await f.read(), i) for i, f in enumerate(files)]
+        req = ClassifyRequest(images, len(files) == 1, form.get("model"))
+        return _parameters(_field_parameters(form), req)
+    finally:
+        await form.close()
+
+
+def _field_parameters(fields) -> dict:
+    """Parameters given as form fields or query parameters (candidate_labels comma-separated or repeated)."""
+    labels = fields.getlist("candidate_labels")
+    params = {k: fields.get(k) for k in ("hypothesis_template", "top_k", "budget", "max_drop", "tau") if fields.get(k)}
     if labels:
         params["candidate_labels"] = labels[0] if len(labels) == 1 else labels
-    return _parameters(params, req)
+    return params
 
 
-@dataclass
-class EmbeddingsRequest:
-    model: str | None
-    modality: str
-    texts: list[str] | None = None
-    images: list | None = None
-    early_exit: bool = False
+RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")  # PNG JPEG GIF BMP TIFF
 
 
-def parse_embeddings_json(body: bytes, max_client_batch: int) -> EmbeddingsRequest:
-    import json
+def looks_like_image(body: bytes) -> bool:
+    """huggingface_hub posts raw bytes labelled application/json when it knows no file name: sniffed here."""
+    return body.startswith(IMAGE_MAGIC) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
 
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"malformed JSON: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object with 'input'")
-    if "input" not in data:
-        raise BadRequest("missing field 'input' (a string or a list of strings)")
-    items = data["input"] if isinstance(data["input"], list) else [data["input"]]
-    _check_count(len(items), max_client_batch)
-    modality = data.get("modality", "text")
-    if modality not in ("text", "image"):
-        raise BadRequest(f"modality must be 'text' or 'image', got {modality!r}")
-    fmt = data.get("encoding_format", "float")
-    if fmt != "float":
-        raise BadRequest(f"encoding_format must be 'float', got {fmt!r}")
-    early = data.get("early_exit", False)
-    if not isinstance(early, bool):
-        raise BadRequest("early_exit must be true or false")
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("model must be a string")
-    req = EmbeddingsRequest(model, modality, early_exit=early)
-    if modality == "text":
-        for i, t in enumerate(items):
-            if not isinstance(t, str) or not t.strip():
-                raise BadRequest(f"input {i}: expected a non-empty string")
-        req.texts = items
-    else:
-        req.images = [decode_base64_image(x, i) for i, x in enumerate(items)]
-    return req
+
+async def parse_classify(request, max_client_batch: int) -> ClassifyRequest:
+    """A classify request in any of the shapes the Hugging Face Inference API takes: JSON (`inputs` base64),
+    multipart, or the raw bytes of one image (Content-Type image/* or application/octet-stream, or bytes that
+    begin as an image does; parameters, if any, in the query string)."""
+    import asyncio
+
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await parse_classify_form(request, max_client_batch)
+    body = await request.body()
+    if ctype.startswith(RAW_IMAGE_TYPES) or looks_like_image(body):
+        if not body:
+            raise BadRequest("the request body is empty (expected the bytes of one image)")
+        image = await asyncio.to_thread(decode_image, body, 0)
+        req = ClassifyRequest([image], True, request.query_params.get("model"))
+        return _parameters(_field_parameters(request.query_params), req)
+    return await asyncio.to_thread(parse_classify_json, body, max_client_batch)

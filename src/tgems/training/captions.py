@@ -1,6 +1,6 @@
 """The text that goes with a streamed image: a class label and/or a caption, read beside the readers.
 
-The streaming readers (`tgems.data.streaming`) hand back decoded images and their ids. What fitting
+The streaming readers (`tgems.jobs.sources`) hand back decoded images and their ids. What fitting
 also needs is each image's text target, read here from the same shard and matched by id:
 
 - webdataset: the `.cls` member (label) and the `.txt` member or the `caption` field of the `.json`

@@ -164,7 +164,8 @@ def build_cache(backbone, spec: str, cache_dir, *, rates: bool = False, max_imag
     if max_images is not None and max_images < 1:
         raise TGEMError(f"--max-images must be a positive number, got {max_images}")
     reader_spec, text_opts = split_text_options(spec)
-    from tgems.data.streaming import open_source, stream_chunks
+    from tgems.jobs.sources import open_source
+    from tgems.jobs.readers import stream_chunks
 
     source = open_source(reader_spec)
     check_text_columns(source, text_opts)

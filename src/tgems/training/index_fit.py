@@ -162,12 +162,12 @@ def fit_and_save_index(model: str, data: str, out, settings: IndexFitSettings | 
                        device="cpu", dtype="float32", progress: bool = True) -> dict:
     """`tgems index-fit`: retrieval maps and scorer for a backbone (the shipped ones fit only the embedded
     model), trained on images named by a spec: a built-in dataset, or a folder of any layout, webdataset
-    shards or parquet (a seeded random sample of `n` items: `tgems.retrieval.sample_images`). No label is
+    shards or parquet (a seeded random sample of `n` items: `tgems.indexing.sample_images`). No label is
     used. Returns the fit's info."""
     import time
 
     from tgems.backbones import load_backbone
-    from tgems.retrieval import sample_images
+    from tgems.indexing import sample_images
 
     s = settings or IndexFitSettings()
     bb = load_backbone(model, device=device, dtype=dtype)

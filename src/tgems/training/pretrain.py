@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel
 
@@ -187,7 +186,10 @@ def _lr(step: int, r: Recipe) -> float:
     return r.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _save_optimizer(opt, path: Path):
+OPTIMIZER_FILE = "optimizer.safetensors"  # beside the model, its sha256 in state.json
+
+
+def _optimizer_tensors(opt) -> dict:
     # keyed by the parameter's position in the param groups (what _load_optimizer uses), not by
     # the order in which states were created; 0-dim tensors are stored as (1,) and restored below.
     tensors = {}
@@ -196,28 +198,21 @@ def _save_optimizer(opt, path: Path):
         for k, v in opt.state.get(p, {}).items():
             v = v.detach().cpu().clone()
             tensors[f"{i}.{k}"] = v.reshape(-1) if v.dim() == 0 else v
-    save_file(tensors, str(path))
+    return tensors
 
 
 def _save_checkpoint(ckpt: Path, model, opt, state: dict) -> None:
-    """The resume checkpoint as one directory (model, optimizer, state), swapped in whole: a run killed while
-    writing it resumes from the previous one."""
-    from tgems.io import atomic_dir
-
-    with atomic_dir(ckpt, artifacts.PRETRAIN_STATE.config, artifacts.PRETRAIN_STATE.what) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / artifacts.PRETRAIN_STATE.tensors))
-        _save_optimizer(opt, tmp / "optimizer.safetensors")
-        state = {**state, "sha256": artifacts.sha256_file(tmp / artifacts.PRETRAIN_STATE.tensors)}
-        (tmp / artifacts.PRETRAIN_STATE.config).write_text(json.dumps(state))
+    """The resume checkpoint as one artifact directory (model, optimizer, state, each file's sha256), swapped
+    in whole: a run killed while writing it resumes from the previous one."""
+    artifacts.write(ckpt, artifacts.PRETRAIN_STATE, state, model.state_dict(),
+                    extra={OPTIMIZER_FILE: _optimizer_tensors(opt)})
 
 
 def _read_state(ckpt: Path) -> dict:
     return artifacts.read_config(ckpt, artifacts.PRETRAIN_STATE, ("step", "log", "elapsed_s", "recipe", "seed", "data"))
 
 
-def _load_optimizer(opt, path: Path):
-    tensors = artifacts.load_tensors(path)
+def _load_optimizer(opt, tensors: dict):
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         st = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
@@ -305,7 +300,7 @@ def pretrain(out: str | Path, preset: str = "embedded", data: str = "scenes:trai
             raise TGEMError(f"checkpoint in {ckpt} was made with another recipe/seed/data; use --no-resume")
         model.load_state_dict({k: v.to(device) for k, v in
                                artifacts.read_tensors(ckpt, artifacts.PRETRAIN_STATE, state).items()})
-        _load_optimizer(opt, ckpt / "optimizer.safetensors")
+        _load_optimizer(opt, artifacts.read_extra(ckpt, artifacts.PRETRAIN_STATE, state, OPTIMIZER_FILE))
         start, log, elapsed = state["step"], state["log"], state["elapsed_s"]
         curve[:] = state.get("zero_shot", [])
 

@@ -14,7 +14,9 @@ import torch
 
 from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
-from tgems.scheduler import AuditStats, QueueFull, RowResult
+from tgems.audit import AuditStats
+from tgems.options import BATCH_SIZE
+from tgems.scheduling.driver import Driver, QueueFull, RowResult, call, new_stats
 
 
 class _Waiting:
@@ -24,13 +26,16 @@ class _Waiting:
         self.x, self.policy, self.done, self.tag, self.t_submit = x, policy, done, tag, now
 
 
-class DropScheduler:
+class DropScheduler(Driver):
     """Micro-batches of waiting images through the exit-and-drop engine, one policy per engine call.
 
     Same driving interface and `stats` as DepthScheduler (submit, cancel, start / stop, run_until_idle,
     occupancy); a layer's occupancy is the rows that reached it in a step over max_batch_size. No live audit."""
 
-    def __init__(self, backbone, max_batch_size: int = 64, max_wait_s: float = 0.005, queue_size: int = 1024):
+    thread_name = "tgems-drop-scheduler"
+
+    def __init__(self, backbone, max_batch_size: int = BATCH_SIZE, max_wait_s: float = 0.005,
+                 queue_size: int = 1024):
         if max_batch_size < 1:
             raise TGEMError(f"max_batch_size must be a positive integer, got {max_batch_size}")
         self.backbone, self.L, self.B = backbone, backbone.num_layers, int(max_batch_size)
@@ -41,9 +46,7 @@ class DropScheduler:
         self._thread, self._stopping = None, False
         self._current = []
         self.audit = AuditStats()
-        self.stats = {"steps": [0] * self.L, "rows": [0] * self.L, "steps_saturated": [0] * self.L,
-                      "rows_saturated": [0] * self.L, "answered": 0, "cancelled": 0,
-                      "flops": 0.0, "flops_full": 0.0, "exit_layers": [0] * (self.L + 1), "errors": 0}
+        self.stats = new_stats(self.L)
 
     @property
     def pending(self) -> int:
@@ -142,10 +145,7 @@ class DropScheduler:
             probs = None if res.outputs is None else res.outputs[i].float().cpu()
             result = RowResult(layers[i], self.L, res.features[i].float().cpu(), probs, flops[i],
                                flops[i] / res.full_flops, start - r.t_submit)
-            try:
-                done(result)
-            except Exception:  # a caller's callback must not stop the scheduler
-                pass
+            call(done, result)
 
     def _fail(self, rows, error):
         with self.cond:
@@ -155,43 +155,10 @@ class DropScheduler:
                 r.done = None
         for done in dones:
             if done is not None:
-                try:
-                    done(error)
-                except Exception:
-                    pass
+                call(done, error)
 
     def busy(self) -> bool:
         return bool(self.waiting)
 
-    def run_until_idle(self) -> None:
-        while self.busy():
-            self.step(flush=True)
-
-    def start(self) -> "DropScheduler":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="tgems-drop-scheduler", daemon=True)
-            self._thread.start()
-        return self
-
-    def _loop(self):
-        while True:
-            with self.cond:
-                if self._stopping and not self.busy():
-                    return
-            if self.step(flush=self._stopping) is True:
-                continue
-            with self.cond:
-                wait = self._wait(self._stopping)
-                if wait != 0.0 and not self._stopping:
-                    self.cond.wait(timeout=wait)
-
-    def stop(self, timeout: float | None = None) -> None:
-        with self.cond:
-            self._stopping = True
-            self.cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def occupancy(self, saturated: bool = False) -> list[float | None]:
-        s = "_saturated" if saturated else ""
-        return [r / (n * self.B) if n else None for n, r in zip(self.stats["steps" + s], self.stats["rows" + s])]
+    def _idle_wait(self, flush: bool) -> float | None:
+        return self._wait(flush)

@@ -18,7 +18,7 @@ it does under `EarlyExitClassifier.predict`, and the FLOPs are counted as the en
 
 Audit: a fraction of the rows that exit early (seeded) keep running to the last layer after they were
 answered; there the policy's full-depth prediction is compared with the answer, for a live check of a
-max-drop guarantee (see `AuditStats`).
+max-drop guarantee (see `tgems.audit.AuditStats`).
 """
 from __future__ import annotations
 
@@ -31,65 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tgems.calibration import clopper_pearson_upper, min_calibration_size
+from tgems.audit import AuditStats
 from tgems.engine import _as_policy, _split_decision, exit_flops, full_flops
 from tgems.errors import TGEMError
-
-
-@dataclass
-class RowResult:
-    """One answered row: the readout and policy outputs of its exit layer, its FLOPs and queue time."""
-
-    exit_layer: int
-    num_layers: int
-    embedding: torch.Tensor  # (D,) the readout z at the exit layer, float32 on the CPU
-    probs: torch.Tensor | None  # (C,) the policy's outputs at the exit layer (class probabilities)
-    flops: float
-    flops_ratio: float
-    queue_s: float  # from submit to the first block
-    audited: bool = False
-
-
-@dataclass
-class AuditStats:
-    """Live disagreement of audited early exits with the full model, and its (1 - delta) Clopper-Pearson
-    upper bound, against the calibrated max_drop."""
-
-    rate: float = 0.0
-    max_drop: float | None = None
-    delta: float = 0.1
-    n: int = 0
-    disagree: int = 0
-    exceeded: bool = False
-
-    @property
-    def observed(self) -> float | None:
-        return self.disagree / self.n if self.n else None
-
-    @property
-    def ucb(self) -> float | None:
-        return clopper_pearson_upper(self.disagree, self.n, self.delta) if self.n else None
-
-    @property
-    def min_n(self) -> int | None:
-        """Audits needed before the bound can lie below max_drop at all (as Learn-then-Test needs)."""
-        return min_calibration_size(self.max_drop, self.delta) if self.max_drop else None
-
-    def add(self, disagrees: bool) -> bool:
-        """Count one audit; True when the bound has just passed max_drop (with enough audits to tell)."""
-        self.n += 1
-        self.disagree += int(disagrees)
-        if self.max_drop is None or self.n < self.min_n:
-            return False
-        over = self.ucb > self.max_drop
-        crossed = over and not self.exceeded
-        self.exceeded = over
-        return crossed
-
-    def summary(self) -> dict:
-        return {"rate": self.rate, "n": self.n, "disagree": self.disagree, "observed": self.observed,
-                "ucb": self.ucb, "delta": self.delta, "max_drop": self.max_drop, "min_n": self.min_n,
-                "exceeded": self.exceeded}
+from tgems.options import BATCH_SIZE, DELTA
+from tgems.scheduling.driver import Driver, QueueFull, RowResult, call, new_stats
 
 
 class _Row:
@@ -127,16 +73,18 @@ class _Policy:
             self.policy.start(capacity)  # per-row state indexed by slot
 
 
-class DepthScheduler:
+class DepthScheduler(Driver):
     """Depth-queue batching of one backbone's vision tower for many exit policies at once.
 
     `submit` is thread-safe; run the steps either in a background thread (`start` / `stop`) or in the
     caller's (`run_until_idle`). `done(result_or_exception)` is called once per row, from the stepping
     thread."""
 
-    def __init__(self, backbone, max_batch_size: int = 64, max_inflight: int | None = None,
+    thread_name = "tgems-depth-scheduler"
+
+    def __init__(self, backbone, max_batch_size: int = BATCH_SIZE, max_inflight: int | None = None,
                  max_wait_s: float = 0.005, queue_size: int = 1024, audit_rate: float = 0.0,
-                 audit_max_drop: float | None = None, audit_delta: float = 0.1, seed: int = 0, log=None):
+                 audit_max_drop: float | None = None, audit_delta: float = DELTA, seed: int = 0, log=None):
         if max_batch_size < 1:
             raise TGEMError(f"max_batch_size must be a positive integer, got {max_batch_size}")
         if not 0 <= audit_rate <= 1:
@@ -157,10 +105,7 @@ class DepthScheduler:
         self.audit = AuditStats(audit_rate, audit_max_drop, audit_delta)
         self._rng = random.Random(seed)
         self._log = log or (lambda msg: None)
-        self.stats = {"steps": [0] * self.L, "rows": [0] * self.L, "steps_saturated": [0] * self.L,
-                      "rows_saturated": [0] * self.L, "answered": 0, "cancelled": 0,
-                      "flops": 0.0, "flops_full": 0.0, "exit_layers": [0] * (self.L + 1),
-                      "errors": 0}
+        self.stats = new_stats(self.L)
 
     # ------------------------------------------------------------------ admission
 
@@ -380,10 +325,7 @@ class DepthScheduler:
             s["flops_full"] += flops_full
             s["exit_layers"][res.exit_layer] += 1
         if done is not None:
-            try:
-                done(res)
-            except Exception:  # a caller's callback must not stop the scheduler
-                pass
+            call(done, res)
 
     def _audited(self, r, full_pred):
         r.audit = False
@@ -394,8 +336,9 @@ class DepthScheduler:
         if crossed:
             a = self.audit
             self._log(f"tgems serve: audit: live disagreement with the full model {a.observed:.4f} "
-                      f"({a.disagree} of {a.n} audited exits), its {1 - a.delta:.0%} upper bound {a.ucb:.4f} "
-                      f"passes the calibrated max_drop {a.max_drop}: the traffic has drifted from calibration")
+                      f"({a.disagree} of {a.n} audited exits), its anytime {1 - a.delta:.0%} lower bound "
+                      f"{a.lower:.4f} passes the calibrated max_drop {a.max_drop}: the traffic has drifted "
+                      f"from calibration")
 
     def _release(self, rows):
         with self.cond:
@@ -414,57 +357,16 @@ class DepthScheduler:
                     self.free_slots.append(r.slot)
                     r.slot = -1
                 if done is not None:
-                    try:
-                        done(error)
-                    except Exception:
-                        pass
+                    call(done, error)
 
-    # ------------------------------------------------------------------ drivers
+    # ------------------------------------------------------------------ driving (tgems.scheduling.driver)
 
     def busy(self) -> bool:
         return any(self.sizes)
 
-    def run_until_idle(self) -> None:
-        """Step in this thread until nothing is queued or in flight, never waiting for more rows."""
-        while self.busy():
-            self.step(flush=True)
-
-    def start(self) -> "DepthScheduler":
-        """Step in a background thread until `stop`."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="tgems-depth-scheduler", daemon=True)
-            self._thread.start()
-        return self
-
-    def _loop(self):
-        while True:
-            with self.cond:
-                if self._stopping and not self.busy():
-                    return
-            if self.step(flush=self._stopping) is True:
-                continue
-            with self.cond:  # decided again under the lock, so a submit in between is never missed
-                d, wait = self._pick(self._stopping)
-                if d is None and not self._stopping:
-                    self.cond.wait(timeout=wait or None)
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Refuse new rows, finish the ones queued and in flight, end the thread."""
-        with self.cond:
-            self._stopping = True
-            self.cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def occupancy(self, saturated: bool = False) -> list[float | None]:
-        """Mean rows per step at each depth, as a fraction of max_batch_size (None where no step ran);
-        `saturated`: only the steps taken while images were waiting to enter (not the final drain)."""
-        s = "_saturated" if saturated else ""
-        return [r / (n * self.B) if n else None for n, r in zip(self.stats["steps" + s], self.stats["rows" + s])]
-
-
-class QueueFull(TGEMError):
-    """The depth-0 queue cannot take the rows now (the server answers 429)."""
+    def _idle_wait(self, flush: bool) -> float | None:
+        d, wait = self._pick(flush)
+        return 0.0 if d is not None else wait
 
 
 def predict_rows(scheduler: DepthScheduler, jobs) -> list[list]:

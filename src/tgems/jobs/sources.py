@@ -26,8 +26,8 @@ from typing import Iterator
 from urllib.parse import parse_qsl
 
 from tgems.errors import TGEMError
-from tgems.jobs.lister import IMAGE_EXTENSIONS, PARQUET_IMAGE_COLUMNS, WDS_IMAGE_KEYS, list_folder
-from tgems.jobs.lister import find_image_column
+from tgems.jobs.lister import IMAGE_EXTENSIONS, PARQUET_IMAGE_COLUMNS, WDS_IMAGE_KEYS, find_image_column, list_folder
+
 STREAM_FORMS = ("folder:DIR[?block=N]", "webdataset:PATTERN", "parquet:PATH[?image=COL&id=COL]")
 DEFAULT_BLOCK = 1000
 
@@ -308,17 +308,4 @@ def _parquet_records(path: str, image_col: str, id_col: str, id_default: bool) -
                 yield Record(rid, data=bytes(data))
 
 
-# The decoding workers live in tgems.jobs.readers; these names stay importable from here.
-_MOVED = {"stream_chunks", "iter_items", "decode_records", "prepare_records"}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        import tgems.jobs.readers
-
-        return getattr(tgems.jobs.readers, name)
-    raise AttributeError(f"module 'tgems.data.streaming' has no attribute '{name}'")
-
-
-__all__ = ["open_source", "StreamSource", "Shard", "Record", "Item", "Chunk", "stream_chunks", "iter_items",
-           "decode_image", "decode_records", "STREAM_FORMS"]
+__all__ = ["open_source", "StreamSource", "Shard", "Record", "Item", "Chunk", "decode_image", "STREAM_FORMS"]
