@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from tgems.errors import TGEMError
-from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, jumper_signals
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS, Jumper, jumper_signals
 from tgems.profiles import ClassProfiles, layer_probs
 from tgems.training.logistic import fit_logistic  # deterministic across thread counts (issue 30.11)
 from tgems.training.spill import by_blocks, release, spilled_empty
@@ -32,8 +32,8 @@ def training_signals(profile_sets: list[ClassProfiles], feats) -> tuple[torch.Te
         profiles = profiles.to("cpu")
         for a in range(0, n_rows, _ROWS):
             part = feats.subset(np.arange(a, min(n_rows, a + _ROWS)))
-            probs = layer_probs(profiles, part)
-            sig = jumper_signals(probs, part, profiles.layers, profiles.text)
+            probs, pairs = layer_probs(profiles, part, pairs=True)
+            sig = jumper_signals(probs, part, profiles.layers, profiles.text, pairs)
             if signals is None:
                 shape = (len(profile_sets) * n_rows, *sig.shape[1:])
                 signals = (spilled_empty(shape, sig.numpy().dtype) if getattr(feats, "spill", False)
@@ -55,7 +55,8 @@ def _fit_on(signals: torch.Tensor, target: torch.Tensor, cols: torch.Tensor) -> 
     return Jumper(weight, fit.bias)
 
 
-def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list[ClassProfiles] = ()) -> Jumper:
+def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list[ClassProfiles] = (),
+               trajectory: bool = True) -> Jumper:
     """Fit the Jumper's per-layer logistic models on cached features (labels index the profiles' classes).
 
     `agree`: s_l estimates P(the layer-l prediction equals the full model's), needs no labels. `no_loss`:
@@ -67,7 +68,8 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list
     on part of the classes, see `training.fit.fit_tgem`); the no-loss model then learns from these images
     scored by every set of modules, and reads z_l too. Otherwise z_l weights are zero: fit on the modules'
     own classes only, a readout-based model learned which images of those classes settle early, and did
-    not transfer to text-only classes (docs/design.md)."""
+    not transfer to text-only classes (docs/design.md). `trajectory`: also read the trajectory signals
+    (`jumper.trajectory_signals`); without, their weights are zero."""
     check_jumper_target(target)
     labelled = bool((feats.labels >= 0).all())
     if target == "no_loss" and not labelled:
@@ -76,15 +78,16 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list
     signals, preds = training_signals(sets, feats)
     n_rows = len(feats)
     width = signals.shape[-1]
-    readable = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS, width)])
+    last = width if trajectory else width - NUM_TRAJ_SIGNALS  # without: zero weights on the trajectory signals
+    readable = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS - NUM_TRAJ_SIGNALS, last)])
     agree = None
     if target != "no_loss":
         agree = _fit_on(signals[:n_rows], preds[:n_rows, :-1] == preds[:n_rows, -1:], readable)
     if target == "agree" or not labelled:
         return agree
     labels = feats.labels.repeat(len(sets))[:, None]
-    no_loss = _fit_on(signals, (preds[:, :-1] == labels) | (preds[:, -1:] != labels),
-                      torch.arange(width) if cross else readable)
+    every = torch.arange(width if trajectory else width - NUM_TRAJ_SIGNALS)
+    no_loss = _fit_on(signals, (preds[:, :-1] == labels) | (preds[:, -1:] != labels), every if cross else readable)
     if target == "no_loss":
         return no_loss
     agree.budget = no_loss
