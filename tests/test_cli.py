@@ -111,6 +111,28 @@ def test_no_command_prints_help(capsys):
         assert cmd in out
 
 
+def _parsers(parser):
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_abbreviated_options_are_refused(tmp_path, capsys):
+    """`--n 3` on a command without --n is an unknown option, not `--num-gpus 3` (argparse's prefix matching)."""
+    from tgems.cli import build_parser
+
+    assert all(not p.allow_abbrev for p in _parsers(build_parser()))
+    rc, out, err = run_cli(capsys, "classify", "--data", "scenes:testall:4", "--out", tmp_path / "o", "--n", "3")
+    assert rc == 2 and "unrecognized arguments: --n" in err and "Traceback" not in err
+    rc, out, err = run_cli(capsys, "serve", "--max-batch", "8")
+    assert rc == 2 and "--max-batch" in err
+    assert not (tmp_path / "o").exists()
+
+
 # ----------------------------------------------------------------------------- fit
 
 

@@ -118,7 +118,11 @@ def degenerate_exit(args, warnings) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors in one line, like every other tgems error (argparse prints the usage block first)."""
+    """Usage errors in one line, like every other tgems error (argparse prints the usage block first); no
+    abbreviated options: `--n 3` is not read as `--num-gpus 3` (subcommand parsers are made of this class too)."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
         self.exit(2, f"tgems: error: {message} (see `{self.prog} --help`)\n")
