@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from tgems.errors import TGEMError
-from tgems.options import BATCH_SIZE, DELTA, NEVER_EXIT, SEED_MAX, integer, label_list, number
+from tgems.options import (BATCH_SIZE, DELTA, DTYPES, ENGINES, NEVER_EXIT, SCHEDULERS, SEED_MAX, device_name, integer,
+                           label_list, number, one_of)
 
 DEFAULT_MODEL = "embedded"
 DEFAULT_TGEM = "embedded:cls"
-DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("classify", "embed")
-ENGINES = ("local", "ray")
-SCHEDULERS = ("drop", "depth")  # a job's encoding: exit-and-drop micro-batches, or depth queues (tgems.jobs.depth)
 
 
 @runtime_checkable
@@ -127,10 +125,8 @@ class PredictorSpec:
         fixed["delta"] = number(self.delta, "delta", 0, 1, hi_open=True)
         if self.tau is not None:
             fixed["tau"] = number(self.tau, f"tau ({NEVER_EXIT:g} never exits early)", 0, NEVER_EXIT, lo_open=False)
-        if self.dtype not in DTYPES:
-            raise TGEMError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.device, str) or not self.device:
-            raise TGEMError(f"device must be a name such as cpu, cuda or cuda:1, got {self.device!r}")
+        one_of(self.dtype, "dtype", DTYPES)
+        device_name(self.device)
         integer(self.seed, "seed", 0, SEED_MAX)
         return replace(self, **fixed)
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from tgems.errors import TGEMError
-from tgems.options import NEVER_EXIT, SEED_MAX, integer, number
-from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, DTYPES, default
+from tgems.options import DTYPES, NEVER_EXIT, SEED_MAX, integer, number
+from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, default
 
 
 def typed(convert, check):
