@@ -54,9 +54,9 @@ def main():
     jumper = fit_jumper(profiles, feats, s["jumper_target"])
     if not args.all:
         jumper.weight, jumper.bias = old.weight, old.bias
-    probs = layer_probs(profiles, feats)
+    probs, pairs = layer_probs(profiles, feats, pairs=True)
     preds = probs.argmax(-1)
-    scores = jumper.for_goal("budget").scores(jumper_signals(probs, feats, profiles.layers, profiles.text))
+    scores = jumper.for_goal("budget").scores(jumper_signals(probs, feats, profiles.layers, profiles.text, pairs))
     jumper.tau = calibrate_budget(scores, preds, profiles.exit_layers, bb.num_layers, s["default_budget"])
     info = {k: v for k, v in cfg.items() if k not in ("format", "backbone", "family", "fingerprint", "num_layers",
                                                       "layers", "space", "embed_dim", "out_dim", "hidden", "tau",

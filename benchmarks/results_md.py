@@ -32,6 +32,7 @@ TITLES = {
     "targets": "T-GEM against the baselines at the same budget (read off a demo report)",
     "jumper_seeds": "The Jumper over fit seeds and image draws (issue 12 targets)",
     "jumper_study": "The Jumper in isolation on cached features",
+    "trajectory_ablation": "Exit recipes side by side: T-GEM, distilled readouts, mixed readouts (issue 27)",
 }
 ORDER = list(TITLES)
 SPLITS = ("all", "seen", "heldout")
@@ -400,7 +401,8 @@ def fmt_generic(rec: dict) -> str:
 FORMATTERS = {"demo": fmt_report, "eval": fmt_report, "engine_speed": fmt_engine_speed,
               "zero_shot_layers": fmt_zero_shot_layers, "guarantee": fmt_guarantee,
               "regularizer": fmt_regularizer, "seeds": fmt_seeds, "targets": fmt_targets,
-              "jumper_study": fmt_jumper_study, "jumper_seeds": fmt_jumper_seeds}
+              "jumper_study": fmt_jumper_study, "jumper_seeds": fmt_jumper_seeds,
+              "trajectory_ablation": lambda rec: __import__("results_ablation").fmt_trajectory_ablation(rec)}
 
 
 def fmt_serve_load(rec: dict) -> str:
@@ -540,7 +542,9 @@ def render() -> str:
             "```bash",
             "python benchmarks/record.py NAME -- COMMAND...   # COMMAND takes --json PATH",
             "python benchmarks/results_md.py", "```", "",
-            "Accuracies, layers and FLOPs are deterministic for a given seed; images per second depend on the "
+            "Accuracies, layers and FLOPs are deterministic for a given seed on a machine, whatever its thread "
+            "count (another CPU can round the encoder's features differently: docs/design.md, Reproducibility); "
+            "images per second depend on the "
             "machine and its load at the time (shown with each record). Earlier results, from models and "
             "defaults that have since changed, are in [CHANGELOG.md](CHANGELOG.md).", "",
             "Records: " + ", ".join(f"[{r['name']}](#{_anchor(r, recs)})" for r in recs) + ".", ""]

@@ -81,6 +81,9 @@ def test_feats(trained_bb, scenes_test):
 def fitted(trained_bb, scenes_train, train_feats):
     """space -> (tgem, jumper, info) on the trained CLIP, each fit once with 2 epochs."""
     from tgems.training.fit import FitSettings, fit_tgem
-    return {space: fit_tgem(trained_bb, scenes_train, FitSettings(space=space, epochs=2), feats=train_feats,
-                            progress=False)
+    # cls: the issue-27 recipe (distilled readouts, trajectory signals), so every test of the classifier, engine
+    # and schedulers covers it; rates: the default recipe
+    extra = {"cls": {"recipe": "distilled", "trajectory": True}, "rates": {}}
+    return {space: fit_tgem(trained_bb, scenes_train, FitSettings(space=space, epochs=2, **extra[space]),
+                            feats=train_feats, progress=False)
             for space in ("cls", "rates")}

@@ -79,8 +79,11 @@ def test_engine_equals_simulation(bb, L, classifiers, test_data, test_feats, kin
     _, layer_preds = clf.layer_predictions(test_feats)
     probs_all = layer_probs(clf.profiles, test_feats)
     seen_layers = set()
-    for goal in ({"budget": 0.4}, {"budget": 0.6}, {"budget": 0.8}, {"max_drop": 0.3, "delta": 0.2}):
-        clf = clf.calibrate(test_feats, allow_uncovered=True, **goal)
+    grid = tau_grid(clf.layer_predictions(test_feats)[0])
+    goals = [{"budget": 0.4}, {"budget": 0.6}, {"budget": 0.8}, {"max_drop": 0.3, "delta": 0.2}]
+    # thresholds between the scores too (safe from ties): the calibrations alone may all pick one layer
+    for goal in goals + [{"tau": float(grid[len(grid) // 3])}, {"tau": float(grid[2 * len(grid) // 3])}]:
+        clf = clf.with_tau(goal["tau"]) if "tau" in goal else clf.calibrate(test_feats, allow_uncovered=True, **goal)
         preds, depth = clf.simulate(test_feats)
         pred = clf.predict(test_data.images)
         assert pred.exit_layers.tolist() == depth.tolist(), goal
@@ -124,8 +127,8 @@ def test_predict_is_independent_of_batch_size_and_order(bb, classifiers, test_da
 
 def test_each_goal_calibrates_and_runs_its_own_jumper_model(bb, fitted, test_data, test_feats):
     clf = make_classifier(bb, fitted, "cls", test_data.classes)
-    probs = layer_probs(clf.profiles, test_feats)
-    signals = jumper_signals(probs, test_feats, clf.profiles.layers, clf.profiles.text)
+    probs, pairs = layer_probs(clf.profiles, test_feats, pairs=True)
+    signals = jumper_signals(probs, test_feats, clf.profiles.layers, clf.profiles.text, pairs)
     by_budget = clf.calibrate(test_feats, budget=0.6, allow_uncovered=True)
     assert by_budget.policy().jumper is clf.jumper.budget
     assert torch.equal(by_budget.layer_predictions(test_feats)[0], clf.jumper.budget.scores(signals))

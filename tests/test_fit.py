@@ -116,7 +116,8 @@ def test_class_halves_split_every_class_once():
 def test_cross_fit_trains_two_half_class_models_for_the_budget_jumper(bb, train, train_feats, fitted):
     """The default fit trains two more T-GEMs, each on the training images of one half of the classes, and
     the budget Jumper learns from them (so it reads z_l); without cross-fitting its z_l weights are zero and
-    the exit modules and the agreement model are the same."""
+    the exit modules are the same; so is the agreement model, except that the distilled recipe's mixing
+    weights are fit on the main modules' scores instead of the half-models' (equal with recipe tgem)."""
     D = bb.embed_dim
     tgem, jumper, info = fitted["cls"]
     halves = info["cross_fit"]
@@ -124,13 +125,23 @@ def test_cross_fit_trains_two_half_class_models_for_the_budget_jumper(bb, train,
     assert sorted(halves[0]["classes"] + halves[1]["classes"]) == sorted(info["train_classes"])
     assert sum(h["num_train"] for h in halves) == info["num_train"]
     assert jumper.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + D].any()
-    plain_tgem, plain, plain_info = fit_tgem(bb, train, FitSettings(space="cls", epochs=2, cross_fit=False),
+    plain_tgem, plain, plain_info = fit_tgem(bb, train, FitSettings(space="cls", epochs=2, cross_fit=False,
+                                                                    recipe="distilled", trajectory=True),
                                              feats=train_feats, progress=False)
     assert plain_info["cross_fit"] is None and not plain_info["settings"]["cross_fit"]
     assert not plain.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + D].any()
-    assert torch.equal(plain.weight, jumper.weight)
-    assert all(torch.equal(a, b) for a, b in zip(plain_tgem.state_dict().values(), tgem.state_dict().values()))
+    same = {k: v for k, v in tgem.state_dict().items() if k != "mix"}
+    assert all(torch.equal(v, plain_tgem.state_dict()[k]) for k, v in same.items())
+    assert not torch.equal(plain_tgem.mix, tgem.mix)
     assert not torch.equal(plain.budget.weight, jumper.budget.weight)
+    memo = {}
+    t_cross = fit_tgem(bb, train, FitSettings(space="cls", epochs=2, recipe="tgem"), feats=train_feats,
+                       progress=False, memo=memo)
+    t_plain = fit_tgem(bb, train, FitSettings(space="cls", epochs=2, recipe="tgem", cross_fit=False),
+                       feats=train_feats, progress=False, memo=memo)
+    assert torch.equal(t_plain[1].weight, t_cross[1].weight)
+    # the memo reuses the trained modules: the main ones equal the fixture's (same data, seed, training)
+    assert all(torch.equal(v, tgem.state_dict()[k]) for k, v in t_plain[0].state_dict().items())
     agree_only = fit_tgem(bb, train, FitSettings(space="cls", epochs=1, jumper_target="agree"), feats=train_feats,
                           progress=False)[2]
     assert agree_only["cross_fit"] is None  # nothing would use the half-models

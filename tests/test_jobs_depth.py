@@ -256,3 +256,41 @@ def test_an_image_the_encoder_refuses_is_an_error_record_as_in_the_drop_path(tmp
     errors = pq.read_table(tmp_path / "depth" / "_errors.parquet")
     assert errors.equals(pq.read_table(tmp_path / "drop" / "_errors.parquet"))
     assert errors.column("reason").to_pylist() == ["cannot encode image: 7 px is too small"]
+
+
+def _distilled_checkpoint(path) -> str:
+    """The shipped cls checkpoint with distilled readouts (seeded maps near the identity, both readouts mixed)
+    and Jumpers that read the trajectory signals: the issue-27 recipe, whatever the shipped checkpoint holds."""
+    from tgems.backbones import load_backbone
+    from tgems.jumper import NUM_TRAJ_SIGNALS, Jumper
+    from tgems.tgem import TGEM, load_tgem, save_tgem
+
+    bb = load_backbone("embedded")
+    main, jumper, cfg = load_tgem(tgem_checkpoint(), bb)
+    tgem = TGEM(main.layers, main.num_layers, main.embed_dim, main.out_dim, main.space, main.hidden, "distilled")
+    tgem.load_state_dict(main.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(0)
+    n, D = len(main.layers), main.embed_dim
+    tgem.readout_weight.copy_(torch.eye(D) + 0.1 * torch.randn(n, D, D, generator=g))
+    tgem.mix.copy_(torch.tensor([[0.6, 0.5]]).repeat(n, 1))
+
+    def widen(j, extra):
+        return Jumper(torch.cat([j.weight, torch.tensor([extra]).repeat(n, 1)], 1), j.bias)
+
+    both = widen(jumper, [0.0] * NUM_TRAJ_SIGNALS)
+    both.budget, both.tau = widen(jumper.budget, [0.3, 1.0, 2.0]), jumper.tau
+    return str(save_tgem(path, tgem, both, bb, {k: cfg[k] for k in ("templates", "settings")}))
+
+
+def test_depth_rows_equal_the_drop_rows_with_distilled_readouts(tmp_path, folder):
+    from tgems.spec import PredictorSpec
+
+    clf_d = PredictorSpec(tgem=_distilled_checkpoint(tmp_path / "dist"), labels=list(LABELS)).check()
+    model = clf_d.build()
+    assert model.profiles.distilled
+    for sched in ("drop", "depth"):
+        run_job(model, JobSpec(data=folder, out=str(tmp_path / sched), task="classify", batch_size=8, workers=1,
+                               scheduler=sched), settings=predictor_settings(model), progress=False)
+    a, b = read_parts(tmp_path / "drop"), read_parts(tmp_path / "depth")
+    _same_rows(a, b)
+    assert len(set(a.column("exit_layer").to_pylist())) > 2

@@ -7,7 +7,7 @@ import torch
 
 from tgem_helpers import bb, make_classifier, test_data  # noqa: F401 (fixtures)
 from tgems import TGEMError
-from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, jumper_signals, text_neighbours
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS, Jumper, jumper_signals, text_neighbours
 from tgems.training.jumper_fit import fit_jumper, fit_logistic
 from tgems.profiles import layer_probs
 
@@ -18,15 +18,16 @@ def test_jumper_targets(bb, fitted, test_data, test_feats):
     where every label equals the full model's prediction the no-loss target is exactly agreement; with the
     true labels it is another model; it needs labels. `goal` holds both."""
     clf = make_classifier(bb, fitted, "cls", test_data.classes)
-    probs = layer_probs(clf.profiles, test_feats)
+    probs, pairs = layer_probs(clf.profiles, test_feats, pairs=True)
     preds = probs.argmax(-1)
-    signals = jumper_signals(probs, test_feats, clf.profiles.layers, clf.profiles.text)
+    signals = jumper_signals(probs, test_feats, clf.profiles.layers, clf.profiles.text, pairs)
     y_agree = (preds[:, :-1] == preds[:, -1:]).float()
     full = preds[:, -1]
     as_full = dataclasses.replace(test_feats, labels=full)
     agree, same = fit_jumper(clf.profiles, test_feats, "agree"), fit_jumper(clf.profiles, as_full, "no_loss")
     assert agree.budget is None and same.budget is None
-    cols = list(range(NUM_SIGNALS)) + list(range(signals.shape[-1] - NUM_SET_SIGNALS, signals.shape[-1]))
+    cols = list(range(NUM_SIGNALS)) + list(range(signals.shape[-1] - NUM_SET_SIGNALS - NUM_TRAJ_SIGNALS,
+                                                 signals.shape[-1]))
     expect = fit_logistic(signals[..., cols], y_agree, standardize=True)
     for model in (agree, same):
         assert torch.equal(model.weight[..., cols], expect.weight) and torch.equal(model.bias, expect.bias)
@@ -57,8 +58,8 @@ def test_cross_fitted_profiles_train_the_no_loss_model_on_every_set(bb, fitted, 
     assert crossed.budget.weight[..., NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
     rows = []
     for prof in (clf.profiles, other):
-        probs = layer_probs(prof, test_feats)
-        rows.append((jumper_signals(probs, test_feats, prof.layers, prof.text), probs.argmax(-1)))
+        probs, pairs = layer_probs(prof, test_feats, pairs=True)
+        rows.append((jumper_signals(probs, test_feats, prof.layers, prof.text, pairs), probs.argmax(-1)))
     x = torch.cat([r[0] for r in rows])
     p = torch.cat([r[1] for r in rows])
     y = test_feats.labels.repeat(2)[:, None]
@@ -86,15 +87,16 @@ def test_label_set_signals(bb, fitted, test_data, test_feats):
     text = clf.profiles.text
     old = jumper_signals(probs, test_feats, clf.profiles.layers)
     sig = jumper_signals(probs, test_feats, clf.profiles.layers, text)
-    assert sig.shape[-1] == old.shape[-1] + NUM_SET_SIGNALS and torch.equal(sig[..., :old.shape[-1]], old)
+    assert sig.shape[-1] == old.shape[-1] + NUM_SET_SIGNALS + NUM_TRAJ_SIGNALS
+    assert torch.equal(sig[..., :old.shape[-1]], old)
     top = probs[:, 1].topk(2, dim=1).indices
-    pair, nearest, overlap = sig[:, 1, -3], sig[:, 1, -2], sig[:, 1, -1]
+    pair, nearest, overlap = (sig[:, 1, old.shape[-1] + k] for k in range(NUM_SET_SIGNALS))
     assert torch.allclose(pair, (text[top[:, 0]] * text[top[:, 1]]).sum(-1), atol=1e-6)
     cos = text @ text.T
     cos.fill_diagonal_(-2.0)
     assert torch.allclose(nearest, cos.max(1).values[top[:, 0]], atol=1e-6)
     assert torch.equal(text_neighbours(text), text_neighbours(text.clone()))
-    assert (sig[:, 0, -1] == 0).all() and ((overlap >= 0) & (overlap <= 1)).all()
+    assert (sig[:, 0, old.shape[-1] + 2] == 0).all() and ((overlap >= 0) & (overlap <= 1)).all()
     assert text_neighbours(text[:1]).tolist() == [0.0]
 
 
@@ -110,3 +112,26 @@ def test_standardized_fit_folds_into_the_weights(bb, fitted, test_data, test_fea
     plain = fit_logistic((x - mu) / sd, y)
     diff = (folded.scores(x) - plain.scores((x - mu) / sd)).abs().max()
     assert diff < 1e-3, diff  # two L-BFGS runs on differently rounded problems: equal to its tolerance
+
+
+def test_trajectory_signals(bb, fitted, test_data, test_feats):
+    """Last: patience (candidate layers in a row before this one with the same top-1), whether the T-GEM and
+    the distilled readout agree on the top-1, the distilled readout's top-1 probability; zeros for the readout
+    pair without `pairs` (and for profiles without distilled readouts)."""
+    clf = make_classifier(bb, fitted, "cls", test_data.classes)
+    prof = clf.profiles.to("cpu")
+    assert prof.distilled  # the session's cls fit (tests/conftest.py)
+    probs, pairs = layer_probs(prof, test_feats, pairs=True)
+    sig = jumper_signals(probs, test_feats, prof.layers, prof.text, pairs)[..., -NUM_TRAJ_SIGNALS:]
+    top = probs[:, :-1].argmax(-1)
+    expect = torch.zeros(len(top))
+    for j in range(len(prof.layers)):
+        if j:
+            expect = torch.where(top[:, j] == top[:, j - 1], expect + 1, torch.zeros_like(expect))
+        assert torch.equal(sig[:, j, 0], expect)
+        t, d = prof.parts(j, test_feats.z[:, prof.layers[j] - 1])
+        assert torch.equal(sig[:, j, 1], (t.argmax(1) == d.argmax(1)).float())
+        assert torch.allclose(sig[:, j, 2], d.softmax(-1).max(1).values)
+    assert sig[:, :, 1].min() == 0 and sig[:, :, 1].max() == 1 and sig[:, -1, 0].max() > 0
+    no_pairs = jumper_signals(probs, test_feats, prof.layers, prof.text)[..., -NUM_TRAJ_SIGNALS:]
+    assert torch.equal(no_pairs[..., 0], sig[..., 0]) and not no_pairs[..., 1:].any()

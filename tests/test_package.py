@@ -25,7 +25,8 @@ RANKS = {
     # what a folder holds: the one listing for jobs and for the in-memory folder reader (tgems.data.folder)
     "tgems.jobs.lister": 1,
     "tgems.backbones": 2, "tgems.data": 2, "tgems.artifacts": 2,
-    "tgems.features": 3, "tgems.engine": 3, "tgems.calibration": 3,
+    "tgems.features": 3, "tgems.engine": 3, "tgems.calibration": 3, "tgems.audit": 3,
+    "tgems.readouts": 3.5,  # distilled readouts: torch only, read by the profiles and the Jumper's signals
     "tgems.chance": 4,
     "tgems.profiles": 4,
     "tgems.jumper": 5,

@@ -1,6 +1,7 @@
 """The depth-queue scheduler (tgems.scheduling.depth) on the shipped embedded model: its answers equal
 EarlyExitClassifier.predict row for row with label sets, taus and goals mixed in flight; cancelled rows are
 dropped without leaking slots; audited rows answer at their exit and are checked at full depth."""
+import dataclasses
 import warnings
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import tgems
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper
 from tgems.scheduling.depth import DepthScheduler, QueueFull, predict_rows
 
 
@@ -23,11 +25,28 @@ def emb():
     return bb, bb.preprocess(list(ds.images)), {"a": a, "b": b, "rates": r}
 
 
+def distilled(a):
+    """`a` with distilled readouts (seeded maps near the identity, both readouts mixed) and a budget Jumper that
+    reads the trajectory signals: the issue-27 recipe, whatever the shipped checkpoint holds."""
+    g = torch.Generator().manual_seed(0)
+    prof = a.profiles.to("cpu")
+    n, D = len(prof.layers), prof.text.shape[1]
+    prof = dataclasses.replace(prof, readout_weight=torch.eye(D) + 0.1 * torch.randn(n, D, D, generator=g),
+                               readout_bias=0.01 * torch.randn(n, D, generator=g),
+                               mix=torch.tensor([[0.6, 0.5]]).repeat(n, 1))
+    w = a.jumper.for_goal("budget").weight[:, :NUM_SIGNALS + D + NUM_SET_SIGNALS]
+    jumper = Jumper(torch.cat([w, torch.tensor([[0.3, 1.0, 2.0]]).repeat(n, 1)], 1),
+                    a.jumper.for_goal("budget").bias)
+    return tgems.EarlyExitClassifier(a.backbone, None, a.labels, a.templates, jumper=jumper, profiles=prof,
+                                     calibration={"goal": "budget", "tau": 0.5})
+
+
 def _configs(clfs):
     a, b, r = clfs["a"], clfs["b"], clfs["rates"]
     max_drop = tgems.EarlyExitClassifier(a.backbone, None, a.labels, a.templates, jumper=a.jumper,
                                          profiles=a.profiles, calibration={"goal": "max_drop", "tau": 0.8})
-    return [a, a.with_tau(0.3), b, b.with_tau(0.9), max_drop, r, a.with_tau(2.0)]
+    d = distilled(a)
+    return [a, a.with_tau(0.3), b, b.with_tau(0.9), max_drop, r, a.with_tau(2.0), d, d.with_tau(0.8)]
 
 
 def _check_same(rows, ref, clf):

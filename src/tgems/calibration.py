@@ -35,17 +35,28 @@ def first_exit(scores: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.where(hit.any(1), hit.float().argmax(1), torch.full((scores.shape[0],), n, device=scores.device))
 
 
+MIN_GAP_ULPS = 16  # a threshold sits in a gap between calibration scores at least this many float32 steps wide
+
+
 def tau_grid(scores: torch.Tensor, size: int = 400) -> np.ndarray:
     """Descending thresholds, from 'never exit' to 'exit at the first candidate'.
 
-    Thresholds lie midway between distinct scores (at `size` evenly spaced ranks), never on a score:
-    a threshold equal to a calibration score would make that image's exit hinge on the last bit of a
-    float, which the engine (other batch, other summation order) need not reproduce."""
-    s = np.unique(scores.flatten().cpu().numpy().astype(np.float64))
-    mids = (s[1:] + s[:-1]) / 2
-    if len(mids) > size:
-        mids = mids[np.unique(np.linspace(0, len(mids) - 1, size).round().astype(np.int64))]
-    return np.unique(np.concatenate([[ALWAYS_EXIT, NEVER_EXIT], mids]))[::-1]
+    Each threshold sits in a gap between consecutive calibration scores, never on a score: an exit there
+    would hinge on the last bits of a float, which the engine, another machine or thread count (another
+    summation order) need not reproduce. The gaps are those at `size` evenly spaced ranks of the scores
+    sorted with their ties (so ranks do not move when last-bit noise makes or breaks a tie), or the nearest
+    gap at least MIN_GAP_ULPS float32 steps wide, each threshold at its middle: last-bit noise in the scores
+    moves a threshold by that noise only, and while it stays under 8 float32 steps no exit decision changes."""
+    s = np.sort(scores.detach().flatten().cpu().numpy().astype(np.float64))
+    lo, hi = s[:-1], s[1:]
+    ulp = np.spacing(np.abs(hi).astype(np.float32)).astype(np.float64)
+    wide = np.flatnonzero(hi - lo >= MIN_GAP_ULPS * ulp)
+    if len(wide) > size:
+        ranks = np.linspace(0, len(s) - 2, size)
+        at = np.searchsorted(wide, ranks)
+        left, right = wide[np.clip(at - 1, 0, len(wide) - 1)], wide[np.clip(at, 0, len(wide) - 1)]
+        wide = np.unique(np.where(np.abs(ranks - left) <= np.abs(right - ranks), left, right))
+    return np.unique(np.concatenate([[ALWAYS_EXIT, NEVER_EXIT], (lo[wide] + hi[wide]) / 2]))[::-1]
 
 
 def simulate(scores: torch.Tensor, layer_preds: torch.Tensor, layers: list[int], tau: float):

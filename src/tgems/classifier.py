@@ -30,7 +30,7 @@ from tgems.profiles import ClassProfiles, check_readable_labels, layer_probs
 from tgems.options import DELTA
 from tgems.tgem import TGEM, load_tgem
 
-FORMAT_VERSION = artifacts.CLASSIFIER.format  # 2: the backbone's source, a content hash over labels and tensors
+FORMAT_VERSION = artifacts.CLASSIFIER.format  # 2: the backbone's source, a content hash; 3: distilled readouts in the profiles
 CONFIG, TENSORS = artifacts.CLASSIFIER.config, artifacts.CLASSIFIER.tensors
 LABEL_COST_LIMIT = 0.05  # scoring the label set may add this share of plain CLIP's FLOPs before a warning
 
@@ -187,9 +187,9 @@ class EarlyExitClassifier:
         """(scores (N, n), predictions (N, n + 1)) on cached features (CPU); scores of the Jumper model that
         serves `goal` ("budget" or "max_drop"; default: this classifier's goal)."""
         profiles = self.profiles.to("cpu")
-        probs = layer_probs(profiles, feats)
+        probs, pairs = layer_probs(profiles, feats, pairs=True)
         jumper = self.jumper.for_goal(goal or self.goal).to("cpu")
-        return jumper.scores(jumper_signals(probs, feats, profiles.layers, profiles.text)), probs.argmax(-1)
+        return jumper.scores(jumper_signals(probs, feats, profiles.layers, profiles.text, pairs)), probs.argmax(-1)
 
     def calibrate(self, data, budget: float | None = None, max_drop: float | None = None, delta: float = DELTA,
                   use_labels: bool = True, allow_uncovered: bool = False,

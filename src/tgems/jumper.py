@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from tgems.profiles import ClassProfiles
+from tgems.readouts import readout_pair  # noqa: F401 (the readout pair is a Jumper signal; defined beside the readouts)
 
 NUM_SIGNALS = 6  # the confidence signals; the unit readout z_l follows them
 NUM_SET_SIGNALS = 3  # label-set signals, after z_l (when the label set's text embeddings are given)
+NUM_TRAJ_SIGNALS = 3  # trajectory signals, after the label-set ones (see trajectory_signals)
 TOP_K = 5  # ranking stability: overlap of the top-k classes with the previous candidate layer's
 
 
@@ -28,18 +30,28 @@ def text_neighbours(text: torch.Tensor) -> torch.Tensor:
     return cos.max(1).values
 
 
+def trajectory_signals(patience: torch.Tensor, pair: torch.Tensor | None) -> torch.Tensor:
+    """(n, NUM_TRAJ_SIGNALS): patience (how many candidate layers in a row before this one kept the top-1),
+    then `readout_pair` (zeros when not given)."""
+    if pair is None:
+        pair = torch.zeros(len(patience), 2, device=patience.device)
+    return torch.cat([patience.float()[:, None], pair.float()], dim=1)
+
+
 def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.Tensor,
                  prev_z: torch.Tensor | None, text: torch.Tensor | None = None,
-                 neighbours: torch.Tensor | None = None) -> torch.Tensor:
+                 neighbours: torch.Tensor | None = None, traj: torch.Tensor | None = None) -> torch.Tensor:
     """(n, NUM_SIGNALS + D [+ NUM_SET_SIGNALS]): top-1, margin, normalised entropy, agreement and prob
     change vs the previous candidate layer, cosine of z with the previous candidate's z; then z_l / |z_l|
     itself, which lets the Jumper learn which kinds of image are settled early; then, when the label set's
     unit text embeddings `text` (C, D) and their `neighbours` (text_neighbours) are given, signals that
     describe the label set around the prediction rather than its class identity: the cosine between the
     top-2 classes' texts, the top-1 class text's cosine to its nearest other class text, and the overlap
-    of the top-k classes with the previous candidate layer's top-k. A Jumper model reads the first
+    of the top-k classes with the previous candidate layer's top-k; then, with the label-set signals, the
+    trajectory signals `traj` (trajectory_signals; zeros when not given). A Jumper model reads the first
     `weight.shape[-1]` of them (NUM_SIGNALS: agreement models fit before issue 12; NUM_SIGNALS + D: budget
-    models fit before the label-set signals; all: current models)."""
+    models fit before the label-set signals; NUM_SIGNALS + D + NUM_SET_SIGNALS: before issue 27; all:
+    current models)."""
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     top1 = top2[:, 0]
     margin = top1 - (top2[:, 1] if top2.shape[1] > 1 else 0)
@@ -68,27 +80,41 @@ def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.
             prev_top_k = prev_probs.topk(k, dim=1).indices
             overlap = (top[:, :, None] == prev_top_k[:, None, :]).any(2).float().mean(1)
         out.append(torch.stack([pair, neighbours[pred].float(), overlap], dim=1))
+        out.append(traj.float() if traj is not None else torch.zeros(len(top1), NUM_TRAJ_SIGNALS, device=top1.device))
     return torch.cat(out, dim=1)
 
 
-def jumper_signals(probs: torch.Tensor, feats, layers: list[int], text: torch.Tensor | None = None) -> torch.Tensor:
+def next_patience(patience: torch.Tensor | None, probs: torch.Tensor, prev_probs: torch.Tensor | None) -> torch.Tensor:
+    """Patience at this candidate layer: the previous one's + 1 where the top-1 is unchanged, else 0."""
+    if prev_probs is None or patience is None:
+        return torch.zeros(len(probs), device=probs.device)
+    return torch.where(probs.argmax(1) == prev_probs.argmax(1), patience + 1, torch.zeros_like(patience))
+
+
+def jumper_signals(probs: torch.Tensor, feats, layers: list[int], text: torch.Tensor | None = None,
+                   pairs: torch.Tensor | None = None) -> torch.Tensor:
     """(N, n, S) exit signals at each candidate layer on cached features (the last layer needs none);
-    with the label set's text embeddings, the label-set signals too (see exit_signals)."""
-    out, prev_p, prev_z = [], None, None
+    with the label set's text embeddings, the label-set and trajectory signals too (see exit_signals);
+    `pairs` (N, n, 2): `readout_pair` at each candidate layer (`profiles.layer_probs(..., pairs=True)`)."""
+    out, prev_p, prev_z, patience = [], None, None, None
     neighbours = None if text is None else text_neighbours(text)
     for j, l in enumerate(layers):
         z = feats.z[:, l - 1]
-        out.append(exit_signals(probs[:, j], prev_p, z, prev_z, text, neighbours))
+        patience = next_patience(patience, probs[:, j], prev_p)
+        traj = trajectory_signals(patience, None if pairs is None else pairs[:, j])
+        out.append(exit_signals(probs[:, j], prev_p, z, prev_z, text, neighbours, traj))
         prev_p, prev_z = probs[:, j], z
     return torch.stack(out, 1)
 
 
 def exit_head_flops(profiles: ClassProfiles) -> float:
-    """Per row and candidate layer: scoring against C prototypes, the Jumper's signals (about 10 per class,
-    5 more for the top-k, 2 D for the top-2 texts' cosine) and its logistic model over them, the readout
-    z_l and the label-set signals (2 per input)."""
+    """Per row and candidate layer: scoring against C prototypes (and the distilled readout, see
+    `ClassProfiles.scoring_flops`), the Jumper's signals (about 10 per class, 5 more for the top-k, 2 D for
+    the top-2 texts' cosine, 6 per class for the readout pair) and its logistic model over them (2 per
+    input)."""
     C, D = profiles.num_classes, profiles.text.shape[-1]
-    return profiles.scoring_flops() + float(15 * C + 2 * D + 2 * (NUM_SIGNALS + D + NUM_SET_SIGNALS))
+    traj = 2 * NUM_TRAJ_SIGNALS + 2 + (6 * C if profiles.distilled else 0)  # patience; the readout pair
+    return profiles.scoring_flops() + float(15 * C + 2 * D + 2 * (NUM_SIGNALS + D + NUM_SET_SIGNALS) + traj)
 
 
 def exit_head_flops_by_layer(profiles: ClassProfiles) -> dict:

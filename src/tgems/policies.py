@@ -8,7 +8,8 @@ import torch
 
 from tgems.errors import TGEMError
 from tgems.features import RATES_DTYPE
-from tgems.jumper import Jumper, exit_head_flops, exit_head_flops_by_layer, exit_signals, text_neighbours
+from tgems.jumper import (Jumper, exit_head_flops, exit_head_flops_by_layer, exit_signals, next_patience, readout_pair,
+                          text_neighbours, trajectory_signals)
 from tgems.profiles import ClassProfiles
 
 
@@ -74,29 +75,31 @@ class JumperPolicy:
             self.head_flops_by_layer = exit_head_flops_by_layer(profiles)
         self._index = {l: j for j, l in enumerate(profiles.layers)}
         self.neighbours = text_neighbours(profiles.text)  # once per label set, as jumper_signals does
-        self.prev_p = self.prev_z = self.keep = None
+        self.prev_p = self.prev_z = self.keep = self.patience = None
 
     def start(self, n: int):
-        self.n, self.prev_p, self.prev_z, self.keep = n, None, None, None
+        self.n, self.prev_p, self.prev_z, self.keep, self.patience = n, None, None, None, None
 
     def decide(self, layer, z, rows, rates=None):
         if layer not in self._index:  # the last layer: the backbone's own zero-shot head
             return torch.ones(len(rows), dtype=torch.bool, device=z.device), self.p.probs(len(self.p.layers), z)
         j = self._index[layer]
         x = rates.to(RATES_DTYPE).float() if self.p.space == "rates" else z  # as in the feature cache
-        probs, keep = self.p.contention_probs(j, x, None if self.keep is None else self.keep[rows])
+        probs, keep, t, d = self.p.contention_parts(j, x, None if self.keep is None else self.keep[rows])
         if self.prev_p is None:
             self.prev_p = torch.zeros(self.n, self.p.num_classes, device=z.device)
             self.prev_z = torch.zeros(self.n, z.shape[1], device=z.device)
+            self.patience = torch.zeros(self.n, device=z.device)
         if keep is not None:
             if self.keep is None:
                 self.keep = torch.zeros(self.n, keep.shape[1], dtype=torch.long, device=z.device)
             self.keep[rows] = keep
         text = self.p.text
-        if j == 0:
-            sig = exit_signals(probs, None, z, None, text, self.neighbours)
-        else:
-            sig = exit_signals(probs, self.prev_p[rows], z, self.prev_z[rows], text, self.neighbours)
+        prev_p = None if j == 0 else self.prev_p[rows]
+        patience = next_patience(None if j == 0 else self.patience[rows], probs, prev_p)
+        traj = trajectory_signals(patience, readout_pair(t, d))
+        sig = exit_signals(probs, prev_p, z, None if j == 0 else self.prev_z[rows], text, self.neighbours, traj)
+        self.patience[rows] = patience
         self.prev_p[rows] = probs
         self.prev_z[rows] = z.float()
         exit_now = self.jumper.score(j, sig) >= self.tau

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from tgems.errors import TGEMError
 from tgems.options import check_labels
+from tgems.readouts import distilled_embed, distilled_flops, readout_pair
 
 SPACES = ("cls", "rates")
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}")
@@ -197,6 +198,13 @@ class ClassProfiles:
     num_layers: int
     final_bias: float = 0.0
     activation: str = "softmax"
+    readout_weight: torch.Tensor | None = None  # (n, D, D) distilled readouts (readouts.py); None: T-GEM only
+    readout_bias: torch.Tensor | None = None  # (n, D)
+    mix: torch.Tensor | None = None  # (n, 2) weights of the T-GEM and the distilled logits at each candidate layer
+
+    @property
+    def distilled(self) -> bool:
+        return self.readout_weight is not None
 
     @property
     def num_classes(self) -> int:
@@ -214,13 +222,32 @@ class ClassProfiles:
     def to(self, device) -> "ClassProfiles":
         move = (lambda t: None if t is None else t.to(device=device, dtype=torch.float32))
         return replace(self, protos=move(self.protos), center=move(self.center), scale=move(self.scale),
-                       text=move(self.text))
+                       text=move(self.text), readout_weight=move(self.readout_weight),
+                       readout_bias=move(self.readout_bias), mix=move(self.mix))
+
+    def parts(self, j: int, x: torch.Tensor, keep: torch.Tensor | None = None):
+        """(T-GEM logits, distilled logits or None) at candidate index j < len(layers), over all classes or,
+        with `keep` (n, K), over each row's shortlist."""
+        if keep is None:
+            t = _score(x, self.protos[j], None if self.center is None else self.center[j], self.scale[j])
+        else:
+            u = F.normalize((x if self.center is None else x - self.center[j]).float(), dim=-1)
+            t = self.scale[j] * torch.einsum("nf,nkf->nk", u, self.protos[j][keep])
+        if not self.distilled:
+            return t, None
+        e = distilled_embed(self.readout_weight[j], self.readout_bias[j], x)
+        d = self.final_scale * (e @ self.text.t() if keep is None else torch.einsum("nd,nkd->nk", e, self.text[keep]))
+        return t, d
+
+    def mixed(self, j: int, t: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+        return t if d is None else self.mix[j, 0] * t + self.mix[j, 1] * d
 
     def logits(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """Logits at candidate index j (j == len(layers) is the last layer, x then the readout z_L)."""
+        """Logits at candidate index j (j == len(layers) is the last layer, x then the readout z_L); with
+        distilled readouts, the weighted sum of both readouts' logits."""
         if j == len(self.layers):
             return _score(x, self.text, None, self.final_scale) + self.final_bias
-        return _score(x, self.protos[j], None if self.center is None else self.center[j], self.scale[j])
+        return self.mixed(j, *self.parts(j, x))
 
     def probs(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities at candidate index j: softmax over the label set, except at the last layer of
@@ -242,17 +269,25 @@ class ClassProfiles:
         """(probs (n, C), keep): `probs` at candidate index j where every label is scored (then `keep`, the
         shortlist, is the top logits; None without one), else only the classes in `keep` (n, K), the others
         getting probability 0. The engine's policy and the cached-feature path both go through here."""
+        probs, keep, _, _ = self.contention_parts(j, x, keep)
+        return probs, keep
+
+    def contention_parts(self, j: int, x: torch.Tensor, keep: torch.Tensor | None = None):
+        """`contention_probs` and the two readouts' logits (T-GEM, distilled or None) it mixed, over the
+        classes it scored."""
         if self.scores_all_at(j) or keep is None:
-            logits = self.logits(j, x)
+            if j == len(self.layers):
+                logits, t, d = self.logits(j, x), None, None
+            else:
+                t, d = self.parts(j, x)
+                logits = self.mixed(j, t, d)
             probs = torch.sigmoid(logits) if j == len(self.layers) and self.activation == "sigmoid" \
                 else logits.softmax(-1)
-            return probs, (None if self.shortlist is None else logits.topk(self.shortlist, dim=1).indices)
-        if self.center is not None:
-            x = x - self.center[j]
-        u = F.normalize(x.float(), dim=-1)
-        logits = self.scale[j] * torch.einsum("nf,nkf->nk", u, self.protos[j][keep])
+            return probs, (None if self.shortlist is None else logits.topk(self.shortlist, dim=1).indices), t, d
+        t, d = self.parts(j, x, keep)
+        logits = self.mixed(j, t, d)
         probs = torch.zeros(len(x), self.num_classes, device=logits.device, dtype=logits.dtype)
-        return probs.scatter_(1, keep, logits.softmax(-1)), keep
+        return probs.scatter_(1, keep, logits.softmax(-1)), keep, t, d
 
     def layer_logits(self, feats, final_z: torch.Tensor) -> torch.Tensor:
         """(N, n + 1, C) logits on cached features (feats: (N, L, F) of this space)."""
@@ -265,12 +300,16 @@ class ClassProfiles:
         where `scores_all_at(j)` is false)."""
         f = self.protos.shape[-1] if len(self.layers) else self.text.shape[-1]
         scored = self.num_classes if j is None or self.scores_all_at(j) else self.shortlist
-        return float(2 * scored * f)
+        extra = distilled_flops(self.text.shape[-1], scored) + 3 * scored if self.distilled else 0.0
+        return float(2 * scored * f) + extra
 
     def state(self) -> dict:
         out = {"profiles.protos": self.protos, "profiles.scale": self.scale, "profiles.text": self.text}
         if self.center is not None:
             out["profiles.center"] = self.center
+        if self.distilled:
+            out.update({"profiles.readout_weight": self.readout_weight, "profiles.readout_bias": self.readout_bias,
+                        "profiles.mix": self.mix})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def config(self) -> dict:
@@ -281,7 +320,9 @@ class ClassProfiles:
     def from_state(cls, tensors: dict, config: dict) -> "ClassProfiles":
         return cls(config["space"], list(config["layers"]), tensors["profiles.protos"], tensors.get("profiles.center"),
                    tensors["profiles.scale"], tensors["profiles.text"], float(config["final_scale"]),
-                   int(config["num_layers"]), float(config.get("final_bias", 0.0)), config.get("activation", "softmax"))
+                   int(config["num_layers"]), float(config.get("final_bias", 0.0)), config.get("activation", "softmax"),
+                   tensors.get("profiles.readout_weight"), tensors.get("profiles.readout_bias"),
+                   tensors.get("profiles.mix"))
 
 
 def zero_shot_head(backbone) -> dict:
@@ -290,15 +331,21 @@ def zero_shot_head(backbone) -> dict:
             "activation": backbone.score_activation}
 
 
-def layer_probs(profiles: ClassProfiles, feats) -> torch.Tensor:
-    """(N, n + 1, C) probabilities at every candidate layer and the last, on cached features."""
+def layer_probs(profiles: ClassProfiles, feats, pairs: bool = False):
+    """(N, n + 1, C) probabilities at every candidate layer and the last, on cached features; with `pairs`,
+    also (N, n, 2) `readouts.readout_pair` at each candidate layer (for the Jumper's trajectory signals)."""
     x = feats.space(profiles.space)
-    out, keep = [], None
+    out, pair, keep = [], [], None
     for j, l in enumerate(profiles.layers):
-        probs, keep = profiles.contention_probs(j, x[:, l - 1], keep)
+        probs, keep, t, d = profiles.contention_parts(j, x[:, l - 1], keep)
         out.append(probs)
+        if pairs:
+            pair.append(readout_pair(t, d))
     out.append(profiles.probs(len(profiles.layers), feats.z[:, -1]))
-    return torch.stack(out, 1)
+    probs = torch.stack(out, 1)
+    if not pairs:
+        return probs
+    return probs, (torch.stack(pair, 1) if pair else torch.zeros(len(probs), 0, 2))
 
 
 def sample_profiles(feats, labels: torch.Tensor, num_classes: int, text: torch.Tensor, layers: list[int],

@@ -17,7 +17,9 @@ from tgems.errors import TGEMError
 from tgems.jumper import Jumper
 from tgems.profiles import SPACES, ClassProfiles, zero_shot_head
 
-FORMAT_VERSION = artifacts.TGEM.format
+FORMAT_VERSION = artifacts.TGEM.format  # 2: a `recipe` (issue 27); format 1 checkpoints load as "tgem"
+RECIPES = ("tgem", "distilled")  # T-GEM profiles alone; mixed with distilled readouts (readouts.py)
+RECIPE_BUFFERS = ("readout_weight", "readout_bias", "mix")  # what the distilled recipe adds to the modules
 CONFIG, TENSORS = artifacts.TGEM.config, artifacts.TGEM.tensors
 
 
@@ -43,7 +45,7 @@ class TGEM(nn.Module):
     """The text-guided exit modules of one backbone: G_l and a temperature for each candidate layer."""
 
     def __init__(self, layers: list[int], num_layers: int, embed_dim: int, out_dim: int, space: str = "cls",
-                 hidden: int = 256):
+                 hidden: int = 256, recipe: str = "tgem"):
         super().__init__()
         if space not in SPACES:
             raise TGEMError(f"unknown feature space '{space}' (choose from {', '.join(SPACES)})")
@@ -52,6 +54,16 @@ class TGEM(nn.Module):
         self.heads = nn.ModuleList(_Head(embed_dim, out_dim, space, hidden) for _ in self.layers)
         self.log_scale = nn.Parameter(torch.full((len(self.layers),), math.log(20.0)))
         self.register_buffer("center", torch.zeros(len(self.layers), out_dim))
+        if recipe not in RECIPES:
+            raise TGEMError(f"unknown exit recipe '{recipe}' (this tgems knows {', '.join(RECIPES)})")
+        if recipe == "distilled" and space != "cls":
+            raise TGEMError("distilled readouts map the readout z_l: they need the cls space")
+        self.recipe = recipe
+        if recipe == "distilled":  # filled by training.readout_fit; see readouts.py
+            n = len(self.layers)
+            self.register_buffer("readout_weight", torch.eye(embed_dim).repeat(n, 1, 1))
+            self.register_buffer("readout_bias", torch.zeros(n, embed_dim))
+            self.register_buffer("mix", torch.tensor([[1.0, 0.0]]).repeat(n, 1))
 
     def raw_profiles(self, text: torch.Tensor) -> torch.Tensor:
         """(n, C, F) unit-norm (centred for rates) profiles of the text embeddings."""
@@ -64,10 +76,14 @@ class TGEM(nn.Module):
         """Profiles of a label set (text: (C, D) class embeddings), on the backbone's device."""
         with torch.no_grad():
             text = text.float().cpu()
+            distilled = {}
+            if self.recipe == "distilled":
+                distilled = {"readout_weight": self.readout_weight.clone(), "readout_bias": self.readout_bias.clone(),
+                             "mix": self.mix.clone()}
             prof = ClassProfiles(self.space, self.layers, self.raw_profiles(text),
                                  self.center.clone() if self.space == "rates" else None,
                                  self.log_scale.exp().clone(), text, num_layers=self.num_layers,
-                                 **zero_shot_head(backbone))
+                                 **zero_shot_head(backbone), **distilled)
         return prof.to(backbone.device)
 
 
@@ -78,7 +94,7 @@ def save_tgem(path, tgem: TGEM, jumper: Jumper, backbone, info: dict, data_spec:
     config = {"format": FORMAT_VERSION, "backbone": backbone.name, "family": backbone.family,
               "fingerprint": backbone.fingerprint(), "num_layers": tgem.num_layers, "layers": tgem.layers,
               "space": tgem.space, "embed_dim": tgem.embed_dim, "out_dim": tgem.out_dim, "hidden": tgem.hidden,
-              "tau": jumper.tau, "data": data_spec, **info}
+              "recipe": tgem.recipe, "tau": jumper.tau, "data": data_spec, **info}
     return artifacts.write(path, artifacts.TGEM, config, tensors)
 
 
@@ -102,7 +118,9 @@ def load_tgem(name_or_path, backbone) -> tuple[TGEM, Jumper, dict]:
     path = tgem_path(name_or_path)
     cfg = read_tgem_config(path)
     artifacts.check_backbone(cfg, backbone, path, "T-GEM checkpoint")
-    tgem = TGEM(cfg["layers"], cfg["num_layers"], cfg["embed_dim"], cfg["out_dim"], cfg["space"], cfg["hidden"])
+    # checkpoints before format 2 have no recipe: T-GEM profiles only, as they were fit
+    tgem = TGEM(cfg["layers"], cfg["num_layers"], cfg["embed_dim"], cfg["out_dim"], cfg["space"], cfg["hidden"],
+                cfg.get("recipe", "tgem"))
     tensors = artifacts.read_tensors(path, artifacts.TGEM, cfg)
     try:
         jumper = Jumper.from_state(tensors, cfg.get("tau", 2.0))

@@ -34,7 +34,8 @@ def cmd_fit(args):
     log = logger(args)
     s = FitSettings(space=args.space, layers=args.layers, hidden=args.hidden, epochs=args.epochs,
                     lam=args.lam, r_target=args.r_target, soft_tau=args.soft_tau, jumper_target=args.jumper_target,
-                    cross_fit=not args.no_cross_fit, seed=args.seed,
+                    cross_fit=not args.no_cross_fit, seed=args.seed, recipe=args.recipe,
+                    readout_mix=not args.no_readout_mix, trajectory=args.trajectory,
                     **({"jumper_max": args.jumper_max} if args.jumper_max is not None else {}))
     info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
                         progress=show_progress(args), cache=args.cache, max_images=args.max_images, workers=args.workers,
@@ -153,6 +154,14 @@ def add_parsers(sub):
     f.add_argument("--no-cross-fit", action="store_true",
                    help="fit the budget Jumper on the main modules only (about half the fit time; it then "
                         "transfers less well to classes known only by text)")
+    f.add_argument("--recipe", choices=("tgem", "distilled"), default="tgem",
+                   help="exit readouts: T-GEM profiles alone (default), or mixed with distilled readouts (label-free "
+                        "maps from z_l toward the final embedding; cls only; no gain measured, docs/design.md)")
+    f.add_argument("--no-readout-mix", action="store_true",
+                   help="distilled recipe: the T-GEM profiles alone predict; the distilled readout only informs "
+                        "the Jumper (an ablation)")
+    f.add_argument("--trajectory", action="store_true",
+                   help="the Jumper also reads trajectory signals (patience, agreement of the two readouts)")
     f.add_argument("--accept-degenerate", action="store_true",
                    help="fit even when the full model's accuracy on the labels is at or near chance (default: "
                         "refused before training)")

@@ -18,8 +18,11 @@ from tgems.calibration import calibrate_budget
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
 from tgems.profiles import check_readable_labels, default_templates
-from tgems.tgem import TGEM
+from tgems.tgem import RECIPE_BUFFERS, TGEM
 from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_signals
+from tgems.training.heap import trim as trim_heap
+from tgems.training.spill import by_blocks
+from tgems.training.readout_fit import READOUT_L2, fit_mix, fit_readouts
 
 
 @dataclass
@@ -40,6 +43,10 @@ class FitSettings:
     default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
     jumper_target: str = "goal"  # what the Jumper's score estimates: see fit_jumper
     cross_fit: bool = True  # the budget Jumper also learns from two half-class T-GEMs (see fit_tgem)
+    recipe: str = "tgem"  # tgem.RECIPES: "distilled" mixes in distilled readouts (cls only; no gain measured, design.md)
+    trajectory: bool = False  # the Jumper reads the trajectory signals (patience, readout pair; no gain measured)
+    readout_l2: float = READOUT_L2  # ridge penalty of the distilled readouts
+    readout_mix: bool = True  # distilled: mix both readouts' logits; False: T-GEM predicts, the Jumper reads both
     jumper_max: int = 4000  # at most this many images fit the Jumper and set tau: its memory stays flat in N
     caption_set: int = 1000  # captioned data: the Jumper learns caption retrieval among this many captions
     seed: int = 0
@@ -136,6 +143,7 @@ def _train_modules(backbone, tgem: TGEM, store, rows: np.ndarray, t: _Targets, s
             sched.step()
             if release is not None:
                 release()
+            trim_heap()  # without it the resident set crept up with the steps (docs/fit.md, memory)
             bar.update(1)
         history.append({"epoch": epoch, "loss": round(loss.item(), 4), "expected_depth": round(r.mean().item(), 4)})
         bar.set_postfix(loss=f"{loss.item():.3f}", r=f"{r.mean().item():.3f}")
@@ -172,23 +180,64 @@ def _mean_features(store, rows: np.ndarray, space: str, layers) -> torch.Tensor:
 
 
 def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings, progress, seed: int, desc: str,
-                 dev="cpu"):
-    """G_l for every candidate layer, trained on the feature rows `rows` against targets `t`.
-    Returns (tgem on the CPU, settings with soft_tau filled in, history)."""
-    if s.soft_tau is None:
-        # where "confident" lies depends on the number of classes and the logit scale: take the full
-        # model's median top-1 probability on the training images, so the soft exits (and with them
-        # the regularizer) neither vanish nor fire everywhere
-        s = replace(s, soft_tau=round(float(_final_confidence(backbone, store, rows, t, s.batch_size).median()), 4))
-    torch.manual_seed(seed)
+                 dev="cpu", memo: dict | None = None):
+    """G_l for every candidate layer, trained on the feature rows `rows` against targets `t`, then the recipe's
+    distilled readouts. Returns (tgem on the CPU, settings with soft_tau filled in, history). `memo` (a
+    benchmark's: trained modules by `desc`) reuses modules trained by an earlier fit of the same data and
+    seed: the recipe does not change how G_l train, so ablations of the recipe train them once."""
     out_dim = backbone.embed_dim if s.space == "cls" else backbone.mlp_dim
-    tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden)
-    if s.space == "rates":
-        tgem.center.copy_(_mean_features(store, rows, s.space, s.layers))
-    tgem.to(dev)
-    history = _train_modules(backbone, tgem, store, rows, t, replace(s, seed=seed), progress, desc, dev)
-    tgem.to("cpu").eval()
+    if memo is not None and desc in memo:
+        trained, soft_tau, history = memo[desc]
+        s = replace(s, soft_tau=soft_tau)
+        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s))
+        tgem.load_state_dict({k: v for k, v in trained.state_dict().items() if k not in RECIPE_BUFFERS}, strict=False)
+    else:
+        if s.soft_tau is None:
+            # where "confident" lies depends on the number of classes and the logit scale: take the full
+            # model's median top-1 probability on the training images, so the soft exits (and with them
+            # the regularizer) neither vanish nor fire everywhere
+            s = replace(s, soft_tau=round(float(_final_confidence(backbone, store, rows, t, s.batch_size).median()), 4))
+        torch.manual_seed(seed)
+        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s))
+        if s.space == "rates":
+            tgem.center.copy_(_mean_features(store, rows, s.space, s.layers))
+        tgem.to(dev)
+        history = _train_modules(backbone, tgem, store, rows, t, replace(s, seed=seed), progress, desc, dev)
+        tgem.to("cpu").eval()
+        if memo is not None:
+            memo[desc] = (tgem, s.soft_tau, history)
+    if tgem.recipe == "distilled":
+        w, b = fit_readouts(store, rows, s.layers, s.readout_l2)
+        tgem.readout_weight.copy_(w)
+        tgem.readout_bias.copy_(b)
     return tgem, s, history
+
+
+def recipe_of(s: FitSettings) -> str:
+    return s.recipe
+
+
+def _set_mix(tgem: TGEM, main_text, store, jfeats, cross: list, halves, backbone) -> None:
+    """Fit the distilled recipe's per-layer mixing weights (training.readout_fit.fit_mix) and set them in the
+    main modules and the cross-fitted ones: on the Jumper's images scored by the half-models that never saw
+    their classes when there are cross-fitted ones, else by the main modules."""
+    feats = jfeats.subset(np.arange(len(jfeats)))
+    sets = [(tgem.profiles(main_text, backbone).to("cpu"), torch.ones(len(feats), dtype=torch.bool))]
+    if cross:
+        labels = feats.labels.numpy()
+        sets = [(h.profiles(main_text, backbone).to("cpu"), torch.as_tensor(~np.isin(labels, half)))
+                for h, half in zip(cross, halves)]
+    full = sets[0][0].probs(len(tgem.layers), feats.z[:, -1])
+    parts = []
+    for j, l in enumerate(tgem.layers):
+        ts, ds, ps = [], [], []
+        for prof, keep in sets:
+            t, d = prof.parts(j, feats.z[keep, l - 1])
+            ts.append(t), ds.append(d), ps.append(full[keep])
+        parts.append((torch.cat(ts), torch.cat(ds), torch.cat(ps)))
+    mix = fit_mix(parts)
+    for m in [tgem] + list(cross):
+        m.mix.copy_(mix)
 
 
 def class_halves(num_classes: int, seed: int) -> list[np.ndarray]:
@@ -238,6 +287,12 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
     if not layers or layers[0] < 1 or layers[-1] >= L:
         raise TGEMError(f"candidate layers must lie in 1..{L - 1} (the last layer is always an exit)")
     check_jumper_target(s.jumper_target)
+    from tgems.tgem import RECIPES
+
+    if s.recipe not in RECIPES:
+        raise TGEMError(f"unknown exit recipe '{s.recipe}' (choose from {', '.join(RECIPES)})")
+    if recipe_of(s) == "distilled" and s.space != "cls":
+        raise TGEMError("the distilled recipe maps the readout z_l: it needs --space cls (rates: --recipe tgem)")
     if s.soft_tau is not None and not 0 < s.soft_tau < 1:
         raise TGEMError(f"soft_tau must lie in (0, 1), got {s.soft_tau}")
     if s.jumper_max < 1 or s.caption_set < 2:
@@ -246,7 +301,7 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
 
 
 def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None, feats: LayerFeatures | None = None,
-             progress: bool = True, device="cpu", near_chance: str = "warn"):
+             progress: bool = True, device="cpu", near_chance: str = "warn", memo: dict | None = None):
     """Train T-GEMs (G_l for each candidate layer) and the Jumper on a captioned/labelled dataset in memory.
 
     The Jumper is fit on images held out of G_l's training (`jumper_fraction`, at most `jumper_max`). With
@@ -255,7 +310,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
     held-out images scored by the main modules and by each half-model on all classes, so half of its
     examples come from classes that model knows only by their text, as a label set never seen in fitting is
     at inference (docs/design.md). This costs about one more module fit. Returns (tgem, jumper, info). Only
-    the classes present in `data` are used. `device`: where the modules train."""
+    the classes present in `data` are used. `device`: where the modules train. `memo`: see `_fit_modules`."""
     s = _checked_settings(backbone, settings)
     templates = list(templates or default_templates(data.name))
     present = np.unique(data.labels)
@@ -275,7 +330,7 @@ def fit_tgem(backbone, data, settings: FitSettings | None = None, templates=None
         cap_idx = torch.as_tensor(inv, dtype=torch.long)
         t.caption_emb = lambda rows: cap_text[cap_idx[torch.as_tensor(rows)]]
         t.caption_key = lambda rows: cap_idx[torch.as_tensor(rows)]
-    return _fit(backbone, feats, np.arange(len(feats)), t, classes, s, templates, progress, device, near_chance)
+    return _fit(backbone, feats, np.arange(len(feats)), t, classes, s, templates, progress, device, near_chance, memo)
 
 
 def fit_tgem_cached(backbone, cache, settings: FitSettings | None = None, templates=None, progress: bool = True,
@@ -318,6 +373,8 @@ class _Rows:
     """Rows `rows` of a feature store, read only when `subset` asks (the Jumper's images: what is in memory
     at once is one chunk of them, not all; docs/fit.md)."""
 
+    spill = True  # their signals go to disk (training.spill): the Jumper's memory stays flat in jumper_max
+
     def __init__(self, store, rows: np.ndarray):
         self.store, self.rows, self.labels = store, np.asarray(rows), None
 
@@ -334,7 +391,7 @@ class _Rows:
 
 
 def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettings, templates, progress, device,
-         near_chance: str = "warn"):
+         near_chance: str = "warn", memo: dict | None = None):
     """The fit shared by both feature stores: seeded Jumper / training split, modules, cross-fit, Jumper, tau."""
     full_check = _check_full_model(backbone, store, usable, t, near_chance)
     L = backbone.num_layers
@@ -346,7 +403,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
     n_j = min(int(round(len(perm) * s.jumper_fraction)), cap)
     jump_idx, train_idx = np.sort(usable[perm[:n_j]]), np.sort(usable[perm[n_j:]])
     tgem, s, history = _fit_modules(backbone, store, train_idx, t, s, progress, s.seed, f"fit T-GEM ({s.space})",
-                                    device)
+                                    device, memo)
     jfeats = _Rows(store, jump_idx)
     cross, cross_info, halves = [], None, None
     if t.mode == "labels":
@@ -359,6 +416,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
         _, first, inv = np.unique(t.caption_key(jump_idx).numpy(), return_index=True, return_inverse=True)
         jfeats.labels = torch.as_tensor(inv.reshape(-1), dtype=torch.long)
         profiles = tgem.profiles(F.normalize(t.caption_emb(jump_idx[first]).float(), dim=-1), backbone).to("cpu")
+    cross_tgems = []
     if s.cross_fit and s.jumper_target != "agree" and halves is not None:
         cross_info = []
         for h, half in enumerate(halves):
@@ -368,13 +426,17 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
             t_half = replace(t, y=hmap[t.y], class_text=t.class_text[torch.as_tensor(half)])
             h_tgem, _, h_hist = _fit_modules(backbone, store, hi, t_half, replace(s, soft_tau=given_soft_tau),
                                              progress, s.seed + 1 + h, f"cross-fit T-GEM {h + 1}/2 ({s.space})",
-                                             device)
-            cross.append(h_tgem.profiles(t.class_text, backbone).to("cpu"))
+                                             device, memo)
+            cross_tgems.append(h_tgem)
             cross_info.append({"classes": [classes[i] for i in half], "num_train": len(hi),
                                "final_loss": h_hist[-1]["loss"] if h_hist else None})
-    jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross)
+    if tgem.recipe == "distilled" and s.readout_mix:
+        _set_mix(tgem, profiles.text, store, jfeats, cross_tgems, halves, backbone)
+        profiles = tgem.profiles(profiles.text, backbone).to("cpu")
+    cross = [h.profiles(t.class_text, backbone).to("cpu") for h in cross_tgems]
+    jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross, trajectory=s.trajectory)
     signals, preds = training_signals([profiles], jfeats)
-    scores = jumper.for_goal("budget").scores(signals)
+    scores = by_blocks(jumper.for_goal("budget").scores, signals)
     del signals
     jumper.tau = calibrate_budget(scores, preds, profiles.exit_layers, L, s.default_budget)
     per_layer = [{"layer": l, "accuracy": round((preds[:, j] == jfeats.labels).float().mean().item(), 4),

@@ -4,56 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tgems.errors import TGEMError
-from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, jumper_signals
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS, Jumper, jumper_signals
 from tgems.profiles import ClassProfiles, layer_probs
+from tgems.training.logistic import fit_logistic  # deterministic across thread counts (issue 30.11)
+from tgems.training.spill import by_blocks, release, spilled_empty
 
 JUMPER_TARGETS = ("goal", "agree", "no_loss")
-
-
-def fit_logistic(signals: torch.Tensor, target: torch.Tensor, l2: float = 1e-3, steps: int = 200,
-                 standardize: bool = False) -> Jumper:
-    """signals (N, n, S), target (N, n) in {0, 1}: fit every layer's logistic model by L-BFGS.
-    `standardize`: fit (and penalise) weights on signals scaled to unit variance over all layers, then fold
-    the scaling into the weights, so scoring reads the raw signals as before. The scaling lives in the
-    weights, never in a scaled copy of `signals`: the fit holds no copy of them (docs/fit.md, memory)."""
-    n, S = signals.shape[1], signals.shape[2]
-    x = signals if signals.dtype == torch.float32 else signals.float()
-    y = target.float()
-    mu, sd = torch.zeros(S), torch.ones(S)
-    if standardize:
-        mu, sd = _column_moments(x)
-    w = torch.zeros(n, S, requires_grad=True)
-    b = torch.zeros(n, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        ws = w / sd
-        logit = torch.stack([x[:, j] @ ws[j] for j in range(n)], 1) + (b - (ws * mu).sum(-1))[None]
-        loss = F.binary_cross_entropy_with_logits(logit, y) + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    weight, bias = w.detach(), b.detach()
-    if standardize:
-        weight = weight / sd
-        bias = bias - (weight * mu).sum(-1)
-    return Jumper(weight, bias)
-
-
-def _column_moments(x: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of each signal over rows and layers (the last dimension kept), in float64
-    chunk by chunk: no temporary of the size of `x`."""
-    m = x.shape[0] * x.shape[1]
-    total = sum(x[a:a + chunk].double().sum((0, 1)) for a in range(0, len(x), chunk))
-    mu = total / m
-    sq = sum(((x[a:a + chunk].double() - mu) ** 2).sum((0, 1)) for a in range(0, len(x), chunk))
-    sd = (sq / max(m - 1, 1)).sqrt()
-    return mu.float(), sd.float().clamp_min(1e-3)
 
 
 def check_jumper_target(target: str) -> None:
@@ -74,12 +32,15 @@ def training_signals(profile_sets: list[ClassProfiles], feats) -> tuple[torch.Te
         profiles = profiles.to("cpu")
         for a in range(0, n_rows, _ROWS):
             part = feats.subset(np.arange(a, min(n_rows, a + _ROWS)))
-            probs = layer_probs(profiles, part)
-            sig = jumper_signals(probs, part, profiles.layers, profiles.text)
+            probs, pairs = layer_probs(profiles, part, pairs=True)
+            sig = jumper_signals(probs, part, profiles.layers, profiles.text, pairs)
             if signals is None:
-                signals = torch.empty((len(profile_sets) * n_rows, *sig.shape[1:]), dtype=sig.dtype)
+                shape = (len(profile_sets) * n_rows, *sig.shape[1:])
+                signals = (spilled_empty(shape, sig.numpy().dtype) if getattr(feats, "spill", False)
+                           else torch.empty(shape, dtype=sig.dtype))  # spilled: on disk (docs/fit.md, memory)
                 preds = torch.empty((len(profile_sets) * n_rows, probs.shape[1]), dtype=torch.long)
             signals[k * n_rows + a:k * n_rows + a + len(sig)] = sig
+            release(signals[k * n_rows + a:k * n_rows + a + len(sig)])
             preds[k * n_rows + a:k * n_rows + a + len(sig)] = probs.argmax(-1)
     return signals, preds
 
@@ -87,13 +48,15 @@ def training_signals(profile_sets: list[ClassProfiles], feats) -> tuple[torch.Te
 def _fit_on(signals: torch.Tensor, target: torch.Tensor, cols: torch.Tensor) -> Jumper:
     """A Jumper fit on standardised signal columns `cols`, zero weights on the others."""
     every = len(cols) == signals.shape[-1] and bool((cols == torch.arange(len(cols))).all())
-    fit = fit_logistic(signals if every else signals[..., cols], target.float(), standardize=True)
+    fit = fit_logistic(signals if every else by_blocks(lambda b: b[..., cols], signals), target.float(),
+                       standardize=True)
     weight = torch.zeros(fit.weight.shape[0], signals.shape[-1])
     weight[:, cols] = fit.weight
     return Jumper(weight, fit.bias)
 
 
-def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list[ClassProfiles] = ()) -> Jumper:
+def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list[ClassProfiles] = (),
+               trajectory: bool = True) -> Jumper:
     """Fit the Jumper's per-layer logistic models on cached features (labels index the profiles' classes).
 
     `agree`: s_l estimates P(the layer-l prediction equals the full model's), needs no labels. `no_loss`:
@@ -105,7 +68,8 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list
     on part of the classes, see `training.fit.fit_tgem`); the no-loss model then learns from these images
     scored by every set of modules, and reads z_l too. Otherwise z_l weights are zero: fit on the modules'
     own classes only, a readout-based model learned which images of those classes settle early, and did
-    not transfer to text-only classes (docs/design.md)."""
+    not transfer to text-only classes (docs/design.md). `trajectory`: also read the trajectory signals
+    (`jumper.trajectory_signals`); without, their weights are zero."""
     check_jumper_target(target)
     labelled = bool((feats.labels >= 0).all())
     if target == "no_loss" and not labelled:
@@ -114,15 +78,16 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list
     signals, preds = training_signals(sets, feats)
     n_rows = len(feats)
     width = signals.shape[-1]
-    readable = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS, width)])
+    last = width if trajectory else width - NUM_TRAJ_SIGNALS  # without: zero weights on the trajectory signals
+    readable = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS - NUM_TRAJ_SIGNALS, last)])
     agree = None
     if target != "no_loss":
         agree = _fit_on(signals[:n_rows], preds[:n_rows, :-1] == preds[:n_rows, -1:], readable)
     if target == "agree" or not labelled:
         return agree
     labels = feats.labels.repeat(len(sets))[:, None]
-    no_loss = _fit_on(signals, (preds[:, :-1] == labels) | (preds[:, -1:] != labels),
-                      torch.arange(width) if cross else readable)
+    every = torch.arange(width if trajectory else width - NUM_TRAJ_SIGNALS)
+    no_loss = _fit_on(signals, (preds[:, :-1] == labels) | (preds[:, -1:] != labels), every if cross else readable)
     if target == "no_loss":
         return no_loss
     agree.budget = no_loss

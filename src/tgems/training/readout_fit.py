@@ -1,0 +1,62 @@
+"""Fitting distilled readouts (tgems.readouts): ridge maps z_l -> z_L, label-free, and the per-layer weights that
+mix them with the T-GEM profiles, fit toward the full model's own distribution (no labels either)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+READOUT_L2 = 0.05  # ridge penalty per image, relative to the mean squared norm of a unit readout (1 / D each)
+_ROWS = 2048  # rows per pass (memory, not results)
+
+
+def ridge(xtx: torch.Tensor, xty: torch.Tensor, lam: float) -> torch.Tensor:
+    """Solve (X'X + lam I') W = X'Y in float64; the last row and column (the bias) are not penalised."""
+    pen = torch.full((xtx.shape[0],), lam, dtype=torch.float64)
+    pen[-1] = 0.0
+    return torch.linalg.solve(xtx + torch.diag(pen), xty)
+
+
+def fit_readouts(store, rows: np.ndarray, layers: list[int], l2: float = READOUT_L2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (n, D, D), bias (n, D)): per candidate layer, the ridge regression of unit z_L on unit z_l over
+    the feature rows `rows` (a cache on disk or in memory, read `_ROWS` at a time). Closed form, so
+    deterministic: no seed is needed."""
+    rows = np.asarray(rows)
+    xtx = xty = None
+    for a in range(0, len(rows), _ROWS):
+        idx = rows[a:a + _ROWS]
+        x = F.normalize(store.take(idx, "cls", layers), dim=-1).double()  # (B, n, D)
+        y = F.normalize(store.final_z(idx), dim=-1).double()
+        if hasattr(store, "release"):
+            store.release()
+        x = torch.cat([x, torch.ones(*x.shape[:2], 1, dtype=x.dtype)], dim=-1)
+        if xtx is None:
+            xtx = torch.zeros(x.shape[1], x.shape[2], x.shape[2], dtype=torch.float64)
+            xty = torch.zeros(x.shape[1], x.shape[2], y.shape[1], dtype=torch.float64)
+        xtx += torch.einsum("bni,bnj->nij", x, x)
+        xty += torch.einsum("bni,bj->nij", x, y)
+    dim = xtx.shape[-1] - 1
+    lam = l2 * len(rows) / dim
+    w = torch.stack([ridge(xtx[j], xty[j], lam) for j in range(len(layers))]).float()
+    return w[:, :-1].contiguous(), w[:, -1].contiguous()
+
+
+def fit_mix(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int = 100) -> torch.Tensor:
+    """(n, 2) per-layer weights (T-GEM, distilled) minimising the KL divergence from the full model's class
+    distribution to softmax(a t + b d). `parts`: per candidate layer, (t, d, full probs) over the same rows,
+    which should be images of classes the readouts were not fit on (cross-fitting), so the weights say how
+    much each readout is worth on text-only classes."""
+    out = []
+    for t, d, p in parts:
+        w = torch.tensor([1.0, 0.0], requires_grad=True)
+        opt = torch.optim.LBFGS([w], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = -(p * (w[0] * t + w[1] * d).log_softmax(-1)).sum(-1).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        out.append(w.detach())
+    return torch.stack(out)
