@@ -136,6 +136,30 @@ def test_abbreviated_options_are_refused(tmp_path, capsys):
 # ----------------------------------------------------------------------------- fit
 
 
+def _subparser(name):
+    from tgems.cli import build_parser
+
+    return next(p for p in _parsers(build_parser()) if p.prog == f"tgems {name}")
+
+
+def test_fit_options_take_their_defaults_from_fit_settings():
+    """`tgems fit`'s defaults are FitSettings' (one torch-free place), every option a field, and a parse of no
+    options gives the settings' defaults back."""
+    import tgems.training.fit as fit
+    from tgems.training.settings import FitSettings, cli_fields
+
+    assert fit.FitSettings is FitSettings
+    actions = {a.dest: a for a in _subparser("fit")._actions}
+    names = cli_fields(FitSettings)
+    assert {"space", "hidden", "epochs", "jumper_max", "cross_fit", "recipe", "readout_mix"} <= set(names)
+    for name in names:
+        assert actions[name].default == getattr(FitSettings(), name), name
+    assert "--no-cross-fit" in actions["cross_fit"].option_strings
+    args = _subparser("fit").parse_args(["--out", "o", "--no-cross-fit", "--hidden", "64"])
+    s = FitSettings(**{k: getattr(args, k) for k in names})
+    assert s == FitSettings(cross_fit=False, hidden=64)
+
+
 def test_fit_writes_checkpoint_and_json(work):
     for space in ("cls", "rates"):
         d = work[f"tgem_{space}"]

@@ -12,6 +12,8 @@ NEVER_EXIT = 2.0  # the largest exit threshold (scores are probabilities): no im
 SEED_MAX = 2 ** 32 - 1
 DTYPES = ("float32", "float16", "bfloat16")
 ENGINES = ("local", "ray")
+SPACES = ("cls", "rates")  # the exit modules' feature spaces (tgems.profiles)
+RECIPES = ("tgem", "distilled")  # T-GEM profiles alone; mixed with distilled readouts (tgems.readouts)
 SCHEDULERS = ("drop", "depth")  # exit-and-drop micro-batches (tgems.scheduling.drop), or depth queues (.depth)
 
 
