@@ -160,6 +160,22 @@ def test_fit_options_take_their_defaults_from_fit_settings():
     assert s == FitSettings(cross_fit=False, hidden=64)
 
 
+def test_index_options_take_their_defaults_from_index_spec():
+    """`tgems index`'s options are IndexSpec's fields with its defaults; `index-fit --epochs` is IndexFitSettings'."""
+    from dataclasses import fields
+
+    from tgems.spec import INDEX_FIELDS, IndexSpec
+    from tgems.training.index_fit import IndexFitSettings as used
+    from tgems.training.settings import IndexFitSettings
+
+    assert used is IndexFitSettings
+    args = _subparser("index").parse_args(["--data", "scenes:test", "--out", "o"])
+    assert IndexSpec(**{k: getattr(args, k) for k in INDEX_FIELDS}) == IndexSpec(data="scenes:test", out="o")
+    assert set(INDEX_FIELDS) == {f.name for f in fields(IndexSpec)}
+    args = _subparser("index-fit").parse_args(["--model", "m", "--data", "d", "--out", "o"])
+    assert args.epochs == IndexFitSettings().epochs
+
+
 def test_fit_writes_checkpoint_and_json(work):
     for space in ("cls", "rates"):
         d = work[f"tgem_{space}"]

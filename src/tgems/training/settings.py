@@ -54,7 +54,19 @@ class FitSettings:
     seed: int = 0
 
 
-FIT_CHOICES = {"space": SPACES, "jumper_target": JUMPER_TARGETS, "recipe": RECIPES}
+@dataclass
+class IndexFitSettings:
+    layers: list[int] | None = None  # candidate layers; default every layer but the last
+    hidden: int = 256
+    epochs: int = _cli(40, "training epochs of the maps (default: {default})")
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    caption_weight: float = 0.0  # InfoNCE of the estimate against the image's caption text (0 = off)
+    scorer_fraction: float = 0.25  # images held out of the maps' training to fit the scorer
+    scorer_ridge: float = 1e-4  # ridge strength of the scorer (per image, on standardised-free signals)
+    default_budget: float = 0.6  # the model file's tau meets this budget on the scorer's images
+    seed: int = 0
 
 
 def cli_fields(cls) -> list[str]:
