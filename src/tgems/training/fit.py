@@ -261,7 +261,7 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
     if not layers or layers[0] < 1 or layers[-1] >= L:
         raise TGEMError(f"candidate layers must lie in 1..{L - 1} (the last layer is always an exit)")
     check_jumper_target(s.jumper_target)
-    from tgems.tgem import RECIPES
+    from tgems.options import RECIPES
 
     if s.recipe not in RECIPES:
         raise TGEMError(f"unknown exit recipe '{s.recipe}' (choose from {', '.join(RECIPES)})")

@@ -19,7 +19,7 @@ def _cli(default, help: str | None = None):
 
 @dataclass
 class FitSettings:
-    space: str = _cli("cls")  # one of SPACES
+    space: str = _cli("cls")  # one of tgems.options.SPACES
     layers: list[int] | None = _cli(None, "candidate exit layers, e.g. 2,4,6 (default: all)")
     hidden: int = _cli(256)
     epochs: int = _cli(30)
@@ -39,17 +39,16 @@ class FitSettings:
                                       "max_drop, the second for budgets (the default)")  # see fit_jumper
     cross_fit: bool = _cli(True, "fit the budget Jumper on the main modules only (about half the fit time; it then "
                                  "transfers less well to classes known only by text)")  # help of --no-cross-fit
-    # RECIPES: "distilled" mixes in distilled readouts (cls only; no gain measured, design.md)
     recipe: str = _cli("tgem", "exit readouts: T-GEM profiles alone (default), or mixed with distilled readouts "
                                "(label-free maps from z_l toward the final embedding; cls only; no gain measured, "
-                               "docs/design.md)")
+                               "docs/design.md)")  # one of tgems.options.RECIPES
     trajectory: bool = _cli(False, "the Jumper also reads trajectory signals (patience, agreement of the two "
                                    "readouts)")  # no gain measured
     readout_l2: float = READOUT_L2  # ridge penalty of the distilled readouts
     readout_mix: bool = _cli(True, "distilled recipe: the T-GEM profiles alone predict; the distilled readout only "
                                    "informs the Jumper (an ablation)")  # help of --no-readout-mix
-    jumper_max: int = _cli(4000, "at most this many held-out images fit the Jumper and set tau (default: {default:,}; its "
-                                 "memory and time grow with it, not with the number of images)")
+    jumper_max: int = _cli(4000, "at most this many held-out images fit the Jumper and set tau (default: "
+                                 "{default:,}; its memory and time grow with it, not with the number of images)")
     caption_set: int = 1000  # captioned data: the Jumper learns caption retrieval among this many captions
     seed: int = 0
 
