@@ -111,7 +111,69 @@ def test_no_command_prints_help(capsys):
         assert cmd in out
 
 
+def _parsers(parser):
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_abbreviated_options_are_refused(tmp_path, capsys):
+    """`--n 3` on a command without --n is an unknown option, not `--num-gpus 3` (argparse's prefix matching)."""
+    from tgems.cli import build_parser
+
+    assert all(not p.allow_abbrev for p in _parsers(build_parser()))
+    rc, out, err = run_cli(capsys, "classify", "--data", "scenes:testall:4", "--out", tmp_path / "o", "--n", "3")
+    assert rc == 2 and "unrecognized arguments: --n" in err and "Traceback" not in err
+    rc, out, err = run_cli(capsys, "serve", "--max-batch", "8")
+    assert rc == 2 and "--max-batch" in err
+    assert not (tmp_path / "o").exists()
+
+
 # ----------------------------------------------------------------------------- fit
+
+
+def _subparser(name):
+    from tgems.cli import build_parser
+
+    return next(p for p in _parsers(build_parser()) if p.prog == f"tgems {name}")
+
+
+def test_fit_options_take_their_defaults_from_fit_settings():
+    """`tgems fit`'s defaults are FitSettings' (one torch-free place), every option a field, and a parse of no
+    options gives the settings' defaults back."""
+    import tgems.training.fit as fit
+    from tgems.training.settings import FitSettings, cli_fields
+
+    assert fit.FitSettings is FitSettings
+    actions = {a.dest: a for a in _subparser("fit")._actions}
+    names = cli_fields(FitSettings)
+    assert {"space", "hidden", "epochs", "jumper_max", "cross_fit", "recipe", "readout_mix"} <= set(names)
+    for name in names:
+        assert actions[name].default == getattr(FitSettings(), name), name
+    assert "--no-cross-fit" in actions["cross_fit"].option_strings
+    args = _subparser("fit").parse_args(["--out", "o", "--no-cross-fit", "--hidden", "64"])
+    s = FitSettings(**{k: getattr(args, k) for k in names})
+    assert s == FitSettings(cross_fit=False, hidden=64)
+
+
+def test_index_options_take_their_defaults_from_index_spec():
+    """`tgems index`'s options are IndexSpec's fields with its defaults; `index-fit --epochs` is IndexFitSettings'."""
+    from dataclasses import fields
+
+    from tgems.spec import INDEX_FIELDS, IndexSpec
+    from tgems.training.index_fit import IndexFitSettings as used
+    from tgems.training.settings import IndexFitSettings
+
+    assert used is IndexFitSettings
+    args = _subparser("index").parse_args(["--data", "scenes:test", "--out", "o"])
+    assert IndexSpec(**{k: getattr(args, k) for k in INDEX_FIELDS}) == IndexSpec(data="scenes:test", out="o")
+    assert set(INDEX_FIELDS) == {f.name for f in fields(IndexSpec)}
+    args = _subparser("index-fit").parse_args(["--model", "m", "--data", "d", "--out", "o"])
+    assert args.epochs == IndexFitSettings().epochs
 
 
 def test_fit_writes_checkpoint_and_json(work):

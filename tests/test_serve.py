@@ -371,7 +371,73 @@ def test_drop_scheduler_mixes_policies_cancels_and_refuses_a_full_queue(saved):
         assert torch.allclose(torch.stack([r.probs for r in got[k]]), ref.outputs.float(), atol=1e-5)
 
 
+@pytest.mark.parametrize("bad,reason", [
+    ({"port": -1}, "--port must be an integer in 0 .. 65535"),
+    ({"max_batch_size": 0}, "--max-batch-size must be an integer >= 1"),
+    ({"max_wait_ms": -1.0}, "max-wait-ms must be a number >= 0"),
+    ({"max_wait_ms": float("nan")}, "max-wait-ms must be"),
+    ({"queue_size": 0}, "--queue-size must be an integer >= 1"),
+    ({"max_inflight": 0}, "--max-inflight must be an integer >= 1"),
+    ({"max_body_mb": 0.0}, "max-body-mb must be a positive number"),
+    ({"audit_rate": 1.5}, "audit-rate must be a number in [0, 1]"),
+    ({"seed": -1}, "seed must be an integer"),
+    ({"dtype": "int8"}, "dtype must be one of float32, float16, bfloat16"),
+    ({"engine": "k8s"}, "engine must be one of local, ray"),
+    ({"scheduler": "fifo"}, "scheduler must be one of drop, depth"),
+    ({"replicas": 0}, "--replicas must be an integer >= 1"),
+    ({"replica_cpus": 0.0}, "replica-cpus must be a positive number"),
+    ({"threads": 0}, "--threads must be an integer >= 1"),
+    ({"scheduler": "drop", "audit_rate": 0.1}, "--audit-rate needs --scheduler depth"),
+    ({"engine": "ray", "threads": 2}, "--threads is for the local server"),
+])
+def test_serve_settings_check_refuses_bad_options_in_one_line(bad, reason):
+    """One check for every entry point: `ServeSettings.check()` (the CLI, create_app, run_server, Ray Serve)."""
+    from tgems.errors import TGEMError
+    from tgems.serve.app import create_app
+    from tgems.serve.models import ServeSettings
+    from tgems.serve.server import run_server
+
+    settings = ServeSettings(**bad)
+    for call in (settings.check, lambda: create_app({"x": "."}, settings),
+                 lambda: run_server({"x": "."}, settings, lambda m: None)):
+        with pytest.raises(TGEMError) as e:
+            call()
+        assert reason in str(e.value) and "\n" not in str(e.value)
+
+
+def test_serve_settings_check_returns_a_checked_copy():
+    from dataclasses import FrozenInstanceError
+
+    from tgems.serve.models import ServeSettings
+
+    s = ServeSettings(max_wait_ms=1, max_body_mb=2, replica_cpus=1)
+    checked = s.check()
+    assert checked == ServeSettings(max_wait_ms=1.0, max_body_mb=2.0, replica_cpus=1.0)
+    assert type(checked.max_wait_ms) is float and type(s.max_wait_ms) is int  # the given one is left as it was
+    assert ServeSettings().check() == ServeSettings()
+    with pytest.raises(FrozenInstanceError):
+        s.port = 1
+
+
+def test_one_tuple_of_schedulers_dtypes_and_engines():
+    import re
+    from pathlib import Path
+
+    import tgems
+    from tgems import options, spec
+    from tgems.serve import models
+
+    src = Path(tgems.__file__).parent
+    for name in ("SCHEDULERS", "DTYPES", "ENGINES"):
+        defined = [p for p in src.rglob("*.py") if re.search(rf"^{name} = ", p.read_text(), re.M)]
+        assert defined == [src / "options.py"], (name, defined)
+    assert spec.SCHEDULERS is models.SCHEDULERS is options.SCHEDULERS
+
+
 @pytest.mark.parametrize("argv,reason", [
+    (["--classifier", ".", "--max-wait-ms", "-1"], "max-wait-ms must be a number >= 0"),
+    (["--classifier", ".", "--engine", "ray", "--threads", "2"], "--threads is for the local server"),
+    (["--classifier", ".", "--scheduler", "drop", "--audit-rate", "0.5"], "--audit-rate needs --scheduler depth"),
     ([], "give at least one --classifier"),
     (["--classifier", ".", "--max-body-mb", "0"], "max-body-mb must be a positive number"),
     (["--classifier", ".", "--scheduler", "fifo"], "invalid choice: 'fifo'"),

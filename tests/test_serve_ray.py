@@ -244,7 +244,7 @@ def test_the_serve_run_builder_reads_serve_settings(saved):
         assert config is None or config.status_code == 429  # a full proxy queue is a full queue
     with pytest.raises(TGEMError, match="unknown setting"):
         build_app({"classifier": str(saved[0]), "replica": "3"})
-    with pytest.raises(TGEMError, match="--replicas must be a whole number >= 1"):
+    with pytest.raises(TGEMError, match="--replicas must be an integer >= 1"):
         build_app({"classifier": str(saved[0]), "replicas": "0"})
 
 

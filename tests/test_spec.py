@@ -227,3 +227,36 @@ def test_atomic_dir_swaps_without_a_moment_with_no_output(tmp_path, monkeypatch)
         (tmp / "m.json").write_text("2")
     assert (path / "m.json").read_text() == "2" and seen and all(seen)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ({"budget": 0.5, "max_drop": 0.1}, "give --budget or --max-drop, not both"),
+    ({"out": None}, "give an output directory for the index"),
+    ({"budget": 1.5}, "budget must be a number in (0, 1]"),
+    ({"max_drop": 1.0}, "max-drop must be a number in (0, 1)"),
+    ({"delta": 0.0}, "delta must be a number in (0, 1)"),
+    ({"rank": 0}, "--rank must be an integer >= 1"),
+    ({"n_calib": 0}, "--n-calib must be an integer >= 1"),
+    ({"n": 0}, "--n must be an integer >= 1"),
+    ({"workers": -1}, "--workers"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+])
+def test_index_spec_check_refuses_bad_options(bad, reason):
+    from tgems.indexing import build_index
+    from tgems.spec import IndexSpec
+
+    spec = IndexSpec(**{"out": "o", **bad})
+    with pytest.raises(TGEMError) as e:
+        spec.check()
+    assert reason in str(e.value)
+    with pytest.raises(TGEMError, match=reason.split(" must")[0].replace("(", r"\(")):  # before any model loads
+        build_index("no/such/model", out=spec.out, **{k: v for k, v in bad.items() if k != "out"})
+
+
+def test_index_spec_check_returns_a_checked_copy(tmp_path):
+    from tgems.spec import IndexSpec
+
+    spec = IndexSpec(out=tmp_path, tgem=tmp_path, budget=1)
+    checked = spec.check()
+    assert checked.out == str(tmp_path) and checked.tgem == str(tmp_path) and type(checked.budget) is float
+    assert spec.out == tmp_path  # frozen: the given spec is left as it was

@@ -9,8 +9,8 @@ import numpy as np
 
 import tgems.artifacts as artifacts
 from tgems.errors import TGEMError
-from tgems.options import DELTA
 from tgems.retrieval import NEVER, EarlyExitIndex, _check_k, calibrate_index, load_index_model, reference_texts
+from tgems.spec import IndexSpec
 
 
 STREAM_KINDS = ("folder", "webdataset", "wds", "parquet")  # indexed through tgems.jobs.sources
@@ -55,11 +55,14 @@ def sample_images(spec: str, n: int | None = None, seed: int = 0):
                                         "skipped": len(chosen) - len(items)})
 
 
-def build_index(model: str = "embedded", index_model: str = "embedded:retrieval", data: str = "scenes:testall",
-                out=None, budget: float | None = None, max_drop: float | None = None, delta: float = DELTA,
-                rank: int = 1, calib: str | None = None, n_calib: int = 2000, n: int | None = None,
-                seed: int = 0, device="cpu", dtype="float32", progress: bool = False,
-                workers: int | None = None) -> dict:
+def build_index(model: str = IndexSpec.model, index_model: str = IndexSpec.tgem, data: str = IndexSpec.data,
+                out=None, progress: bool = False, **options) -> dict:
+    """`index_images` from keywords: `options` are `IndexSpec`'s other fields (budget, max_drop, delta, rank,
+    calib, n_calib, n, seed, device, dtype, workers)."""
+    return index_images(IndexSpec(model=model, tgem=index_model, data=data, out=out, **options), progress)
+
+
+def index_images(spec: IndexSpec, progress: bool = False) -> dict:
     """`tgems index`: calibrate tau (on `calib`, default a seeded random subset of the data itself: the
     rule is label-free), encode the data with early exit and write the index. Returns a summary dict.
 
@@ -71,16 +74,13 @@ def build_index(model: str = "embedded", index_model: str = "embedded:retrieval"
     from tgems.jobs.sources import open_source
     from tgems.features import extract_features
 
-    if budget is not None and max_drop is not None:
-        raise TGEMError("give --budget or --max-drop, not both")
-    if out is None:
-        raise TGEMError("give an output directory for the index")
-    out = Path(out)
+    s = spec.check()
+    model, index_model, data, n, seed = s.model, s.tgem, s.data, s.n, s.seed
+    budget, max_drop, calib, n_calib = s.budget, s.max_drop, s.calib, s.n_calib
+    out = Path(s.out)
     if out.exists() and not (out.is_dir() and ((out / artifacts.INDEX.config).is_file() or not any(out.iterdir()))):
         raise TGEMError(f"{out} exists and is not a tgems index; refusing to replace it")
-    if rank < 1 or n_calib < 1:
-        raise TGEMError("rank and the number of calibration images must be >= 1")
-    bb = load_backbone(model, device=device, dtype=dtype)
+    bb = load_backbone(model, device=s.device, dtype=s.dtype)
     im = load_index_model(index_model, bb)
     stream = is_stream_spec(data)
     source = open_source(data) if stream else None
@@ -95,13 +95,13 @@ def build_index(model: str = "embedded", index_model: str = "embedded:retrieval"
             cds = ds.subset(pick)
         feats = extract_features(bb, cds, progress=progress, desc="calibration features")
         text = bb.encode_text(reference_texts(cds)) if max_drop is not None else None
-        tau, calibration = calibrate_index(im, feats.z, budget=budget, max_drop=max_drop, delta=delta,
-                                           text=text, rank=rank)
+        tau, calibration = calibrate_index(im, feats.z, budget=budget, max_drop=max_drop, delta=s.delta,
+                                           text=text, rank=s.rank)
         calibration["calib"] = calib or f"{n_calib} images of {data} (seed {seed})"
     meta = {"data": data, "model": model, "index_model": str(index_model), "seed": seed}
     if stream:
         index = EarlyExitIndex.build_stream(bb, source, im, tau=tau, n=n, calibration=calibration, meta=meta,
-                                            workers=workers, progress=progress)
+                                            workers=s.workers, progress=progress)
     else:
         index = EarlyExitIndex.build(bb, ds, im, tau=tau, calibration=calibration, progress=progress, meta=meta)
     index.save(out)

@@ -10,12 +10,17 @@ BATCH_SIZE = 64  # images per encoder batch (jobs, file mode, the service's larg
 DELTA = 0.1  # confidence parameter of a max-drop guarantee: it holds with probability >= 1 - DELTA
 NEVER_EXIT = 2.0  # the largest exit threshold (scores are probabilities): no image exits early
 SEED_MAX = 2 ** 32 - 1
+DTYPES = ("float32", "float16", "bfloat16")
+ENGINES = ("local", "ray")
+SPACES = ("cls", "rates")  # the exit modules' feature spaces (tgems.profiles)
+RECIPES = ("tgem", "distilled")  # T-GEM profiles alone; mixed with distilled readouts (tgems.readouts)
+SCHEDULERS = ("drop", "depth")  # exit-and-drop micro-batches (tgems.scheduling.drop), or depth queues (.depth)
 
 
 def number(value, what: str, lo: float = -math.inf, hi: float = math.inf, lo_open=True, hi_open=False) -> float:
     """A float in the interval (lo, hi] (open or closed at either end); nan and text are refused."""
     if lo == 0 and hi == math.inf:
-        span = "a positive number"
+        span = "a positive number" if lo_open else "a number >= 0"
     else:
         span = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
     try:
@@ -34,6 +39,18 @@ def integer(value, what: str, lo: int | None = None, hi: int | None = None) -> i
             hi is not None and value > hi):
         span = "" if lo is None and hi is None else (f" >= {lo}" if hi is None else f" in {lo} .. {hi}")
         raise TGEMError(f"{what} must be an integer{span}, got {value!r}")
+    return value
+
+
+def one_of(value, what: str, choices) -> str:
+    if value not in choices:
+        raise TGEMError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def device_name(value) -> str:
+    if not isinstance(value, str) or not value:
+        raise TGEMError(f"device must be a name such as cpu, cuda or cuda:1, got {value!r}")
     return value
 
 

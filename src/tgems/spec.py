@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from tgems.errors import TGEMError
-from tgems.options import BATCH_SIZE, DELTA, NEVER_EXIT, SEED_MAX, integer, label_list, number
+from tgems.options import (BATCH_SIZE, DELTA, DTYPES, ENGINES, NEVER_EXIT, SCHEDULERS, SEED_MAX, device_name, integer,
+                           label_list, number, one_of)
 
 DEFAULT_MODEL = "embedded"
 DEFAULT_TGEM = "embedded:cls"
-DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("classify", "embed")
-ENGINES = ("local", "ray")
-SCHEDULERS = ("drop", "depth")  # a job's encoding: exit-and-drop micro-batches, or depth queues (tgems.jobs.depth)
 
 
 @runtime_checkable
@@ -127,10 +125,8 @@ class PredictorSpec:
         fixed["delta"] = number(self.delta, "delta", 0, 1, hi_open=True)
         if self.tau is not None:
             fixed["tau"] = number(self.tau, f"tau ({NEVER_EXIT:g} never exits early)", 0, NEVER_EXIT, lo_open=False)
-        if self.dtype not in DTYPES:
-            raise TGEMError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.device, str) or not self.device:
-            raise TGEMError(f"device must be a name such as cpu, cuda or cuda:1, got {self.device!r}")
+        one_of(self.dtype, "dtype", DTYPES)
+        device_name(self.device)
         integer(self.seed, "seed", 0, SEED_MAX)
         return replace(self, **fixed)
 
@@ -295,13 +291,59 @@ class JobSpec:
         return {"block": self.block, "image_column": self.image_column, "id_column": self.id_column}
 
 
+@dataclass(frozen=True)
+class IndexSpec:
+    """`tgems index`: the images to encode with early exit into a retrieval index, with which maps and to what
+    goal (`budget`, or `max_drop` with `delta` and `rank`, calibrated on `calib` or on `n_calib` images of the
+    data). `check()` returns the checked copy; `tgems.indexing.index_images` builds the index."""
+
+    data: str = "scenes:testall"
+    out: str | None = None
+    model: str = DEFAULT_MODEL
+    tgem: str = "embedded:retrieval"  # retrieval maps + scorer: the shipped ones, or a `tgems index-fit` directory
+    n: int | None = None
+    budget: float | None = None
+    max_drop: float | None = None
+    delta: float = DELTA
+    rank: int = 1
+    calib: str | None = None
+    n_calib: int = 2000
+    workers: int | None = None  # decoding processes of streamed data (default: as streamed jobs)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def check(self) -> "IndexSpec":
+        if self.budget is not None and self.max_drop is not None:
+            raise TGEMError("give --budget or --max-drop, not both")
+        if self.out is None:
+            raise TGEMError("give an output directory for the index")
+        fixed = {"out": str(self.out), "tgem": str(self.tgem), "delta": number(self.delta, "delta", 0, 1, hi_open=True)}
+        if self.budget is not None:
+            fixed["budget"] = number(self.budget, "budget", 0, 1)
+        if self.max_drop is not None:
+            fixed["max_drop"] = number(self.max_drop, "max-drop", 0, 1, hi_open=True)
+        integer(self.rank, "--rank", 1)
+        integer(self.n_calib, "--n-calib", 1)
+        if self.n is not None:
+            integer(self.n, "--n", 1)
+        if self.workers is not None:
+            integer(self.workers, "--workers (decoding processes; 0 decodes in a thread)", 0)
+        integer(self.seed, "seed", 0, SEED_MAX)
+        one_of(self.dtype, "dtype", DTYPES)
+        device_name(self.device)
+        return replace(self, **fixed)
+
+
 PREDICTOR_FIELDS = tuple(f.name for f in fields(PredictorSpec))
+INDEX_FIELDS = tuple(f.name for f in fields(IndexSpec))
 JOB_FIELDS = tuple(f.name for f in fields(JobSpec))
 
 
-def default(name: str):
-    """An option's default, from the spec that defines it (for the CLI's argparse)."""
-    for cls in (PredictorSpec, JobSpec):
+def default(name: str, *specs):
+    """An option's default, from the spec that defines it (for the CLI's argparse; `specs`: where to look,
+    by default PredictorSpec and JobSpec)."""
+    for cls in specs or (PredictorSpec, JobSpec):
         for f in fields(cls):
             if f.name == name:
                 return f.default

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 import tgems.artifacts as artifacts
 from tgems.errors import TGEMError
 from tgems.jumper import Jumper
-from tgems.profiles import SPACES, ClassProfiles, zero_shot_head
+from tgems.options import RECIPES, SPACES
+from tgems.profiles import ClassProfiles, zero_shot_head
 
 FORMAT_VERSION = artifacts.TGEM.format  # 2: a `recipe` (issue 27); format 1 checkpoints load as "tgem"
-RECIPES = ("tgem", "distilled")  # T-GEM profiles alone; mixed with distilled readouts (readouts.py)
 RECIPE_BUFFERS = ("readout_weight", "readout_bias", "mix")  # what the distilled recipe adds to the modules
 CONFIG, TENSORS = artifacts.TGEM.config, artifacts.TGEM.tensors
 

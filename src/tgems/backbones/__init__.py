@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from tgems.errors import TGEMError
+from tgems.options import DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -19,7 +20,6 @@ BACKBONES = {
     "clip": "tgems.backbones.hf_clip:CLIPBackbone",
     "siglip": "tgems.backbones.hf_siglip:SiglipBackbone",
 }
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def backbone_class(model_type: str):

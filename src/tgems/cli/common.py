@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from tgems.errors import TGEMError
-from tgems.options import NEVER_EXIT, SEED_MAX, integer, number
-from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, DTYPES, default
+from tgems.options import DTYPES, NEVER_EXIT, SEED_MAX, integer, number
+from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, default
 
 
 def typed(convert, check):
@@ -118,7 +118,11 @@ def degenerate_exit(args, warnings) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors in one line, like every other tgems error (argparse prints the usage block first)."""
+    """Usage errors in one line, like every other tgems error (argparse prints the usage block first); no
+    abbreviated options: `--n 3` is not read as `--num-gpus 3` (subcommand parsers are made of this class too)."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
         self.exit(2, f"tgems: error: {message} (see `{self.prog} --help`)\n")

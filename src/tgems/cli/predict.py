@@ -10,7 +10,8 @@ from pathlib import Path
 from tgems.cli.common import int_arg, logger, positive_int, show_progress, tau_arg, common, goal, labelled, placement
 from tgems.errors import TGEMError
 from tgems.io import write_json
-from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, ENGINES, SCHEDULERS, default
+from tgems.options import ENGINES, SCHEDULERS
+from tgems.spec import DEFAULT_MODEL, DEFAULT_TGEM, default
 
 
 def specs_from_args(args, job: bool = True):

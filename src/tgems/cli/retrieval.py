@@ -6,16 +6,14 @@ import sys
 
 from tgems.cli.common import logger, positive_int, show_progress, common, goal, placement
 from tgems.io import write_json
-from tgems.spec import DEFAULT_MODEL
+from tgems.spec import INDEX_FIELDS, IndexSpec, default
+from tgems.training.settings import IndexFitSettings, option
 
 
 def cmd_index(args):
-    from tgems.indexing import build_index
+    from tgems.indexing import index_images
 
-    info = build_index(args.model, args.tgem, args.data, args.out, budget=args.budget, max_drop=args.max_drop,
-                       delta=args.delta, rank=args.rank, calib=args.calib, n_calib=args.n_calib, n=args.n,
-                       seed=args.seed, device=args.device, dtype=args.dtype, progress=show_progress(args),
-                       workers=args.workers)
+    info = index_images(IndexSpec(**{k: getattr(args, k) for k in INDEX_FIELDS}), progress=show_progress(args))
     print(f"indexed {info['images']} images into {info['index']}: {info['mean_layers']:.2f} of "
           f"{info['num_layers']} layers on average, FLOPs ratio {info['flops_ratio']:.3f}")
     if info["skipped"]:
@@ -28,10 +26,9 @@ def cmd_index(args):
 
 
 def cmd_index_fit(args):
-    from tgems.training.index_fit import IndexFitSettings, fit_and_save_index
+    from tgems.training.index_fit import fit_and_save_index
 
-    given = {"epochs": args.epochs} if args.epochs else {}
-    info = fit_and_save_index(args.model, args.data, args.out, IndexFitSettings(**given, seed=args.seed),
+    info = fit_and_save_index(args.model, args.data, args.out, IndexFitSettings(epochs=args.epochs, seed=args.seed),
                               n=args.n, device=args.device, dtype=args.dtype, progress=show_progress(args))
     logger(args)(f"saved retrieval maps for {args.model} to {args.out} ({info['images']} images, "
                f"{info['fit_seconds']} s); index with `tgems index --model {args.model} --tgem {args.out}`")
@@ -54,8 +51,8 @@ def cmd_search(args):
 
 def add_parsers(sub):
     ix = sub.add_parser("index", help="encode images with early exit into a retrieval index (searched by text)")
-    ix.add_argument("--model", default=DEFAULT_MODEL, help="embedded, a local HF CLIP dir or a hub id")
-    ix.add_argument("--tgem", default="embedded:retrieval",
+    ix.add_argument("--model", default=default("model", IndexSpec), help="embedded, a local HF CLIP dir or a hub id")
+    ix.add_argument("--tgem", default=default("tgem", IndexSpec),
                     help="retrieval maps + scorer: embedded:retrieval, or a dir from `tgems index-fit` for "
                          "another model")
     ix.add_argument("--data", required=True, help="the images to index: folder:DIR (any layout), "
@@ -63,10 +60,10 @@ def add_parsers(sub):
     ix.add_argument("--out", required=True, help="index directory (written atomically)")
     ix.add_argument("--n", type=positive_int, help="index the first N images")
     goal(ix)
-    ix.add_argument("--rank", type=positive_int, default=1,
+    ix.add_argument("--rank", type=positive_int, default=default("rank", IndexSpec),
                     help="--max-drop: full CLIP's best reference text must stay in the index's top RANK (default 1)")
     ix.add_argument("--calib", help="calibration data spec (default: a random subset of --data; no labels used)")
-    ix.add_argument("--n-calib", type=positive_int, default=2000)
+    ix.add_argument("--n-calib", type=positive_int, default=default("n_calib", IndexSpec))
     ix.add_argument("--workers", type=int, help="image decoding processes for folder, webdataset and parquet input "
                                                 "(default: as streamed jobs; 0: decode in a thread)")
     placement(ix)
@@ -79,8 +76,7 @@ def add_parsers(sub):
                                                    "webdataset:PATTERN or parquet:PATH; no labels used")
     ixf.add_argument("--out", required=True, help="directory of the maps (written atomically)")
     ixf.add_argument("--n", type=positive_int, help="a seeded random sample of N images")
-    ixf.add_argument("--epochs", type=positive_int,
-                     help="training epochs of the maps (default: tgems.training.index_fit.IndexFitSettings')")
+    ixf.add_argument("--epochs", type=positive_int, **option(IndexFitSettings, "epochs"))
     placement(ixf)
     common(ixf)
     ixf.set_defaults(func=cmd_index_fit)

@@ -5,7 +5,7 @@ import sys
 
 from tgems.cli.common import positive_float, positive_int, seed_value, unit_interval, placement
 from tgems.errors import TGEMError
-from tgems.spec import ENGINES
+from tgems.options import ENGINES, SCHEDULERS
 
 
 def cmd_serve(args):
@@ -20,11 +20,8 @@ def cmd_serve(args):
         raise TGEMError(f"{flags} {'needs' if len(ray_only) == 1 else 'need'} --engine ray")
     settings = replace(ServeSettings(), **ray_only, **{k: getattr(args, k) for k in (
         "host", "port", "max_batch_size", "max_wait_ms", "queue_size", "max_client_batch", "max_inflight",
-        "audit_rate", "seed", "device", "dtype", "tgem", "engine", "max_body_mb", "scheduler", "threads")})
+        "audit_rate", "seed", "device", "dtype", "tgem", "engine", "max_body_mb", "scheduler", "threads")}).check()
     sources, log = parse_sources(args.classifier), lambda msg: print(msg, file=sys.stderr, flush=True)
-    if settings.engine == "ray" and settings.threads:
-        raise TGEMError("--threads is for the local server; with --engine ray a replica's threads follow "
-                        "--replica-cpus")
     if settings.engine == "ray":
         from tgems.integrations.ray_serve import run_ray_server
 
@@ -33,7 +30,7 @@ def cmd_serve(args):
 
 
 def add_parsers(sub):
-    from tgems.serve.models import SCHEDULERS, ServeSettings
+    from tgems.serve.models import ServeSettings
 
     sd = ServeSettings()
     sv = sub.add_parser("serve", help="HTTP service: classify and embed images with early exit (tgems[serve])")
@@ -55,7 +52,7 @@ def add_parsers(sub):
                     help="images in one request; more are refused with 413 (default %(default)s)")
     sv.add_argument("--max-body-mb", type=positive_float("max-body-mb"), default=sd.max_body_mb,
                     help="largest request body in MB; a larger one is refused with 413 (default %(default)s)")
-    sv.add_argument("--scheduler", choices=SCHEDULERS, default=sd.scheduler,
+    sv.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=sd.scheduler,
                     help="depth: depth queues, every block on a full batch (default); drop: exit-and-drop "
                     "micro-batches, for comparison")
     sv.add_argument("--audit-rate", type=unit_interval("audit-rate"), default=sd.audit_rate,

@@ -4,7 +4,9 @@ from __future__ import annotations
 from tgems.cli.common import (DEGENERATE_EXIT, common, degenerate_exit, goal, layer_list, logger, placement,
                               positive_int, show_progress)
 from tgems.io import write_json
+from tgems.options import RECIPES, SPACES
 from tgems.spec import DEFAULT_MODEL
+from tgems.training.settings import JUMPER_TARGETS, FitSettings, cli_fields, option
 
 
 def _budgets(args):
@@ -29,14 +31,10 @@ def cmd_pretrain(args):
 
 
 def cmd_fit(args):
-    from tgems.training.fit import FitSettings, fit_and_save
+    from tgems.training.fit import fit_and_save
 
     log = logger(args)
-    s = FitSettings(space=args.space, layers=args.layers, hidden=args.hidden, epochs=args.epochs,
-                    lam=args.lam, r_target=args.r_target, soft_tau=args.soft_tau, jumper_target=args.jumper_target,
-                    cross_fit=not args.no_cross_fit, seed=args.seed, recipe=args.recipe,
-                    readout_mix=not args.no_readout_mix, trajectory=args.trajectory,
-                    **({"jumper_max": args.jumper_max} if args.jumper_max is not None else {}))
+    s = FitSettings(**{k: getattr(args, k) for k in cli_fields(FitSettings)}, seed=args.seed)
     info = fit_and_save(args.model, args.data, args.out, s, n=args.n, device=args.device, dtype=args.dtype,
                         progress=show_progress(args), cache=args.cache, max_images=args.max_images, workers=args.workers,
                         near_chance="warn" if args.accept_degenerate else "refuse")
@@ -135,33 +133,22 @@ def add_parsers(sub):
     f.add_argument("--max-images", type=positive_int, help="streamed data: use the first N usable images")
     f.add_argument("--workers", type=int, default=None,
                    help="streamed data: processes that decode images ahead of the encoder (default: 2; 0 = inline)")
-    f.add_argument("--space", choices=("cls", "rates"), default="cls")
-    f.add_argument("--layers", type=layer_list, help="candidate exit layers, e.g. 2,4,6 (default: all)")
-    f.add_argument("--hidden", type=positive_int, default=256)
-    f.add_argument("--epochs", type=positive_int, default=30)
-    f.add_argument("--lam", type=float, default=0.0, help="rate-based regularizer strength (0 = off)")
-    f.add_argument("--r-target", type=float, default=0.4, help="target expected fraction of layers run")
-    f.add_argument("--soft-tau", type=float, default=None,
-                   help="top-1 probability at which the training-time soft exits fire (default: the full "
-                        "model's median on the training images)")
-    f.add_argument("--jumper-target", choices=("goal", "agree", "no_loss"), default="goal",
-                   help="what the exit score estimates: agreement with the full model (label-free), that "
-                        "exiting costs no accuracy (needs labels), or per goal: the first for max_drop, the "
-                        "second for budgets (the default)")
-    f.add_argument("--jumper-max", type=positive_int,
-                   help="at most this many held-out images fit the Jumper and set tau (default: 4,000; its memory "
-                        "and time grow with it, not with the number of images)")
-    f.add_argument("--no-cross-fit", action="store_true",
-                   help="fit the budget Jumper on the main modules only (about half the fit time; it then "
-                        "transfers less well to classes known only by text)")
-    f.add_argument("--recipe", choices=("tgem", "distilled"), default="tgem",
-                   help="exit readouts: T-GEM profiles alone (default), or mixed with distilled readouts (label-free "
-                        "maps from z_l toward the final embedding; cls only; no gain measured, docs/design.md)")
-    f.add_argument("--no-readout-mix", action="store_true",
-                   help="distilled recipe: the T-GEM profiles alone predict; the distilled readout only informs "
-                        "the Jumper (an ablation)")
-    f.add_argument("--trajectory", action="store_true",
-                   help="the Jumper also reads trajectory signals (patience, agreement of the two readouts)")
+    def fit_option(name, *flag, **kw):  # default and help: FitSettings'
+        f.add_argument(*(flag or ["--" + name.replace("_", "-")]), dest=name, **option(FitSettings, name), **kw)
+
+    fit_option("space", choices=SPACES)
+    fit_option("layers", type=layer_list)
+    fit_option("hidden", type=positive_int)
+    fit_option("epochs", type=positive_int)
+    fit_option("lam", type=float)
+    fit_option("r_target", type=float)
+    fit_option("soft_tau", type=float)
+    fit_option("jumper_target", choices=JUMPER_TARGETS)
+    fit_option("jumper_max", type=positive_int)
+    fit_option("cross_fit", "--no-cross-fit", action="store_false")
+    fit_option("recipe", choices=RECIPES)
+    fit_option("readout_mix", "--no-readout-mix", action="store_false")
+    fit_option("trajectory", action="store_true")
     f.add_argument("--accept-degenerate", action="store_true",
                    help="fit even when the full model's accuracy on the labels is at or near chance (default: "
                         "refused before training)")

@@ -54,8 +54,6 @@ def replica_cpus(settings, cluster_cpus: float) -> float:
     """CPUs a replica reserves (Ray sets its torch threads to match): `settings.replica_cpus`, else an equal
     share of the cluster's CPUs, in whole CPUs when there is at least one per replica."""
     if settings.replica_cpus is not None:
-        if settings.replica_cpus <= 0:
-            raise TGEMError(f"--replica-cpus must be positive, got {settings.replica_cpus}")
         return float(settings.replica_cpus)
     share = cluster_cpus / settings.replicas
     return float(int(share)) if share >= 1 else round(share, 3)
@@ -66,7 +64,7 @@ def application(sources: dict, settings, cpus_per_replica: float = 1.0):
     app on {name: classifier dir}, each reserving `cpus_per_replica` CPUs and, on a CUDA device, one GPU.
     Serve's proxy listens where Serve was started (`serve.start(http_options=...)`), not at settings.port."""
     _, serve = require_serve()
-    _check_settings(settings)
+    settings = settings.check()
     sources = {name: str(path) for name, path in sources.items()}
 
     def build():
@@ -101,8 +99,7 @@ def build_app(args: dict):
     args = dict(args)
     classifier = args.pop("classifier", None)
     values = classifier.split(",") if isinstance(classifier, str) else classifier
-    settings = _settings_from(ServeSettings(), args)
-    _check_settings(settings)
+    settings = _settings_from(ServeSettings(), args).check()
     return application(parse_sources(values), settings, replica_cpus(settings, float(settings.replicas)))
 
 
@@ -132,7 +129,7 @@ def deploy(sources: dict, settings, log=None) -> RayService:
     machine's CPUs, with Serve's proxy on settings.host:settings.port; returns when every replica has loaded."""
     ray, serve = require_serve()
     log = log or (lambda m: None)
-    _check_settings(settings)
+    settings = settings.check()
     _check_sources(sources)
     address = os.environ.get("RAY_ADDRESS") or None
     started = False
@@ -189,11 +186,6 @@ def run_ray_server(sources: dict, settings, log) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _check_settings(settings) -> None:
-    if not isinstance(settings.replicas, int) or settings.replicas < 1:
-        raise TGEMError(f"--replicas must be a whole number >= 1, got {settings.replicas!r}")
 
 
 def _check_sources(sources: dict) -> None:

@@ -2,20 +2,23 @@
 label-set caches and one depth-queue scheduler."""
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tgems.errors import TGEMError
-from tgems.options import BATCH_SIZE, DELTA
+from tgems.options import (BATCH_SIZE, DELTA, DTYPES, ENGINES, SCHEDULERS, SEED_MAX, device_name, integer, number,
+                           one_of)
 
 LABEL_CACHE_SIZE = 64  # label sets whose text embeddings and profiles stay cached (LRU)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeSettings:
-    """Every serving option and its default, once (the CLI's `serve` parser reads its defaults here)."""
+    """Every serving option and its default, once (the CLI's `serve` parser reads its defaults here), and its
+    check: `check()`, which the CLI, `create_app`, `run_server` and Ray Serve all go through."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -36,8 +39,35 @@ class ServeSettings:
     scheduler: str = "depth"  # "depth": depth queues (tgems.scheduling.depth); "drop": exit-and-drop micro-batches
     threads: int | None = None  # torch threads; default: serve.server.default_threads (one CPU left over)
 
-
-SCHEDULERS = ("depth", "drop")
+    def check(self) -> "ServeSettings":
+        """Every option checked with `tgems.options`' validators; returns the checked copy (numbers as floats)."""
+        if not isinstance(self.host, str) or not self.host:
+            raise TGEMError(f"host must be a name or an address, got {self.host!r}")
+        integer(self.port, "--port", 0, 65535)
+        integer(self.max_batch_size, "--max-batch-size", 1)
+        integer(self.queue_size, "--queue-size", 1)
+        integer(self.max_client_batch, "--max-client-batch", 1)
+        if self.max_inflight is not None:
+            integer(self.max_inflight, "--max-inflight", 1)
+        integer(self.seed, "seed", 0, SEED_MAX)
+        device_name(self.device)
+        one_of(self.dtype, "dtype", DTYPES)
+        one_of(self.engine, "engine", ENGINES)
+        one_of(self.scheduler, "scheduler", SCHEDULERS)
+        integer(self.replicas, "--replicas", 1)
+        if self.threads is not None:
+            integer(self.threads, "--threads", 1)
+        fixed = {"max_wait_ms": number(self.max_wait_ms, "max-wait-ms", 0, math.inf, lo_open=False, hi_open=True),
+                 "max_body_mb": number(self.max_body_mb, "max-body-mb", 0, math.inf, hi_open=True),
+                 "audit_rate": number(self.audit_rate, "audit-rate", 0, 1, lo_open=False)}
+        if self.replica_cpus is not None:
+            fixed["replica_cpus"] = number(self.replica_cpus, "replica-cpus", 0, math.inf, hi_open=True)
+        if self.scheduler == "drop" and fixed["audit_rate"]:
+            raise TGEMError("the live audit runs on the depth queues: --audit-rate needs --scheduler depth")
+        if self.engine == "ray" and self.threads:
+            raise TGEMError("--threads is for the local server; with --engine ray a replica's threads follow "
+                            "--replica-cpus")
+        return replace(self, **fixed)
 
 
 def load_served(name: str, path, device: str = "cpu", dtype: str = "float32"):
@@ -52,19 +82,16 @@ class ServedModel:
     """One named classifier behind the server: policies for any label set and goal, one scheduler."""
 
     def __init__(self, name: str, clf, settings: ServeSettings, tgem=None, log=None):
+        """`settings` checked (`ServeSettings.check()`)."""
         from tgems.policies import NeverExit
         from tgems.scheduling.depth import DepthScheduler
 
         self.name, self.clf, self.backbone = name, clf, clf.backbone
         self.tgem = tgem
         cal = clf.calibration
-        if settings.scheduler not in SCHEDULERS:
-            raise TGEMError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {settings.scheduler!r}")
         if settings.scheduler == "drop":
             from tgems.scheduling.drop import DropScheduler
 
-            if settings.audit_rate:
-                raise TGEMError("the live audit runs on the depth queues: --audit-rate needs --scheduler depth")
             self.scheduler = DropScheduler(self.backbone, settings.max_batch_size, settings.max_wait_ms / 1000,
                                            settings.queue_size)
         else:
@@ -176,6 +203,7 @@ def build_served(sources: dict, settings: ServeSettings, log=None) -> dict:
     the shipped one of the classifier's space when it runs on the embedded model."""
     from tgems.tgem import load_tgem
 
+    settings = settings.check()
     out = {}
     for name, path in sources.items():
         clf = load_served(name, path, settings.device, settings.dtype)

@@ -65,6 +65,7 @@ def run_server(sources: dict, settings, log) -> int:
         from tgems.serve.app import create_app
     except ImportError as e:
         raise TGEMError(f"tgems serve needs the serve extra: pip install 'tgems[serve]' ({e.name} is missing)") from None
+    settings = settings.check()
     _check_port(settings.host, settings.port)
     set_threads(settings, log)
     failed = []

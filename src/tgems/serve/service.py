@@ -75,7 +75,7 @@ class Service:
         from tgems.serve.metrics import Metrics
         from tgems.serve.models import ServeSettings
 
-        self.sources, self.settings = sources, settings or ServeSettings()
+        self.sources, self.settings = sources, (settings or ServeSettings()).check()
         self._given, self.log, self.on_load_error = models, log or _stderr, on_load_error
         self.state = {"models": None, "error": None}
         self.trims = 0

@@ -22,34 +22,8 @@ from tgems.tgem import RECIPE_BUFFERS, TGEM
 from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_signals
 from tgems.training.heap import trim as trim_heap
 from tgems.training.spill import by_blocks
-from tgems.training.readout_fit import READOUT_L2, fit_mix, fit_readouts
-
-
-@dataclass
-class FitSettings:
-    space: str = "cls"
-    layers: list[int] | None = None  # candidate layers; default every layer but the last
-    hidden: int = 256
-    epochs: int = 30
-    batch_size: int = 512
-    lr: float = 2e-3
-    weight_decay: float = 1e-3
-    caption_weight: float = 0.5
-    lam: float = 0.0  # rate-based regularizer strength (0 = off)
-    r_target: float = 0.4  # target expected fraction of layers run
-    soft_tau: float | None = None  # confidence threshold of the soft exits; None: from the data (see fit_tgem)
-    soft_k: float = 20.0  # sharpness of the soft exits
-    jumper_fraction: float = 0.2  # part of the data held out of G_l training to fit the Jumper
-    default_budget: float = 0.5  # the checkpoint's tau meets this budget on the Jumper's data
-    jumper_target: str = "goal"  # what the Jumper's score estimates: see fit_jumper
-    cross_fit: bool = True  # the budget Jumper also learns from two half-class T-GEMs (see fit_tgem)
-    recipe: str = "tgem"  # tgem.RECIPES: "distilled" mixes in distilled readouts (cls only; no gain measured, design.md)
-    trajectory: bool = False  # the Jumper reads the trajectory signals (patience, readout pair; no gain measured)
-    readout_l2: float = READOUT_L2  # ridge penalty of the distilled readouts
-    readout_mix: bool = True  # distilled: mix both readouts' logits; False: T-GEM predicts, the Jumper reads both
-    jumper_max: int = 4000  # at most this many images fit the Jumper and set tau: its memory stays flat in N
-    caption_set: int = 1000  # captioned data: the Jumper learns caption retrieval among this many captions
-    seed: int = 0
+from tgems.training.readout_fit import fit_mix, fit_readouts
+from tgems.training.settings import FitSettings
 
 
 def _soft_exit_terms(logits, ce, final_ce, layers, num_layers, s: FitSettings):
@@ -287,7 +261,7 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
     if not layers or layers[0] < 1 or layers[-1] >= L:
         raise TGEMError(f"candidate layers must lie in 1..{L - 1} (the last layer is always an exit)")
     check_jumper_target(s.jumper_target)
-    from tgems.tgem import RECIPES
+    from tgems.options import RECIPES
 
     if s.recipe not in RECIPES:
         raise TGEMError(f"unknown exit recipe '{s.recipe}' (choose from {', '.join(RECIPES)})")

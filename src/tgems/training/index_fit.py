@@ -8,7 +8,7 @@ fit to estimate cos(M_l(z_l), z_L). No class label is used anywhere.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -20,21 +20,7 @@ from tgems.features import LayerFeatures, extract_features
 from tgems.jumper import Jumper
 from tgems.retrieval import NUM_INDEX_SIGNALS, IndexMaps, IndexModel, calibrate_index, index_signals, \
     write_index_model
-
-
-@dataclass
-class IndexFitSettings:
-    layers: list[int] | None = None  # candidate layers; default every layer but the last
-    hidden: int = 256
-    epochs: int = 40
-    batch_size: int = 512
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    caption_weight: float = 0.0  # InfoNCE of the estimate against the image's caption text (0 = off)
-    scorer_fraction: float = 0.25  # images held out of the maps' training to fit the scorer
-    scorer_ridge: float = 1e-4  # ridge strength of the scorer (per image, on standardised-free signals)
-    default_budget: float = 0.6  # the model file's tau meets this budget on the scorer's images
-    seed: int = 0
+from tgems.training.settings import IndexFitSettings
 
 
 def _train_maps(maps: IndexMaps, x, target, cap_idx, cap_text, logit_scale, s: IndexFitSettings, progress):

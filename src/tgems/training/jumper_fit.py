@@ -9,9 +9,8 @@ from tgems.errors import TGEMError
 from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS, Jumper, jumper_signals
 from tgems.profiles import ClassProfiles, layer_probs
 from tgems.training.logistic import fit_logistic  # deterministic across thread counts (issue 30.11)
+from tgems.training.settings import JUMPER_TARGETS
 from tgems.training.spill import by_blocks, release, spilled_empty
-
-JUMPER_TARGETS = ("goal", "agree", "no_loss")
 
 
 def check_jumper_target(target: str) -> None:

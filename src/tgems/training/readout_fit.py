@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-READOUT_L2 = 0.05  # ridge penalty per image, relative to the mean squared norm of a unit readout (1 / D each)
+from tgems.training.settings import READOUT_L2
 _ROWS = 2048  # rows per pass (memory, not results)
 
 
