@@ -62,22 +62,32 @@ def is_module(name: str) -> bool:
     return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
 
 
-def imports(path: Path, mod: str) -> set[str]:
-    """Every tgems module `path` imports, at the top or inside functions (`from a import b` counts as a.b when
-    b is a module, else as a)."""
+def _from_imports(path: Path, mod: str):
+    """(base, names) of every import in `path`, top-level and lazy alike; `import a` is (a, ())."""
     package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-    out = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
+            yield from ((a.name, ()) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(up + ([node.module] if node.module else []))
-            out.add(base)
-            out |= {f"{base}.{a.name}" for a in node.names if is_module(f"{base}.{a.name}")}
-    return {m for m in out if m == "tgems" or m.startswith("tgems.")}
+            yield base, [a.name for a in node.names]
+
+
+def _ours(names) -> set[str]:
+    return {m for m in names if m == "tgems" or m.startswith("tgems.")}
+
+
+def imports(path: Path, mod: str) -> set[str]:
+    """Every tgems module `path` imports, at the top or inside functions (`from a import b` counts as a.b when
+    b is a module, and as a too: the package a is imported on the way)."""
+    out = set()
+    for base, names in _from_imports(path, mod):
+        out.add(base)
+        out |= {f"{base}.{n}" for n in names if is_module(f"{base}.{n}")}
+    return _ours(out)
 
 
 def rank(mod: str) -> tuple[int, str]:
@@ -206,19 +216,10 @@ def test_one_scheduling_package_for_jobs_and_the_server():
 def import_edges(path: Path, mod: str) -> set[str]:
     """The modules `path` imports, top-level and lazy alike, as Python resolves them: `from a import b` is a.b
     when b is a module (the package a is only a path to it), else a."""
-    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join(up + ([node.module] if node.module else []))
-            for a in node.names:
-                out.add(f"{base}.{a.name}" if is_module(f"{base}.{a.name}") else base)
-    return {m for m in out if (m == "tgems" or m.startswith("tgems.")) and m != mod}
+    for base, names in _from_imports(path, mod):
+        out |= {f"{base}.{n}" if is_module(f"{base}.{n}") else base for n in names} if names else {base}
+    return _ours(out) - {mod}
 
 
 def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from tgems.serve.schemas import BadRequest, decode_base64_image
+from tgems.serve.schemas import BadRequest, decode_base64_image, json_object
 
 ENCODINGS = ("float", "base64")
 
@@ -41,12 +40,7 @@ class EmbeddingsRequest:
 
 
 def parse_embeddings_json(body: bytes, max_client_batch: int) -> EmbeddingsRequest:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"malformed JSON: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object with 'input'")
+    data = json_object(body, "input")
     if "input" not in data:
         raise BadRequest("missing field 'input' (a string or a list of strings)", param="input")
     items = data["input"] if isinstance(data["input"], list) else [data["input"]]

@@ -150,7 +150,8 @@ def _check_count(n: int, max_client_batch: int):
         raise BadRequest(f"{n} images in one request; at most {max_client_batch} (--max-client-batch)", 413)
 
 
-def parse_classify_json(body: bytes, max_client_batch: int) -> ClassifyRequest:
+def json_object(body: bytes, field: str) -> dict:
+    """The body as a JSON object, else a one-line 400 naming the field it must carry."""
     import json
 
     try:
@@ -158,7 +159,12 @@ def parse_classify_json(body: bytes, max_client_batch: int) -> ClassifyRequest:
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"malformed JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object with 'inputs'")
+        raise BadRequest(f"the body must be a JSON object with '{field}'")
+    return data
+
+
+def parse_classify_json(body: bytes, max_client_batch: int) -> ClassifyRequest:
+    data = json_object(body, "inputs")
     if "inputs" not in data:
         raise BadRequest("missing field 'inputs' (a base64 image, a data URI, or a list of them)")
     inputs = data["inputs"]
