@@ -121,7 +121,7 @@ def test_spilled_signals_resident_memory_does_not_follow_the_rows():
 def test_heap_trim_returns_freed_pages():
     """What a training step leaves behind (freed blocks inside the heap) goes back to the kernel."""
     trimmed, freed, kept = _in_fresh_process("""
-        from tgems.training.heap import trim
+        from tgems.heap import trim
         blocks = [bytearray(b"x" * 100_000) for _ in range(1000)]  # 100 MB from the heap, every page touched
         del blocks[::2]  # 50 MB of holes between the kept blocks
         before = _resident_mb()

@@ -20,7 +20,7 @@ PACKAGE = SRC / "tgems"
 RANKS = {
     "tgems.errors": 0,
     "tgems.options": 0.5,  # shared defaults and the one set of option checks
-    "tgems.io": 1, "tgems.pretrained": 1,
+    "tgems.io": 1, "tgems.pretrained": 1, "tgems.heap": 1,
     "tgems.images": 0.5,  # the one decode: below the torch-free leaves that decoding workers import
     # what a folder holds: the one listing for jobs and for the in-memory folder reader (tgems.data.folder)
     "tgems.jobs.lister": 1,

@@ -21,11 +21,10 @@ class _ClientGone(Exception):
 
 
 TRIM_EVERY_S = 2.0  # how often the server gives the heap's free pages back to the OS
-_LIBC = []
 
 
 def release_heap() -> bool:
-    """Give the free pages of every malloc arena back to the OS (glibc's malloc_trim); False elsewhere.
+    """Give the free pages of every malloc arena back to the OS (`tgems.heap.trim`); False without glibc.
 
     Why: a server's threads (the event loop, decoding in to_thread workers, the scheduler) free batch-sized
     blocks in glibc's heap arenas, whose mmap threshold rises with the largest block freed; the freed pages
@@ -34,17 +33,9 @@ def release_heap() -> bool:
     bounds it, for no CPU cost we could measure (a single-thread A/B on the ViT-B/32 shape: 22 - 24 images
     per CPU-second either way); mapping every large block on its own instead (a fixed mmap threshold) kept
     RSS flat too but cost a quarter more CPU per image in page faults (17 - 18)."""
-    import ctypes
+    from tgems.heap import trim
 
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is None:
-        return False
-    _LIBC[0](0)
-    return True
+    return trim()
 
 
 def _stderr(msg: str):

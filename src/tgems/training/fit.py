@@ -20,7 +20,7 @@ from tgems.features import LayerFeatures, extract_features
 from tgems.profiles import check_readable_labels, default_templates
 from tgems.tgem import RECIPE_BUFFERS, TGEM
 from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_signals
-from tgems.training.heap import trim as trim_heap
+from tgems.heap import trim as trim_heap
 from tgems.training.spill import by_blocks
 from tgems.training.readout_fit import fit_mix, fit_readouts
 from tgems.training.settings import FitSettings
