@@ -6,7 +6,6 @@ before its part, so the part's rename is what commits the shard (a rerun skips i
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from tgems.errors import TGEMError
 from tgems.io import atomic_path, commit, is_disk_full, is_tmp, tmp_path, write_json
-from tgems.spec import TASKS
+from tgems.spec import TASKS, fingerprint
 
 TOP_K = 5
 ROW_GROUP = 8192
@@ -197,11 +196,6 @@ def finish_job(out: Path, job: dict, task: str, started: float, counts: dict, st
     return summary
 
 
-
-def _fingerprint(job: dict) -> str:
-    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _diff(a: dict, b: dict, prefix="") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
@@ -218,7 +212,7 @@ def prepare_out_dir(out: Path, job: dict, engine: str) -> dict:
     if out.exists() and not out.is_dir():
         raise TGEMError(f"output {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    job = {**job, "fingerprint": _fingerprint(job)}
+    job = {**job, "fingerprint": fingerprint(job)}
     meta = out / "_job.json"
     if meta.is_file():
         try:
