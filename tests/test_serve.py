@@ -461,3 +461,33 @@ def test_an_address_in_use_is_one_line(capsys, tmp_path):
         s.listen()
         rc, out, err = run_cli(capsys, "serve", "--classifier", tmp_path, "--port", s.getsockname()[1])
     assert "cannot listen on 127.0.0.1" in assert_one_line_error(rc, err)
+
+
+def test_a_full_server_disk_is_a_one_line_507(saved, monkeypatch):
+    """Uploads spool to the server's disk: a full disk there is the operator's to fix, said in one line (and
+    logged), not a 500 with a traceback nor a 400 that blames the client's body."""
+    import errno
+
+    from starlette.datastructures import UploadFile
+    from starlette.testclient import TestClient
+
+    from tgems.serve.app import create_app
+    from tgems.serve.models import ServeSettings
+
+    async def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    logged = []
+    app = create_app({"shapes": str(saved[0])}, ServeSettings(max_batch_size=8, max_wait_ms=1), log=logged.append)
+    with TestClient(app) as c:
+        wait_ready(c)
+        files = [("image", ("0.png", png(saved[2].images[0]), "image/png"))]
+        assert c.post("/v1/tgems/classify", files=files).status_code == 200
+        monkeypatch.setattr(UploadFile, "write", full)
+        for route in ("/v1/tgems/classify", "/v1/classify"):
+            r = c.post(route, files=files)
+            assert r.status_code == 507, r.text
+            why = r.json()["error"]
+            assert "no space left on the server's disk" in why and "\n" not in why
+    assert sum("no space left on the server's disk" in m for m in logged) == 2
+    assert not any("internal error" in m for m in logged)

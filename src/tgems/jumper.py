@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from tgems.profiles import ClassProfiles
-from tgems.readouts import readout_pair  # noqa: F401 (the readout pair is a Jumper signal; defined beside the readouts)
 
 NUM_SIGNALS = 6  # the confidence signals; the unit readout z_l follows them
 NUM_SET_SIGNALS = 3  # label-set signals, after z_l (when the label set's text embeddings are given)

@@ -8,9 +8,10 @@ import torch
 
 from tgems.errors import TGEMError
 from tgems.features import RATES_DTYPE
-from tgems.jumper import (Jumper, exit_head_flops, exit_head_flops_by_layer, exit_signals, next_patience, readout_pair,
+from tgems.jumper import (Jumper, exit_head_flops, exit_head_flops_by_layer, exit_signals, next_patience,
                           text_neighbours, trajectory_signals)
 from tgems.profiles import ClassProfiles
+from tgems.readouts import readout_pair
 
 
 class ExitAtLayer:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tgems.errors import TGEMError
-from tgems.options import SPACES, check_labels
+from tgems.options import check_labels
 from tgems.readouts import distilled_embed, distilled_flops, readout_pair
 
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}")

@@ -6,7 +6,7 @@ from tgems.cli.common import (DEGENERATE_EXIT, common, degenerate_exit, goal, la
 from tgems.io import write_json
 from tgems.options import RECIPES, SPACES
 from tgems.spec import DEFAULT_MODEL
-from tgems.training.settings import JUMPER_TARGETS, FitSettings, cli_fields, option
+from tgems.training.settings import FIT_WORKERS, JUMPER_TARGETS, FitSettings, cli_fields, option
 
 
 def _budgets(args):
@@ -132,7 +132,7 @@ def add_parsers(sub):
                         "one, removed at the end)")
     f.add_argument("--max-images", type=positive_int, help="streamed data: use the first N usable images")
     f.add_argument("--workers", type=int, default=None,
-                   help="streamed data: processes that decode images ahead of the encoder (default: 2; 0 = inline)")
+                   help=f"streamed data: processes that decode images ahead of the encoder (default: {FIT_WORKERS}; 0 = inline)")
     def fit_option(name, *flag, **kw):  # default and help: FitSettings'
         f.add_argument(*(flag or ["--" + name.replace("_", "-")]), dest=name, **option(FitSettings, name), **kw)
 

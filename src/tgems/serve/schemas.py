@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tgems.io import is_disk_full
+
 
 class BadRequest(Exception):
     """A client error: `status` (4xx), a one-line reason, and for OpenAI's error shape the request field at
@@ -190,6 +192,8 @@ async def parse_classify_form(request, max_client_batch: int) -> ClassifyRequest
     except BadRequest:  # the body limit, counted while it streams in
         raise
     except Exception as e:
+        if isinstance(e, OSError) and is_disk_full(e):  # the server's disk, not the client's body
+            raise
         raise BadRequest(f"malformed multipart body: {_reason(e)}") from None
     try:  # the uploads are spooled files: closed here, not left to the garbage collector
         files = [v for k, v in form.multi_items() if k in ("image", "file", "inputs", "images") and hasattr(v, "read")]

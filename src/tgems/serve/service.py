@@ -11,8 +11,11 @@ import time
 from dataclasses import dataclass
 
 from tgems.errors import TGEMError
+from tgems.io import is_disk_full
 from tgems.serve.schemas import BadRequest
 
+DISK_FULL = ("no space left on the server's disk (uploads over 1 MB are spooled to its temporary folder); "
+             "nothing was answered for this request: retry once the operator has freed space")
 DISCONNECT_POLL_S = 0.05  # how often a waiting request checks whether its client is still there
 
 
@@ -146,8 +149,13 @@ class Service:
             except _ClientGone:
                 resp = Response(status_code=499)
             except Exception as e:  # a bug or a failed step: one line, logged
-                self.log(f"tgems serve: internal error on {name}: {type(e).__name__}: {e}")
-                resp = JSONResponse(error_body(f"internal error: {type(e).__name__}", 500, None), status_code=500)
+                if is_disk_full(e):  # the server's own disk (uploads spool there past 1 MB): not the client's doing
+                    why = DISK_FULL
+                    self.log(f"tgems serve: {why} ({name}: {getattr(e, 'filename', None) or 'an upload'})")
+                    resp = JSONResponse(error_body(why, 507, None), status_code=507)
+                else:
+                    self.log(f"tgems serve: internal error on {name}: {type(e).__name__}: {e}")
+                    resp = JSONResponse(error_body(f"internal error: {type(e).__name__}", 500, None), status_code=500)
             self.metrics.observe_request(name, resp.status_code, time.perf_counter() - t0)
             return resp
         return handle

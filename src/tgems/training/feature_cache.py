@@ -26,9 +26,9 @@ from tgems.errors import TGEMError
 from tgems.features import CACHE_FORMAT, CACHE_KIND, MANIFEST, FeatureCache, read_manifest, shard_file
 from tgems.io import commit, is_tmp, tmp_path, write_json
 from tgems.training.captions import check_text_columns, shard_text, split_text_options
+from tgems.training.settings import FIT_WORKERS
 
 CHUNK = 64  # images per encoder call: one chunk of the reader
-DEFAULT_WORKERS = 2  # decoding processes ahead of the encoder
 FEATURE_DTYPE = np.float16
 STREAM_KINDS = ("folder", "webdataset", "wds", "parquet")
 _HEADER = 128  # a fixed .npy header size, so a shard's length can be written after its rows
@@ -156,7 +156,7 @@ def _check_same(root: Path, old: dict, new: dict) -> None:
 
 
 def build_cache(backbone, spec: str, cache_dir, *, rates: bool = False, max_images: int | None = None,
-                workers: int = DEFAULT_WORKERS, progress: bool = True) -> dict:
+                workers: int = FIT_WORKERS, progress: bool = True) -> dict:
     """Extract the features of a streamed source into `cache_dir`, resuming a killed extraction.
 
     Returns a summary: images, shards, skipped items (with reasons), seconds and images per second of

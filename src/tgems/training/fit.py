@@ -23,7 +23,7 @@ from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_
 from tgems.heap import trim as trim_heap
 from tgems.training.spill import by_blocks
 from tgems.training.readout_fit import fit_mix, fit_readouts
-from tgems.training.settings import FitSettings
+from tgems.training.settings import FIT_WORKERS, FitSettings
 
 
 def _soft_exit_terms(logits, ce, final_ce, layers, num_layers, s: FitSettings):
@@ -369,7 +369,6 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
     """The fit shared by both feature stores: seeded Jumper / training split, modules, cross-fit, Jumper, tau."""
     full_check = _check_full_model(backbone, store, usable, t, near_chance)
     L = backbone.num_layers
-    layers = s.layers
     given_soft_tau = s.soft_tau
     rng = np.random.default_rng(s.seed)
     perm = rng.permutation(len(usable))
@@ -443,7 +442,7 @@ def fit_and_save(model: str, data: str, out, settings: FitSettings | None = None
 
     from tgems.backbones import load_backbone
     from tgems.tgem import save_tgem
-    from tgems.training.feature_cache import DEFAULT_WORKERS, is_stream_spec, open_cache, summarize_skipped
+    from tgems.training.feature_cache import is_stream_spec, open_cache, summarize_skipped
 
     s = settings or FitSettings()
     stream = is_stream_spec(data)
@@ -474,7 +473,7 @@ def fit_and_save(model: str, data: str, out, settings: FitSettings | None = None
             tmp = tempfile.mkdtemp(prefix=".tgems-fit-cache-", dir=base)
         try:
             store, summary = open_cache(bb, data, cache or tmp, rates=s.space == "rates", max_images=max_images,
-                                        workers=DEFAULT_WORKERS if workers is None else workers,
+                                        workers=FIT_WORKERS if workers is None else workers,
                                         progress=progress)
             t1 = time.time()
             tgem, jumper, info = fit_tgem_cached(bb, store, s, progress=progress, device=device, data_name=data,

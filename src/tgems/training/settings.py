@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
-from tgems.options import RECIPES, SPACES
-
 JUMPER_TARGETS = ("goal", "agree", "no_loss")
+FIT_WORKERS = 2  # streamed data: decoding processes ahead of the encoder
 READOUT_L2 = 0.05  # ridge penalty per image, relative to the mean squared norm of a unit readout (1 / D each)
 
 
