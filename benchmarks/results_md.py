@@ -3,6 +3,7 @@
     python benchmarks/results_md.py                    # rewrite docs/results.md
     python benchmarks/results_md.py --check            # exit 1 if docs/results.md is out of date
     python benchmarks/results_md.py --headline demo    # print the README's headline table of a record
+    python benchmarks/results_md.py --readme           # rewrite the README's results section (demo record)
 
 One section per record: title, command, date, machine, commit, then the tables a small formatter
 makes of its "data", chosen by the record's "kind" (demo / eval reports, engine_speed, guarantee,
@@ -15,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -558,11 +560,92 @@ def _anchor(rec: dict, recs: list[dict]) -> str:
     return keep.replace(" ", "-")
 
 
+README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- results:begin (benchmarks/results_md.py --readme) -->", "<!-- results:end -->"
+
+
+def _row(data: dict, method: str, split: str, budget=None, layer=None) -> dict:
+    return next(r for r in data["results"] if r["method"] == method and r.get("split") == split
+                and r.get("budget") == budget and (layer is None or r.get("layer") == layer))
+
+
+def _thousands(v) -> str:
+    return "" if v is None else f"{v:,.0f}"
+
+
+def readme_block(rec: dict) -> str:
+    """The README's results section from the demo record: where it was run, the short table, and the prose
+    figures (T-GEM at budget 0.5 against full and static truncation, the guarantee, the retrieval line)."""
+    d, m = rec["data"], rec.get("machine") or {}
+    L = int(d.get("num_layers") or 12)
+    full = {s: _row(d, "full", s) for s in SPLITS}
+    cls = {s: _row(d, "tgem_cls", s, 0.5) for s in SPLITS}
+    static = {s: _row(d, "static", s, layer=L // 2) for s in SPLITS}
+    n_seen, n_held = full["seen"]["n"], full["heldout"]["n"]
+    load = (m.get("load_average") or [None])[0]
+    g, ret = d.get("guarantee") or {}, d.get("retrieval") or {}
+    t, f = cls["all"], full["all"]
+    lines = [
+        f"From the demo record [`docs/results/demo.json`](docs/results/demo.json) (`tgems demo`, seed {d.get('seed', 0)}, "
+        f"run {rec['date'].split()[0]} at commit `{rec['commit']}` on a {m.get('cores', '?')}-core {m.get('cpu', '?')} "
+        f"machine, load average {load} at the start, {rec['seconds']:.0f} s): every method is calibrated on "
+        f"`scenes:calib` and tested on `{d.get('data')}` ({num(n_seen)} images of seen colour-shape classes and "
+        f"{num(n_held)} of 12 held-out classes that the modules never saw, 64-way zero-shot). The table is a subset "
+        f"of that record, printed by `python benchmarks/results_md.py --readme` (which writes this section); the "
+        f"full table is in [docs/results.md](docs/results.md).", "",
+        report_table(d, headline_keep(d)), "",
+        f"T-GEM (cls) at budget 0.5: accuracy {pct(t['accuracy'])} % (full model {pct(f['accuracy'])} %; "
+        f"{pct(cls['seen']['accuracy'])} % on seen and {pct(cls['heldout']['accuracy'])} % on held-out classes, against "
+        f"{pct(static['seen']['accuracy'])} % and {pct(static['heldout']['accuracy'])} % for static truncation at layer "
+        f"{L // 2}), {1 / t['flops_ratio']:.2f}x fewer encoder FLOPs"]
+    if t.get("images_per_second") and f.get("images_per_second"):
+        lines[-1] += (f", {t['images_per_second'] / f['images_per_second']:.2f}x measured throughput (median of "
+                      f"{t.get('repeats', 1)} repeats: T-GEM {_thousands(t['images_per_second'])} img/s, "
+                      f"{_thousands(t.get('ips_min'))}-{_thousands(t.get('ips_max'))} over the repeats; full model "
+                      f"{_thousands(f['images_per_second'])}, {_thousands(f.get('ips_min'))}-{_thousands(f.get('ips_max'))})")
+    lines[-1] += "."
+    if g:
+        lines[-1] += (f" With `max_drop` {g['eps']:g} and `delta` {g['delta']:g}, the disagreement with the full "
+                      f"model stayed at or below {100 * g['eps']:g} % on {g['held']} of {g['n_splits']} re-drawn "
+                      f"calibration sets ({num(g['n_calib'])} calibration and {num(g['n_test'])} test images each), "
+                      f"at {num(g.get('mean_test_layers'))} layers on average.")
+    if ret:
+        lines[-1] += (f" The demo's retrieval line: the shipped early-exit index at budget {ret['budget']:g} "
+                      f"({num(ret['mean_layers'])} of {L} layers, FLOPs ratio {ret['flops_ratio']:.3f}) finds "
+                      f"images of the queried class among its top {ret['k']} for {pct(ret['precision'])} % of the "
+                      f"hits where full CLIP finds {pct(ret['precision_full'])} % ({ret['queries']} class-text "
+                      f"queries over the {num(ret['images'])} test images); [docs/retrieval.md](docs/retrieval.md) "
+                      f"has recall on the scenes captions.")
+    wrap = lambda p: textwrap.fill(p, 104, break_long_words=False, break_on_hyphens=False)  # noqa: E731
+    return "\n".join(line if line.startswith("|") else wrap(line) for line in lines)
+
+
+def render_readme(text: str, rec: dict) -> str:
+    """`text` (the README) with its results section, between the markers, rewritten from `rec`."""
+    head, sep, rest = text.partition(README_BEGIN)
+    _, sep2, tail = rest.partition(README_END)
+    if not (sep and sep2):
+        raise SystemExit(f"README.md has no results markers ({README_BEGIN} ... {README_END})")
+    return f"{head}{README_BEGIN}\n{readme_block(rec)}\n{README_END}{tail}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/results.md differs from the records")
     ap.add_argument("--headline", metavar="NAME", help="print the README's short table of a demo/eval record")
+    ap.add_argument("--readme", action="store_true", help="rewrite the README's results section from the demo "
+                                                           "record (with --check: exit 1 if it is out of date)")
     args = ap.parse_args(argv)
+    if args.readme:
+        text = README.read_text()
+        new = render_readme(text, json.loads((RESULTS / "demo.json").read_text()))
+        if args.check:
+            print("README.md's results are up to date" if new == text else
+                  "README.md's results are out of date: run benchmarks/results_md.py --readme")
+            return 0 if new == text else 1
+        README.write_text(new)
+        print("wrote README.md's results section from docs/results/demo.json")
+        return 0
     if args.headline:
         rec = json.loads((RESULTS / f"{args.headline}.json").read_text())
         print(report_table(rec["data"], headline_keep(rec["data"])))

@@ -8,8 +8,10 @@
 # later session on the same machine). It stops before replacing the shipped assets unless the new
 # model beats the shipped one on both splits of scenes:testall (issue 21's rule); then it copies the
 # model and its refit checkpoints into src/tgems/assets/ and re-records the figures.
-# Cost on the 2-core CPU of 2026-12-03 (1.16 s per pretraining step, measured by
-# `pretrain_sweep.py --cpu-cost --variants base`): about 4 h for 12,600 steps, then ~1.5 h of refits.
+# Cost on the 2-core AMD EPYC VM, idle (2026-12-07): 0.51 s per step for the model alone
+# (`pretrain_sweep.py --cpu-cost --variants base`), 0.56 s with the batch worker beside it, so about
+# 2 h for 12,600 steps, then the refits and records. bfloat16 autocast measured 0.40 s against 0.45 s
+# for float32 in the same run (x1.1): not worth a second recipe to check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-/work/runs/embedded_x3}
@@ -57,3 +59,4 @@ $BIN/python benchmarks/record.py jumper_seeds -- $BIN/python benchmarks/jumper_s
     "$RUN.tgem_cls" "$RUN.tgem_cls_s1" "$RUN.tgem_cls_s2" --draws 0 1
 $BIN/python benchmarks/record.py retrieval -- $BIN/python benchmarks/retrieval.py
 $BIN/python benchmarks/results_md.py
+$BIN/python benchmarks/results_md.py --readme
