@@ -88,6 +88,34 @@ def read_parts(out) -> "pa.Table":
     return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
+def kill_after_first_part(script: str, out, env=None, timeout: float = 120) -> list:
+    """Run a job `script` in its own process group, SIGKILL it once its first part is on disk; the names of
+    the parts it left (the job is then checked to have stopped partway: no _SUCCESS, not every part)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = Path(out)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + timeout
+        while not (out / "part-00000.parquet").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the job wrote no part in time"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert 1 <= len(done) < 6 and not (out / "_SUCCESS").exists()
+    return done
+
+
 def decoded(data: bytes):
     with Image.open(io.BytesIO(data)) as img:
         img.load()

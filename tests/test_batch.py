@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
-                            LABELS, decoded, encode, make_folder, make_parquet, make_shards, read_parts,
+                            LABELS, kill_after_first_part, decoded, encode, make_folder, make_parquet, make_shards, read_parts,
                             scene_images, tgem_checkpoint, truncated_jpeg)
 
 from tgems.batch import run_command
@@ -176,21 +176,7 @@ def test_killed_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, clf, s
     data = f"webdataset:{pattern}"
     out = tmp_path / "killed"
     script = KILLED_JOB.format(tgem=tgem_checkpoint(), labels=list(LABELS), data=data, out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not (out / "part-00000.parquet").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the job wrote no part in time"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert 1 <= len(done) < 6 and not (out / "_SUCCESS").exists()
+    done = kill_after_first_part(script, out)
     resumed = run_job(clf, JobSpec(data=data, out=str(out), batch_size=5, workers=1),
                       settings=predictor_settings(clf), progress=False)
     assert resumed["parts_skipped"] == len(done) and resumed["parts"] == 6

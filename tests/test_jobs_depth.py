@@ -2,18 +2,13 @@
 and the resume of the drop path, with every block on a full batch while images wait; options it cannot serve
 refused in one line; no tensor made on a device other than its input's."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
-                            LABELS, make_folder, make_shards, read_parts, scene_images, tgem_checkpoint,
+                            LABELS, kill_after_first_part, make_folder, make_shards, read_parts, scene_images, tgem_checkpoint,
                             truncated_jpeg)
 from torch.overrides import TorchFunctionMode
 
@@ -151,21 +146,7 @@ def test_killed_depth_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, 
     data = f"webdataset:{pattern}"
     out = tmp_path / "killed"
     script = KILLED_JOB.format(tgem=tgem_checkpoint(), labels=list(LABELS), data=data, out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not (out / "part-00000.parquet").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the job wrote no part in time"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert 1 <= len(done) < 6 and not (out / "_SUCCESS").exists()
+    done = kill_after_first_part(script, out)
     with pytest.raises(TGEMError, match=r"holds another job \(different scheduler\)"):
         run_job(clf, JobSpec(data=data, out=str(out), batch_size=4, workers=1, scheduler="drop"),
                 settings=predictor_settings(clf), progress=False)

@@ -5,10 +5,8 @@ One local Ray (2 CPUs) is shared by the module (starting one takes seconds); `-m
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ except ImportError:  # only the missing extra skips: CI installs it
 import pyarrow as pa
 import pyarrow.parquet as pq
 from stream_helpers import (clf, spec,  # noqa: F401 (shared fixtures)
-                            LABELS, encode, make_folder, read_parts, scene_images, tgem_checkpoint,
+                            LABELS, kill_after_first_part, encode, make_folder, read_parts, scene_images, tgem_checkpoint,
                             truncated_jpeg)
 
 from tgems.batch import run_command
@@ -260,21 +258,7 @@ def test_killed_ray_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, lo
     out = tmp_path / "killed"
     script = KILLED_RAY_JOB.format(tgem=tgem_checkpoint(), labels=list(LABELS), data=data, out=str(out),
                                    address=ray.get_runtime_context().gcs_address)
-    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 180
-        while not (out / "part-00000.parquet").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the Ray job wrote no part in time"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert 1 <= len(done) < 6 and not (out / "_SUCCESS").exists()
+    done = kill_after_first_part(script, out, env=_env(), timeout=180)
     assert json.loads((out / "_job.json").read_text())["engine"] == "ray"
     resumed = run_ray_job(spec, JobSpec(data=data, out=str(out), batch_size=5),
                           progress=False)
