@@ -436,6 +436,41 @@ def fmt_serve_load(rec: dict) -> str:
 
 FORMATTERS["serve_load"] = fmt_serve_load
 
+
+def fmt_retrieval(rec: dict) -> str:
+    """benchmarks/retrieval.py: recall@k and mAP per direction, seen / held-out queries, static and lens at a few
+    layers, the index at every budget; then the calibrations, the guarantee study and the engine check."""
+    d = rec["data"]
+    rows_in, L = d.get("results") or [], int(d.get("num_layers") or 12)
+    static = {L // 4, 5 * L // 12, L // 2, 7 * L // 12, 3 * L // 4}
+    keys = ("recall@1", "recall@5", "recall@10", "mAP")
+    parts = [f"Gallery: {num(d.get('gallery_images'))} `{d.get('test')}` images, {num(d.get('query_captions'))} "
+             f"distinct captions; relevance {d.get('relevance')}; index model `{d.get('index_model')}`; "
+             f"{d.get('seconds')} s."]
+    for direction, name in (("t2i", "Text-to-image"), ("i2t", "Image-to-text")):
+        by = {(r["method"], r["budget"], r["layer"], r["split"]): r for r in rows_in if r["direction"] == direction}
+        rows = []
+        for (m, b, l, split), r in by.items():
+            if split != "seen" or (m == "static" and l not in static) or (m == "lens" and l not in {L // 4, L // 2, 3 * L // 4}):
+                continue
+            h = by.get((m, b, l, "heldout"), {})
+            rows.append([m, f"{b:g}" if b is not None else f"layer {l}", num(r["mean_layers"]),
+                         f"{r['flops_ratio']:.3f}", *[num(r[k]) for k in keys], *[num(h.get(k)) for k in keys]])
+        parts.append(f"{name} (recall@k and mAP in %; seen, then held-out queries):\n\n" + table(
+            ["method", "budget / layer", "mean layers", "FLOPs ratio", "seen R@1", "R@5", "R@10", "mAP",
+             "held-out R@1", "R@5", "R@10", "mAP"], rows, "llrrrrrrrrrr"))
+    if d.get("guarantee"):
+        parts.append("Guarantee study:\n\n" + fmt_generic({"data": {"guarantee": d["guarantee"]}}))
+    if d.get("engine_check"):
+        parts.append("Engine check (the index built on the engine against the simulation): " +
+                     ", ".join(f"{k} {v}" for k, v in d["engine_check"].items()) + ".")
+    return "\n\n".join(parts)
+
+
+FORMATTERS["retrieval"] = fmt_retrieval
+TITLES["retrieval"] = "Early-exit image-text retrieval on scenes captions (`benchmarks/retrieval.py`)"
+ORDER.append("retrieval")
+
 def kind_of(rec: dict) -> str:
     """The record's kind when a formatter knows it; a record without a kind (or "generic") is recognised
     by the shape of its data; any other kind gets the generic view."""
