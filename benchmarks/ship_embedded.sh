@@ -49,6 +49,7 @@ for space in cls rates; do cp "$RUN.tgem_$space"/tgem.{json,safetensors} $A/embe
 cp "$RUN.retrieval"/retrieval.{json,safetensors} $A/embedded_retrieval/
 
 $BIN/python benchmarks/record.py demo -- $BIN/tgems demo --out results/demo --quiet
+cp results/demo/tradeoff.png docs/demo_tradeoff.png  # the README's plot
 $BIN/python benchmarks/record.py targets -- $BIN/python benchmarks/targets.py results/demo/results.json
 $BIN/python benchmarks/record.py zero_shot_layers -- $BIN/python benchmarks/zero_shot_layers.py --model embedded
 for s in 1 2; do  # the Jumper study over fit seeds: seed 0 is the shipped fit
