@@ -40,7 +40,7 @@ class Recipe:
     vision: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     projection_dim: int = 128
-    steps: int = 5200
+    steps: int = 12600
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200
