@@ -623,7 +623,7 @@ def readme_block(rec: dict) -> str:
     lines = [
         f"From the demo record [`docs/results/demo.json`](docs/results/demo.json) (`tgems demo`, seed {d.get('seed', 0)}, "
         f"run {rec['date'].split()[0]} at commit `{rec['commit']}` on a {m.get('cores', '?')}-core {m.get('cpu', '?')} "
-        f"machine, load average {load} at the start, {rec['seconds']:.0f} s): every method is calibrated on "
+        f"machine, load average {load} at the start, {rec['seconds']:.0f}\u00a0s): every method is calibrated on "
         f"`scenes:calib` and tested on `{d.get('data')}` ({num(n_seen)} images of seen colour-shape classes and "
         f"{num(n_held)} of 12 held-out classes that the modules never saw, 64-way zero-shot). The table is a subset "
         f"of that record, printed by `python benchmarks/results_md.py --readme` (which writes this section); the "
