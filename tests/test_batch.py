@@ -88,7 +88,8 @@ def test_images_resized_and_cropped_in_the_workers_give_the_in_memory_rows(tmp_p
             np.testing.assert_allclose(t.column("probability").to_numpy(), pred.probs.max(1), atol=1e-6)
         else:
             emb = np.array(t.column("embedding").to_pylist(), dtype=np.float32)
-            np.testing.assert_allclose(emb, np.asarray(pred.embeddings), atol=1e-6)
+            # float32 rounding of another batch composition: a few ulp of embeddings up to |3.3| (rtol 1e-6)
+            np.testing.assert_allclose(emb, np.asarray(pred.embeddings), rtol=1e-6, atol=1e-6)
         stages = json.loads((tmp_path / task / "_SUCCESS").read_text())["stages"]
         assert set(stages) >= {"read_s", "decode_s", "preprocess_s", "normalize_s", "encode_s", "write_s",
                                "wait_s", "reader_wait_s"}

@@ -243,7 +243,7 @@ def _distilled_checkpoint(path) -> str:
     """The shipped cls checkpoint with distilled readouts (seeded maps near the identity, both readouts mixed)
     and Jumpers that read the trajectory signals: the issue-27 recipe, whatever the shipped checkpoint holds."""
     from tgems.backbones import load_backbone
-    from tgems.jumper import NUM_TRAJ_SIGNALS, Jumper
+    from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS, Jumper
     from tgems.tgem import TGEM, load_tgem, save_tgem
 
     bb = load_backbone("embedded")
@@ -255,8 +255,9 @@ def _distilled_checkpoint(path) -> str:
     tgem.readout_weight.copy_(torch.eye(D) + 0.1 * torch.randn(n, D, D, generator=g))
     tgem.mix.copy_(torch.tensor([[0.6, 0.5]]).repeat(n, 1))
 
-    def widen(j, extra):
-        return Jumper(torch.cat([j.weight, torch.tensor([extra]).repeat(n, 1)], 1), j.bias)
+    def widen(j, extra):  # the trajectory weights replaced (a checkpoint fit without them has zeros there)
+        base = j.weight[:, :NUM_SIGNALS + D + NUM_SET_SIGNALS]
+        return Jumper(torch.cat([base, torch.tensor([extra]).repeat(n, 1)], 1), j.bias)
 
     both = widen(jumper, [0.0] * NUM_TRAJ_SIGNALS)
     both.budget, both.tau = widen(jumper.budget, [0.3, 1.0, 2.0]), jumper.tau
