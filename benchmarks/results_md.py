@@ -35,6 +35,7 @@ TITLES = {
     "jumper_seeds": "The Jumper over fit seeds and image draws (issue 12 targets)",
     "jumper_study": "The Jumper in isolation on cached features",
     "trajectory_ablation": "Exit recipes side by side: T-GEM, distilled readouts, mixed readouts (issue 27)",
+    "retrieval": "Early-exit image-text retrieval on scenes captions (`benchmarks/retrieval.py`)",
 }
 ORDER = list(TITLES)
 SPLITS = ("all", "seen", "heldout")
@@ -468,8 +469,6 @@ def fmt_retrieval(rec: dict) -> str:
 
 
 FORMATTERS["retrieval"] = fmt_retrieval
-TITLES["retrieval"] = "Early-exit image-text retrieval on scenes captions (`benchmarks/retrieval.py`)"
-ORDER.append("retrieval")
 
 def kind_of(rec: dict) -> str:
     """The record's kind when a formatter knows it; a record without a kind (or "generic") is recognised
@@ -599,11 +598,6 @@ README = ROOT / "README.md"
 README_BEGIN, README_END = "<!-- results:begin (benchmarks/results_md.py --readme) -->", "<!-- results:end -->"
 
 
-def _row(data: dict, method: str, split: str, budget=None, layer=None) -> dict:
-    return next(r for r in data["results"] if r["method"] == method and r.get("split") == split
-                and r.get("budget") == budget and (layer is None or r.get("layer") == layer))
-
-
 def _thousands(v) -> str:
     return "" if v is None else f"{v:,.0f}"
 
@@ -613,9 +607,10 @@ def readme_block(rec: dict) -> str:
     figures (T-GEM at budget 0.5 against full and static truncation, the guarantee, the retrieval line)."""
     d, m = rec["data"], rec.get("machine") or {}
     L = int(d.get("num_layers") or 12)
-    full = {s: _row(d, "full", s) for s in SPLITS}
-    cls = {s: _row(d, "tgem_cls", s, 0.5) for s in SPLITS}
-    static = {s: _row(d, "static", s, layer=L // 2) for s in SPLITS}
+    idx = _index(d["results"])
+    full = {s: idx["full", None, None, s] for s in SPLITS}
+    cls = {s: idx["tgem_cls", 0.5, None, s] for s in SPLITS}
+    static = {s: idx["static", None, L // 2, s] for s in SPLITS}
     n_seen, n_held = full["seen"]["n"], full["heldout"]["n"]
     load = (m.get("load_average") or [None])[0]
     g, ret = d.get("guarantee") or {}, d.get("retrieval") or {}

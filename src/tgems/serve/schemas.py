@@ -192,7 +192,7 @@ async def parse_classify_form(request, max_client_batch: int) -> ClassifyRequest
     except BadRequest:  # the body limit, counted while it streams in
         raise
     except Exception as e:
-        if isinstance(e, OSError) and is_disk_full(e):  # the server's disk, not the client's body
+        if is_disk_full(e):  # the server's disk, not the client's body
             raise
         raise BadRequest(f"malformed multipart body: {_reason(e)}") from None
     try:  # the uploads are spooled files: closed here, not left to the garbage collector
