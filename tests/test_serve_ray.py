@@ -232,6 +232,39 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
         ray_serve.require_serve()
 
 
+def test_a_sigterm_while_the_replicas_load_stops_cleanly_once_they_have(monkeypatch):
+    """ray.init installs its own SIGTERM handler (it aborts the driver): ours goes in after it, before the
+    replicas finish loading, since Serve's proxy may answer requests already."""
+    from tgems.integrations import ray_serve
+
+    closed = []
+
+    class Service:
+        url = "http://127.0.0.1:1"
+
+        def close(self):
+            closed.append(True)
+
+    def deploy(sources, settings, log, on_ray):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init leaves behind, as far as Python can
+        on_ray()
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered while the replicas still load
+        time.sleep(0.05)
+        return Service()
+
+    monkeypatch.setattr(ray_serve, "deploy", deploy)
+    before = signal.getsignal(signal.SIGTERM)
+    lines = []
+    settings = type("S", (), {"replicas": 1})()
+    try:
+        assert ray_serve.run_ray_server({}, settings, lines.append) == 0
+    finally:
+        after = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, before)
+    assert closed == [True] and lines[-2:] == ["tgems serve: stopping", "tgems serve: stopped"]
+    assert after is signal.SIG_DFL  # restored to what was there when it caught SIGTERM
+
+
 def test_the_serve_run_builder_reads_serve_settings(saved):
     from tgems.integrations.ray_serve import build_app
 

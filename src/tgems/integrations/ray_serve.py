@@ -124,9 +124,10 @@ class RayService:
                 ray.shutdown()
 
 
-def deploy(sources: dict, settings, log=None) -> RayService:
+def deploy(sources: dict, settings, log=None, on_ray=None) -> RayService:
     """Start `settings.replicas` replicas on the Ray cluster at RAY_ADDRESS, or on a local Ray of this
-    machine's CPUs, with Serve's proxy on settings.host:settings.port; returns when every replica has loaded."""
+    machine's CPUs, with Serve's proxy on settings.host:settings.port; returns when every replica has loaded.
+    `on_ray()` runs once Ray is up: `ray.init` installs its own SIGTERM handler, so handlers go in after it."""
     ray, serve = require_serve()
     log = log or (lambda m: None)
     settings = settings.check()
@@ -146,6 +147,8 @@ def deploy(sources: dict, settings, log=None) -> RayService:
         else:
             _init(ray, address=address)
         started = True
+    if on_ray is not None:
+        on_ray()
     service = RayService(f"http://{settings.host}:{settings.port}", 0.0, started)
     try:
         service.cpus_per_replica = replica_cpus(settings, ray.cluster_resources().get("CPU", 1.0))
@@ -168,9 +171,19 @@ def run_ray_server(sources: dict, settings, log) -> int:
     """`tgems serve --engine ray`: deploy, then wait for SIGTERM or Ctrl-C; the replicas finish the requests in
     flight, Serve (and the local Ray) shut down, exit 0."""
     t0 = time.perf_counter()
-    service = deploy(sources, settings, log)
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *a: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {}
+
+    def catch(*signals):
+        previous.update({s: signal.signal(s, lambda *a: stop.set()) for s in signals if s not in previous})
+
+    try:  # a SIGTERM while the replicas load (the proxy may answer already) stops once they have; Ctrl-C aborts
+        service = deploy(sources, settings, log, on_ray=lambda: catch(signal.SIGTERM))
+    except BaseException:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        raise
+    catch(signal.SIGINT)
     try:
         log(f"tgems serve: ready: {settings.replicas} replica(s) on Ray, listening on {service.url} "
             f"({time.perf_counter() - t0:.1f} s)")
