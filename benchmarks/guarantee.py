@@ -38,8 +38,8 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     bb = tgems.load_backbone(args.model)
-    pool = guarantee_pool(bb, args.n_calib, args.n_test, args.seed)
     clf = EarlyExitClassifier(bb, args.tgem, scenes.CLASSES)
+    pool = guarantee_pool(bb, args.n_calib, args.n_test, args.seed, rates=clf.profiles.space == "rates")
     g = guarantee_study(clf, pool, eps=args.eps, delta=args.delta, n_splits=args.splits, seed=args.seed,
                         calib_fraction=args.n_calib / len(pool))
     dis = [r["test_disagreement"] for r in g["rows"]]

@@ -60,19 +60,21 @@ CACHE = Path("results/jumper_study")
 
 def cached_features(bb, spec: str, seed: int, model: str, rates: bool = False) -> tuple[LayerFeatures, np.ndarray]:
     """(features, per-image split names) for a dataset spec, extracted once and kept as safetensors
-    (with the activation rates when `rates`, for T-GEMs of the rates space)."""
+    (with the activation rates when `rates`, for T-GEMs of the rates space), keyed by the backbone's weights."""
     from safetensors.torch import load_file, save_file
 
-    path = CACHE / f"{model}_{spec.replace(':', '-')}_s{seed}{'_rates' if rates else ''}.safetensors"
+    path = CACHE / (f"{model}-{bb.fingerprint()[:12]}_{spec.replace(':', '-')}_s{seed}{'_rates' if rates else ''}"
+                    f".safetensors")
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
         t, m = load_file(str(path)), json.loads(meta.read_text())
-        return (LayerFeatures(t["z"], t.get("rates"), t["labels"], m["difficulty"] and np.asarray(m["difficulty"]),
-                              m["classes"]), np.asarray(m["splits"], dtype=object))
+        if "patch" in t:  # caches made before the mean-patch readouts are made again
+            return (LayerFeatures(t["z"], t.get("rates"), t["labels"], m["difficulty"] and np.asarray(m["difficulty"]),
+                                  m["classes"], t["patch"]), np.asarray(m["splits"], dtype=object))
     data = tgems.load_dataset(spec, seed=seed)
     f = tgems.extract_features(bb, data, rates=rates, desc=spec)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = {"z": f.z.contiguous(), "labels": f.labels.contiguous()}
+    out = {"z": f.z.contiguous(), "labels": f.labels.contiguous(), "patch": f.patch.contiguous()}
     if rates:
         out["rates"] = f.rates.contiguous()
     save_file(out, str(path))

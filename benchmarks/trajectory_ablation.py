@@ -55,7 +55,7 @@ def per_layer(clf, ft: LayerFeatures, masks: dict) -> list:
     full = lp[:, -1]
     rows = []
     for j, l in enumerate(prof.layers):
-        t, d = prof.parts(j, ft.z[:, l - 1])
+        t, d = prof.parts(j, ft.z[:, l - 1], patch=ft.patch[:, l - 1])
         preds = {"lens": lens[:, l - 1], "tgem": t.argmax(1), "distilled": None if d is None else d.argmax(1),
                  "mix": lp[:, j]}
         row = {"layer": l}
@@ -117,7 +117,7 @@ def main():
     fc, _ = cached_features(bb, "scenes:calib", args.seed, args.model)
     if args.pool:
         pool, _ = cached_features(bb, f"scenes:testall:{2900 + args.pool}", args.seed, args.model)
-        pool = LayerFeatures(pool.z, None, pool.labels, classes=pool.classes)
+        pool = LayerFeatures(pool.z, None, pool.labels, classes=pool.classes, patch=pool.patch)
     else:  # the demo's small-run pool: calibration and test images together, half-splits
         pool = LayerFeatures(torch.cat([fc.z, ft.z]), None, torch.cat([fc.labels, ft.labels]), classes=ft.classes)
     runs = []

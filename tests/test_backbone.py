@@ -48,6 +48,11 @@ def test_parity_with_hf(tiny_clip_factory, cfg):
     assert (out["z"] - torch.stack(refs[1:], dim=1)).abs().max() <= 1e-5
     assert out["rates"].shape == (3, L, bb.mlp_dim)
     assert out["rates"].min() >= 0 and out["rates"].max() <= 1
+    with torch.no_grad():  # mean-patch readouts: the patch tokens' mean (not the class token) through the head
+        prefs = [m.visual_projection(m.vision_model.post_layernorm(hs[k][:, 1:].mean(1))) for k in range(1, L + 1)]
+    patch = bb.hidden_states(x, patch=True)["patch"]
+    assert patch.shape == (3, L, bb.embed_dim) and (patch - torch.stack(prefs, dim=1)).abs().max() <= 1e-5
+    assert (patch - out["z"]).abs().max() > 1e-3 and "patch" not in out
     text = bb.encode_text(TEXTS)
     assert text.shape == (len(TEXTS), bb.embed_dim)
     assert (text - text_ref).abs().max() <= 1e-5

@@ -129,9 +129,11 @@ def test_fit_from_the_disk_cache_equals_the_in_memory_fit(trained_bb, scenes_tra
     disk = cache.subset(np.arange(n))
     assert torch.allclose(disk.z, mem.z, rtol=2e-3, atol=2e-3)
     assert torch.equal(disk.rates, mem.rates)
-    mem16 = LayerFeatures(mem.z.half().float(), mem.rates, mem.labels, classes=mem.classes)
-    for space, cross in (("cls", True), ("rates", False)):
-        s = FitSettings(space=space, epochs=2, batch_size=16, cross_fit=cross, seed=3)
+    assert torch.allclose(disk.patch, mem.patch, rtol=2e-3, atol=2e-3)
+    mem16 = LayerFeatures(mem.z.half().float(), mem.rates, mem.labels, classes=mem.classes,
+                          patch=mem.patch.half().float())
+    for space, cross, recipe in (("cls", True, "tgem"), ("rates", False, "tgem"), ("cls", True, "distilled")):
+        s = FitSettings(space=space, epochs=2, batch_size=16, cross_fit=cross, seed=3, recipe=recipe)
         a = fit_tgem_cached(trained_bb, cache, s, progress=False, data_name="folder")
         b = fit_tgem(trained_bb, ds, s, feats=mem16, progress=False)
         sa, sb = _state(*a[:2]), _state(*b[:2])
@@ -140,6 +142,17 @@ def test_fit_from_the_disk_cache_equals_the_in_memory_fit(trained_bb, scenes_tra
             assert torch.allclose(sa[k], sb[k], atol=1e-5), (space, k)
         assert a[1].tau == pytest.approx(b[1].tau, abs=1e-5)
         assert a[2]["settings"] == b[2]["settings"] and a[2]["num_jumper"] == b[2]["num_jumper"]
+    assert a[0].readout_patch and a[0].readout_weight.shape[1] == 2 * trained_bb.embed_dim
+    manifest = tmp_path / "cache" / "manifest.json"  # a cache made before the mean-patch readouts
+    m = json.loads(manifest.read_text())
+    del m["settings"]["patch"]
+    manifest.write_text(json.dumps(m))
+    old = FeatureCache.open(tmp_path / "cache", trained_bb, need_rates=True)
+    assert old.subset(np.arange(3)).patch is None
+    with pytest.raises(TGEMError, match="holds no mean-patch readouts .*another --cache") as e:
+        fit_tgem_cached(trained_bb, old, FitSettings(epochs=1, batch_size=16, recipe="distilled"), progress=False)
+    assert "\n" not in str(e.value)
+    fit_tgem_cached(trained_bb, old, FitSettings(epochs=1, batch_size=16, cross_fit=False), progress=False)
 
 
 CHILD = """

@@ -129,7 +129,8 @@ def test_trajectory_signals(bb, fitted, test_data, test_feats):
         if j:
             expect = torch.where(top[:, j] == top[:, j - 1], expect + 1, torch.zeros_like(expect))
         assert torch.equal(sig[:, j, 0], expect)
-        t, d = prof.parts(j, test_feats.z[:, prof.layers[j] - 1])
+        l = prof.layers[j]
+        t, d = prof.parts(j, test_feats.z[:, l - 1], patch=test_feats.patch[:, l - 1])
         assert torch.equal(sig[:, j, 1], (t.argmax(1) == d.argmax(1)).float())
         assert torch.allclose(sig[:, j, 2], d.softmax(-1).max(1).values)
     assert sig[:, :, 1].min() == 0 and sig[:, :, 1].max() == 1 and sig[:, -1, 0].max() > 0

@@ -2,6 +2,7 @@
 mixed logits are the stated weighted sum (over all classes and over a shortlist), their FLOPs are counted,
 and checkpoints carry a format version and a recipe: older ones load as T-GEM only, newer ones are refused."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS, Jumper,
 from tgems.features import LayerFeatures
 from tgems.policies import JumperPolicy
 from tgems.profiles import ClassProfiles
-from tgems.readouts import distilled_embed, distilled_flops
+from tgems.readouts import distilled_embed, distilled_flops, reads_patch
 from tgems.tgem import TGEM, load_tgem, save_tgem
 from tgems.training.readout_fit import fit_mix, fit_readouts
 
@@ -35,6 +36,27 @@ def test_ridge_map_is_exact_on_a_linear_problem():
     assert not torch.allclose(w[1], q, atol=1e-2)  # z_2 is unrelated noise: no exact map from it
     w2, b2 = fit_readouts(feats, torch.arange(n).numpy(), [1, 2], l2=1e-9)
     assert torch.equal(w, w2) and torch.equal(b, b2)  # closed form: the same on every run
+
+
+def test_a_patch_map_reads_the_mean_patch_readout_where_the_class_token_says_nothing():
+    g = torch.Generator().manual_seed(0)
+    n, d, L = 400, 8, 3
+    q = _orthogonal(d, 2)
+    z = torch.randn(n, L, d, generator=g)  # class-token readouts: noise
+    m = torch.randn(n, L, d, generator=g)
+    z[:, -1] = F.normalize(m[:, 0], dim=-1) @ q * 2.0  # z_L: a rotation of the unit mean-patch readout at layer 1
+    feats = LayerFeatures(z, None, torch.zeros(n, dtype=torch.long), patch=m)
+    rows = torch.arange(n).numpy()
+    w, b = fit_readouts(feats, rows, [1], l2=1e-9, patch=True)
+    assert w.shape == (1, 2 * d, d) and reads_patch(w[0])
+    assert torch.allclose(distilled_embed(w[0], b[0], z[:, 0], m[:, 0]), F.normalize(z[:, -1], dim=-1), atol=1e-4)
+    assert torch.allclose(w[0, d:], q, atol=1e-4) and w[0, :d].abs().max() < 1e-3
+    alone, _ = fit_readouts(feats, rows, [1], l2=1e-9)
+    assert alone.shape == (1, d, d) and not reads_patch(alone[0])
+    with pytest.raises(TGEMError, match="mean-patch readouts"):
+        distilled_embed(w[0], b[0], z[:, 0])
+    with pytest.raises(TGEMError, match="without mean-patch readouts"):
+        fit_readouts(LayerFeatures(z, None, torch.zeros(n, dtype=torch.long)), rows, [1], patch=True)
 
 
 def _profiles(C=6, D=8, n=2, seed=0, distilled=True):
@@ -68,6 +90,13 @@ def test_distilled_readouts_flops_are_counted_in_the_head():
     assert p.scoring_flops() - plain.scoring_flops() == distilled_flops(D, C) + 3 * C
     assert exit_head_flops(p) - exit_head_flops(plain) == distilled_flops(D, C) + 3 * C + 6 * C
     assert JumperPolicy(p, Jumper(torch.zeros(2, 3), torch.zeros(2)), 0.5).head_flops == exit_head_flops(p)
+    g = torch.Generator().manual_seed(1)
+    wide = replace(p, readout_weight=torch.randn(2, 2 * D, D, generator=g), patch_flops=123.0)
+    assert wide.reads_patch and not p.reads_patch
+    assert wide.scoring_flops() - plain.scoring_flops() == distilled_flops(D, C, 2 * D) + 3 * C + 123.0
+    assert distilled_flops(D, C, 2 * D) - distilled_flops(D, C) == 2 * D * D + 3 * D
+    policy = JumperPolicy(wide, Jumper(torch.zeros(2, 3), torch.zeros(2)), 0.5)
+    assert policy.needs_patch and policy.head_flops == exit_head_flops(wide)
 
 
 def test_fit_mix_recovers_the_weights_of_a_mixture():
@@ -77,9 +106,9 @@ def test_fit_mix_recovers_the_weights_of_a_mixture():
     assert torch.allclose(fit_mix([(t, d, p)])[0], torch.tensor([0.3, 1.5]), atol=1e-3)
 
 
-def _save(tmp_path, bb, recipe):
+def _save(tmp_path, bb, recipe, patch=False):
     L = bb.num_layers
-    tgem = TGEM([1, 2], L, bb.embed_dim, bb.embed_dim, "cls", 0, recipe)
+    tgem = TGEM([1, 2], L, bb.embed_dim, bb.embed_dim, "cls", 0, recipe, patch)
     if recipe == "distilled":
         tgem.mix.copy_(torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
     width = NUM_SIGNALS + bb.embed_dim + NUM_SET_SIGNALS + NUM_TRAJ_SIGNALS
@@ -90,16 +119,25 @@ def test_checkpoints_carry_their_recipe_and_newer_or_unknown_ones_are_refused(tm
     bb = tiny_backbone
     path = _save(tmp_path, bb, "distilled")
     tgem, _, cfg = load_tgem(path, bb)
-    assert cfg["format"] == 2 and tgem.recipe == "distilled"
+    assert cfg["format"] == 3 and tgem.recipe == "distilled" and not tgem.readout_patch
     prof = tgem.profiles(F.normalize(torch.randn(3, bb.embed_dim), dim=-1), bb)
     assert prof.distilled and torch.equal(prof.mix.cpu(), torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
+    assert not prof.reads_patch and prof.patch_flops == 0
+    wide, _, wcfg = load_tgem(_save(tmp_path / "p", bb, "distilled", patch=True), bb)
+    assert wcfg["readout_patch"] and wide.readout_weight.shape == (2, 2 * bb.embed_dim, bb.embed_dim)
+    wprof = wide.profiles(F.normalize(torch.randn(3, bb.embed_dim), dim=-1), bb)
+    assert wprof.reads_patch and wprof.patch_flops == bb.flops_patch_readout() > 0
+    c = json.loads((path / "tgem.json").read_text())  # format 2: maps of z_l alone
+    c.pop("readout_patch"), c.pop("sha256", None)
+    (path / "tgem.json").write_text(json.dumps(c | {"format": 2}))
+    assert not load_tgem(path, bb)[0].readout_patch
     old = _save(tmp_path, bb, "tgem")  # a format-1 checkpoint: no recipe, T-GEM profiles only
     cfg_file = old / "tgem.json"
     c = json.loads(cfg_file.read_text())
     c.pop("recipe"), c.pop("sha256", None)
     cfg_file.write_text(json.dumps(c | {"format": 1}))
     assert load_tgem(old, bb)[0].recipe == "tgem"
-    for change, words in (({"format": 3}, "format 3"), ({"recipe": "ztw", "format": 2}, "unknown exit recipe 'ztw'")):
+    for change, words in (({"format": 4}, "format 4"), ({"recipe": "ztw", "format": 3}, "unknown exit recipe 'ztw'")):
         cfg_file = path / "tgem.json"
         c = json.loads(cfg_file.read_text())
         c.pop("sha256", None)

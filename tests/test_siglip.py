@@ -81,6 +81,9 @@ def test_parity_with_hf(siglip_factory, cfg):
     assert out["z"].shape == (3, L, W)
     assert (out["z"] - torch.stack(refs[1:], dim=1)).abs().max() <= TOL
     assert out["rates"].shape == (3, L, bb.mlp_dim)
+    with torch.no_grad():  # no class token: the mean of all tokens through post_layernorm
+        prefs = torch.stack([bb.model.vision_model.post_layernorm(hs[k].mean(1)) for k in range(1, L + 1)], dim=1)
+    assert (bb.hidden_states(x, patch=True)["patch"] - prefs).abs().max() <= TOL
     text = bb.encode_text(TEXTS)
     assert text.shape == (len(TEXTS), W)
     assert (text - text_ref).abs().max() <= TOL

@@ -4,11 +4,12 @@ Rows that exit at a candidate layer are dropped from the batch (indexing by the 
 so later blocks run on fewer rows: the wall-clock saving follows the FLOPs saving.
 
 An exit policy is any object with `candidate_layers` (sorted ints in 1..L; L is
-always final), optional `needs_rates` (bool), `head_flops` (per row per candidate
+always final), optional `needs_rates` and `needs_patch` (bool), `head_flops` (per row per candidate
 layer visited; optional `head_flops_by_layer`, {layer: FLOPs}, where they differ by layer),
 `num_classes` (the labels it scores, 0 or absent for none: the plain baseline scores them too, see
 `full_flops`), `start(n)` (called once per call of `run_early_exit` with the number
-of input rows) and `decide(layer, z, rows[, rates])` returning a bool mask
+of input rows) and `decide(layer, z, rows[, rates=][, patch=])` (the mean-patch readouts, at candidate
+layers) returning a bool mask
 "these rows exit now", or `(mask, outputs)` with outputs (n_active, K) kept for the
 exiting rows. `rows` are the rows' indices in the input, so a policy can keep
 per-row state; any tensor a policy creates takes its device from `z` or `rows`. A plain callable
@@ -103,6 +104,7 @@ class _Store:
 def _run_chunk(backbone, pixels, offset, policy, readout_layers, store):
     L = backbone.num_layers
     wants_rates = bool(getattr(policy, "needs_rates", False))
+    wants_patch = bool(getattr(policy, "needs_patch", False))
     readout_set = set(readout_layers)
     h = backbone.embed(pixels)
     rows = torch.arange(offset, offset + len(pixels), device=h.device)
@@ -115,7 +117,10 @@ def _run_chunk(backbone, pixels, offset, policy, readout_layers, store):
         if l not in readout_set:
             continue
         z = backbone.readout(h, l)
-        decision = policy.decide(l, z, rows, rates) if wants_rates else policy.decide(l, z, rows)
+        extra = {"rates": rates} if wants_rates else {}
+        if wants_patch and l < L:
+            extra["patch"] = backbone.patch_readout(h, l)
+        decision = policy.decide(l, z, rows, **extra)
         mask, outputs = _split_decision(decision, len(rows))
         mask = mask.to(h.device)
         if l == L:

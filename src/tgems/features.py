@@ -25,13 +25,15 @@ RATES_DTYPE = torch.float16
 @dataclass
 class LayerFeatures:
     """z: (N, L, D) readouts z_l for l = 1..L; rates: (N, L, M) MLP activation rates or None; labels index
-    `classes` (the dataset's class texts, so calibration can match them to a label set by text)."""
+    `classes` (the dataset's class texts, so calibration can match them to a label set by text); patch:
+    (N, L, D) mean-patch readouts m_l (what distilled readouts read beside z_l) or None."""
 
     z: torch.Tensor
     rates: torch.Tensor | None
     labels: torch.Tensor
     difficulty: np.ndarray | None = None
     classes: list[str] | None = None
+    patch: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.z.shape[0]
@@ -39,7 +41,8 @@ class LayerFeatures:
     def subset(self, idx) -> "LayerFeatures":
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         return LayerFeatures(self.z[idx], None if self.rates is None else self.rates[idx], self.labels[idx],
-                             None if self.difficulty is None else self.difficulty[idx.numpy()], self.classes)
+                             None if self.difficulty is None else self.difficulty[idx.numpy()], self.classes,
+                             None if self.patch is None else self.patch[idx])
 
     def take(self, idx, space: str, layers) -> torch.Tensor:
         """(B, n, F) float32 features of rows `idx` at `layers` (1-based) in one profile space."""
@@ -47,11 +50,20 @@ class LayerFeatures:
         cols = [l - 1 for l in layers]
         if space == "cls":
             return self.z[idx][:, cols].float()
+        if space == "patch":
+            return self._patch()[idx][:, cols].float()
         return self._rates()[idx][:, cols].float()
 
     def final_z(self, idx) -> torch.Tensor:
         """(B, D) float32 readouts of the last layer."""
         return self.z[torch.as_tensor(np.asarray(idx), dtype=torch.long), -1].float()
+
+    def _patch(self) -> torch.Tensor:
+        if self.patch is None:
+            from tgems.errors import TGEMError
+
+            raise TGEMError("these features were extracted without mean-patch readouts")
+        return self.patch
 
     def _rates(self) -> torch.Tensor:
         if self.rates is None:
@@ -64,6 +76,8 @@ class LayerFeatures:
         """The features of one profile space, float32 (N, L, F)."""
         if name == "cls":
             return self.z
+        if name == "patch":
+            return self._patch()
         if self.rates is None:
             from tgems.errors import TGEMError
 
@@ -73,15 +87,19 @@ class LayerFeatures:
 
 def extract_features(backbone, data: Dataset, rates: bool = False, batch_size: int = 256,
                      progress: bool = True, desc: str = "features") -> LayerFeatures:
-    zs, rs = [], []
+    """Every layer's readouts of `data`, with the mean-patch readouts (cheap beside the blocks) and, when
+    asked, the activation rates."""
+    zs, rs, ms = [], [], []
     for start in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress, leave=False):
-        out = backbone.hidden_states(backbone.preprocess(data.images[start:start + batch_size]), rates=rates)
+        out = backbone.hidden_states(backbone.preprocess(data.images[start:start + batch_size]), rates=rates,
+                                     patch=True)
         zs.append(out["z"].float().cpu())
+        ms.append(out["patch"].float().cpu())
         if rates:
             rs.append(out["rates"].to(RATES_DTYPE).cpu())
     return LayerFeatures(z=torch.cat(zs), rates=torch.cat(rs) if rates else None,
                          labels=torch.as_tensor(data.labels, dtype=torch.long),
-                         difficulty=data.difficulty, classes=list(data.classes))
+                         difficulty=data.difficulty, classes=list(data.classes), patch=torch.cat(ms))
 
 
 # ------------------------------------------------------------------------------- on disk
@@ -166,7 +184,8 @@ class FeatureCache:
                             f"with the same --data to finish it")
         if need_rates and not man["settings"]["rates"]:
             raise TGEMError(f"feature cache {root} holds no activation rates (made for a cls fit)")
-        whats = ["z", "text", "label", "key"] + (["rates"] if man["settings"]["rates"] else [])
+        whats = (["z", "text", "label", "key"] + (["rates"] if man["settings"]["rates"] else [])
+                 + (["patch"] if man["settings"].get("patch") else []))
         metas, maps = [], {w: [] for w in whats}
         for i in man.get("shards_used", []):
             f = shard_file(root, i, "json")
@@ -207,6 +226,13 @@ class FeatureCache:
 
     def take(self, idx, space: str, layers) -> torch.Tensor:
         """(B, n, F) float32 features of rows `idx` at `layers` (1-based) in one profile space."""
+        if space == "patch":
+            if "patch" not in self.maps:
+                from tgems.errors import TGEMError
+
+                raise TGEMError(f"feature cache {self.root} holds no mean-patch readouts (made by an older tgems); "
+                                f"the distilled recipe needs another --cache")
+            return torch.from_numpy(self._gather("patch", idx, [l - 1 for l in layers])).float()
         if space != "cls" and not self.has_rates:
             from tgems.errors import TGEMError
 
@@ -231,7 +257,8 @@ class FeatureCache:
         idx = np.asarray(idx, dtype=np.int64)
         z = torch.from_numpy(self._gather("z", idx)).float()
         rates = torch.from_numpy(self._gather("rates", idx)) if self.has_rates else None
-        return LayerFeatures(z, rates, torch.as_tensor(self.labels[idx]), classes=list(self.classes))
+        patch = torch.from_numpy(self._gather("patch", idx)).float() if "patch" in self.maps else None
+        return LayerFeatures(z, rates, torch.as_tensor(self.labels[idx]), classes=list(self.classes), patch=patch)
 
     def skipped(self) -> list:
         """Items left out at extraction, with their reasons, in input order."""

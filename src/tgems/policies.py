@@ -71,6 +71,7 @@ class JumperPolicy:
         self.candidate_layers = list(profiles.layers)
         self.num_classes = profiles.num_classes
         self.needs_rates = profiles.space == "rates"
+        self.needs_patch = profiles.reads_patch
         self.head_flops = exit_head_flops(profiles)
         if profiles.shortlist is not None:  # per-layer cost: full scorings and shortlist scorings differ
             self.head_flops_by_layer = exit_head_flops_by_layer(profiles)
@@ -81,12 +82,12 @@ class JumperPolicy:
     def start(self, n: int):
         self.n, self.prev_p, self.prev_z, self.keep, self.patience = n, None, None, None, None
 
-    def decide(self, layer, z, rows, rates=None):
+    def decide(self, layer, z, rows, rates=None, patch=None):
         if layer not in self._index:  # the last layer: the backbone's own zero-shot head
             return torch.ones(len(rows), dtype=torch.bool, device=z.device), self.p.probs(len(self.p.layers), z)
         j = self._index[layer]
         x = rates.to(RATES_DTYPE).float() if self.p.space == "rates" else z  # as in the feature cache
-        probs, keep, t, d = self.p.contention_parts(j, x, None if self.keep is None else self.keep[rows])
+        probs, keep, t, d = self.p.contention_parts(j, x, None if self.keep is None else self.keep[rows], patch)
         if self.prev_p is None:
             self.prev_p = torch.zeros(self.n, self.p.num_classes, device=z.device)
             self.prev_z = torch.zeros(self.n, z.shape[1], device=z.device)

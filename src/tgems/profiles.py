@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tgems.errors import TGEMError
 from tgems.options import check_labels
-from tgems.readouts import distilled_embed, distilled_flops, readout_pair
+from tgems.readouts import distilled_embed, distilled_flops, readout_pair, reads_patch
 
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}")
 
@@ -197,13 +197,19 @@ class ClassProfiles:
     num_layers: int
     final_bias: float = 0.0
     activation: str = "softmax"
-    readout_weight: torch.Tensor | None = None  # (n, D, D) distilled readouts (readouts.py); None: T-GEM only
+    readout_weight: torch.Tensor | None = None  # (n, D or 2 D, D) distilled readouts (readouts.py); None: T-GEM only
     readout_bias: torch.Tensor | None = None  # (n, D)
     mix: torch.Tensor | None = None  # (n, 2) weights of the T-GEM and the distilled logits at each candidate layer
+    patch_flops: float = 0.0  # the backbone's mean-patch readout, per row and candidate layer, when the maps read it
 
     @property
     def distilled(self) -> bool:
         return self.readout_weight is not None
+
+    @property
+    def reads_patch(self) -> bool:
+        """Whether scoring needs the mean-patch readouts m_l (distilled maps that read them)."""
+        return self.distilled and reads_patch(self.readout_weight)
 
     @property
     def num_classes(self) -> int:
@@ -224,9 +230,10 @@ class ClassProfiles:
                        text=move(self.text), readout_weight=move(self.readout_weight),
                        readout_bias=move(self.readout_bias), mix=move(self.mix))
 
-    def parts(self, j: int, x: torch.Tensor, keep: torch.Tensor | None = None):
+    def parts(self, j: int, x: torch.Tensor, keep: torch.Tensor | None = None, patch: torch.Tensor | None = None):
         """(T-GEM logits, distilled logits or None) at candidate index j < len(layers), over all classes or,
-        with `keep` (n, K), over each row's shortlist."""
+        with `keep` (n, K), over each row's shortlist; `patch`: the layer's mean-patch readouts, where
+        `reads_patch`."""
         if keep is None:
             t = _score(x, self.protos[j], None if self.center is None else self.center[j], self.scale[j])
         else:
@@ -234,24 +241,24 @@ class ClassProfiles:
             t = self.scale[j] * torch.einsum("nf,nkf->nk", u, self.protos[j][keep])
         if not self.distilled:
             return t, None
-        e = distilled_embed(self.readout_weight[j], self.readout_bias[j], x)
+        e = distilled_embed(self.readout_weight[j], self.readout_bias[j], x, patch)
         d = self.final_scale * (e @ self.text.t() if keep is None else torch.einsum("nd,nkd->nk", e, self.text[keep]))
         return t, d
 
     def mixed(self, j: int, t: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
         return t if d is None else self.mix[j, 0] * t + self.mix[j, 1] * d
 
-    def logits(self, j: int, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, j: int, x: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
         """Logits at candidate index j (j == len(layers) is the last layer, x then the readout z_L); with
         distilled readouts, the weighted sum of both readouts' logits."""
         if j == len(self.layers):
             return _score(x, self.text, None, self.final_scale) + self.final_bias
-        return self.mixed(j, *self.parts(j, x))
+        return self.mixed(j, *self.parts(j, x, patch=patch))
 
-    def probs(self, j: int, x: torch.Tensor) -> torch.Tensor:
+    def probs(self, j: int, x: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities at candidate index j: softmax over the label set, except at the last layer of
         a sigmoid-scored backbone, whose per-class probabilities are its own."""
-        logits = self.logits(j, x)
+        logits = self.logits(j, x, patch)
         if j == len(self.layers) and self.activation == "sigmoid":
             return torch.sigmoid(logits)
         return logits.softmax(-1)
@@ -264,26 +271,28 @@ class ClassProfiles:
     def scores_all_at(self, j: int) -> bool:
         return self.shortlist is None or j == len(self.layers) or j % SHORTLIST_REFRESH == 0
 
-    def contention_probs(self, j: int, x: torch.Tensor, keep: torch.Tensor | None = None):
+    def contention_probs(self, j: int, x: torch.Tensor, keep: torch.Tensor | None = None,
+                         patch: torch.Tensor | None = None):
         """(probs (n, C), keep): `probs` at candidate index j where every label is scored (then `keep`, the
         shortlist, is the top logits; None without one), else only the classes in `keep` (n, K), the others
         getting probability 0. The engine's policy and the cached-feature path both go through here."""
-        probs, keep, _, _ = self.contention_parts(j, x, keep)
+        probs, keep, _, _ = self.contention_parts(j, x, keep, patch)
         return probs, keep
 
-    def contention_parts(self, j: int, x: torch.Tensor, keep: torch.Tensor | None = None):
+    def contention_parts(self, j: int, x: torch.Tensor, keep: torch.Tensor | None = None,
+                         patch: torch.Tensor | None = None):
         """`contention_probs` and the two readouts' logits (T-GEM, distilled or None) it mixed, over the
         classes it scored."""
         if self.scores_all_at(j) or keep is None:
             if j == len(self.layers):
                 logits, t, d = self.logits(j, x), None, None
             else:
-                t, d = self.parts(j, x)
+                t, d = self.parts(j, x, patch=patch)
                 logits = self.mixed(j, t, d)
             probs = torch.sigmoid(logits) if j == len(self.layers) and self.activation == "sigmoid" \
                 else logits.softmax(-1)
             return probs, (None if self.shortlist is None else logits.topk(self.shortlist, dim=1).indices), t, d
-        t, d = self.parts(j, x, keep)
+        t, d = self.parts(j, x, keep, patch)
         logits = self.mixed(j, t, d)
         probs = torch.zeros(len(x), self.num_classes, device=logits.device, dtype=logits.dtype)
         return probs.scatter_(1, keep, logits.softmax(-1)), keep, t, d
@@ -299,7 +308,8 @@ class ClassProfiles:
         where `scores_all_at(j)` is false)."""
         f = self.protos.shape[-1] if len(self.layers) else self.text.shape[-1]
         scored = self.num_classes if j is None or self.scores_all_at(j) else self.shortlist
-        extra = distilled_flops(self.text.shape[-1], scored) + 3 * scored if self.distilled else 0.0
+        extra = (distilled_flops(self.text.shape[-1], scored, self.readout_weight.shape[-2]) + 3 * scored
+                 + self.patch_flops if self.distilled else 0.0)
         return float(2 * scored * f) + extra
 
     def state(self) -> dict:
@@ -312,8 +322,11 @@ class ClassProfiles:
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def config(self) -> dict:
-        return {"space": self.space, "layers": list(self.layers), "num_layers": self.num_layers,
-                "final_scale": self.final_scale, "final_bias": self.final_bias, "activation": self.activation}
+        out = {"space": self.space, "layers": list(self.layers), "num_layers": self.num_layers,
+               "final_scale": self.final_scale, "final_bias": self.final_bias, "activation": self.activation}
+        if self.reads_patch:
+            out["patch_flops"] = self.patch_flops
+        return out
 
     @classmethod
     def from_state(cls, tensors: dict, config: dict) -> "ClassProfiles":
@@ -321,7 +334,7 @@ class ClassProfiles:
                    tensors["profiles.scale"], tensors["profiles.text"], float(config["final_scale"]),
                    int(config["num_layers"]), float(config.get("final_bias", 0.0)), config.get("activation", "softmax"),
                    tensors.get("profiles.readout_weight"), tensors.get("profiles.readout_bias"),
-                   tensors.get("profiles.mix"))
+                   tensors.get("profiles.mix"), float(config.get("patch_flops", 0.0)))
 
 
 def zero_shot_head(backbone) -> dict:
@@ -334,9 +347,10 @@ def layer_probs(profiles: ClassProfiles, feats, pairs: bool = False):
     """(N, n + 1, C) probabilities at every candidate layer and the last, on cached features; with `pairs`,
     also (N, n, 2) `readouts.readout_pair` at each candidate layer (for the Jumper's trajectory signals)."""
     x = feats.space(profiles.space)
+    m = feats.space("patch") if profiles.reads_patch else None
     out, pair, keep = [], [], None
     for j, l in enumerate(profiles.layers):
-        probs, keep, t, d = profiles.contention_parts(j, x[:, l - 1], keep)
+        probs, keep, t, d = profiles.contention_parts(j, x[:, l - 1], keep, None if m is None else m[:, l - 1])
         out.append(probs)
         if pairs:
             pair.append(readout_pair(t, d))

@@ -1,5 +1,6 @@
-"""Distilled readouts (issue 27): per candidate layer, an affine map from the unit readout z_l to an estimate
-of the unit final embedding z_L, fit label-free (ridge regression on cached features,
+"""Distilled readouts (issue 27): per candidate layer, an affine map from the unit readout z_l (and, in maps
+fit since the mean-patch readouts, the unit mean-patch readout m_l beside it) to an estimate of the unit final
+embedding z_L, fit label-free (ridge regression on cached features,
 `tgems.training.readout_fit`). Scored against the raw class texts with the backbone's own zero-shot scale,
 it is a second readout of layer l, independent of the T-GEM profiles; `ClassProfiles` mixes the two with
 per-layer weights (`mix`), and the Jumper reads whether they agree (docs/design.md, "Distilled readouts")."""
@@ -9,15 +10,36 @@ import torch
 import torch.nn.functional as F
 
 
-def distilled_embed(weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(n, D) unit estimate of z_L from the layer's readouts z (n, D): normalise(unit(z) @ weight + bias)."""
-    return F.normalize(F.normalize(z.float(), dim=-1) @ weight + bias, dim=-1)
+def reads_patch(weight: torch.Tensor) -> bool:
+    """Whether maps of this weight (n, D_in, D) read [unit z_l, unit m_l] (D_in = 2 D) or z_l alone."""
+    return weight.shape[-2] == 2 * weight.shape[-1]
 
 
-def distilled_flops(dim: int, scored: int) -> float:
-    """Per row and candidate layer: the affine map (2 D^2 + D), two normalisations (about 6 D) and scoring
-    against `scored` class texts (2 C D)."""
-    return float(2 * dim * dim + 7 * dim + 2 * scored * dim)
+def map_input(z: torch.Tensor, patch: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """What the map reads: the unit readout, then the unit mean-patch readout where the map reads it."""
+    x = F.normalize(z.float(), dim=-1)
+    if not reads_patch(weight):
+        return x
+    if patch is None:
+        from tgems.errors import TGEMError
+
+        raise TGEMError("these distilled readouts read the mean-patch readouts m_l, which were not given")
+    return torch.cat([x, F.normalize(patch.float(), dim=-1)], dim=-1)
+
+
+def distilled_embed(weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor,
+                    patch: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, D) unit estimate of z_L from the layer's readouts z (n, D) (and mean-patch readouts (n, D)):
+    normalise(map_input @ weight + bias)."""
+    return F.normalize(map_input(z, patch, weight) @ weight + bias, dim=-1)
+
+
+def distilled_flops(dim: int, scored: int, dim_in: int | None = None) -> float:
+    """Per row and candidate layer: the affine map (2 D_in D + D), the normalisations (about 3 D_in + 3 D)
+    and scoring against `scored` class texts (2 C D). The mean-patch readout itself is the backbone's
+    (`flops_patch_readout`), counted by the profiles."""
+    dim_in = dim if dim_in is None else dim_in
+    return float(2 * dim_in * dim + 3 * dim_in + 4 * dim + 2 * scored * dim)
 
 
 def readout_pair(t: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:

@@ -18,7 +18,9 @@ from tgems.jumper import Jumper
 from tgems.options import RECIPES, SPACES
 from tgems.profiles import ClassProfiles, zero_shot_head
 
-FORMAT_VERSION = artifacts.TGEM.format  # 2: a `recipe` (issue 27); format 1 checkpoints load as "tgem"
+# 2: a `recipe` (issue 27); format 1 checkpoints load as "tgem". 3: `readout_patch`, distilled maps that read
+# the mean-patch readouts too; format 2 ones read z_l alone
+FORMAT_VERSION = artifacts.TGEM.format
 RECIPE_BUFFERS = ("readout_weight", "readout_bias", "mix")  # what the distilled recipe adds to the modules
 CONFIG, TENSORS = artifacts.TGEM.config, artifacts.TGEM.tensors
 
@@ -45,7 +47,7 @@ class TGEM(nn.Module):
     """The text-guided exit modules of one backbone: G_l and a temperature for each candidate layer."""
 
     def __init__(self, layers: list[int], num_layers: int, embed_dim: int, out_dim: int, space: str = "cls",
-                 hidden: int = 256, recipe: str = "tgem"):
+                 hidden: int = 256, recipe: str = "tgem", readout_patch: bool = False):
         super().__init__()
         if space not in SPACES:
             raise TGEMError(f"unknown feature space '{space}' (choose from {', '.join(SPACES)})")
@@ -58,10 +60,13 @@ class TGEM(nn.Module):
             raise TGEMError(f"unknown exit recipe '{recipe}' (this tgems knows {', '.join(RECIPES)})")
         if recipe == "distilled" and space != "cls":
             raise TGEMError("distilled readouts map the readout z_l: they need the cls space")
-        self.recipe = recipe
+        self.recipe, self.readout_patch = recipe, bool(readout_patch and recipe == "distilled")
         if recipe == "distilled":  # filled by training.readout_fit; see readouts.py
             n = len(self.layers)
-            self.register_buffer("readout_weight", torch.eye(embed_dim).repeat(n, 1, 1))
+            eye = torch.eye(embed_dim)
+            if self.readout_patch:  # [unit z_l, unit m_l] -> z_L; initialised to read z_l alone
+                eye = torch.cat([eye, torch.zeros(embed_dim, embed_dim)])
+            self.register_buffer("readout_weight", eye.repeat(n, 1, 1))
             self.register_buffer("readout_bias", torch.zeros(n, embed_dim))
             self.register_buffer("mix", torch.tensor([[1.0, 0.0]]).repeat(n, 1))
 
@@ -79,7 +84,8 @@ class TGEM(nn.Module):
             distilled = {}
             if self.recipe == "distilled":
                 distilled = {"readout_weight": self.readout_weight.clone(), "readout_bias": self.readout_bias.clone(),
-                             "mix": self.mix.clone()}
+                             "mix": self.mix.clone(),
+                             "patch_flops": backbone.flops_patch_readout() if self.readout_patch else 0.0}
             prof = ClassProfiles(self.space, self.layers, self.raw_profiles(text),
                                  self.center.clone() if self.space == "rates" else None,
                                  self.log_scale.exp().clone(), text, num_layers=self.num_layers,
@@ -94,7 +100,7 @@ def save_tgem(path, tgem: TGEM, jumper: Jumper, backbone, info: dict, data_spec:
     config = {"format": FORMAT_VERSION, "backbone": backbone.name, "family": backbone.family,
               "fingerprint": backbone.fingerprint(), "num_layers": tgem.num_layers, "layers": tgem.layers,
               "space": tgem.space, "embed_dim": tgem.embed_dim, "out_dim": tgem.out_dim, "hidden": tgem.hidden,
-              "recipe": tgem.recipe, "tau": jumper.tau, "data": data_spec, **info}
+              "recipe": tgem.recipe, "readout_patch": tgem.readout_patch, "tau": jumper.tau, "data": data_spec, **info}
     return artifacts.write(path, artifacts.TGEM, config, tensors)
 
 
@@ -120,7 +126,7 @@ def load_tgem(name_or_path, backbone) -> tuple[TGEM, Jumper, dict]:
     artifacts.check_backbone(cfg, backbone, path, "T-GEM checkpoint")
     # checkpoints before format 2 have no recipe: T-GEM profiles only, as they were fit
     tgem = TGEM(cfg["layers"], cfg["num_layers"], cfg["embed_dim"], cfg["out_dim"], cfg["space"], cfg["hidden"],
-                cfg.get("recipe", "tgem"))
+                cfg.get("recipe", "tgem"), cfg.get("readout_patch", False))
     tensors = artifacts.read_tensors(path, artifacts.TGEM, cfg)
     try:
         jumper = Jumper.from_state(tensors, cfg.get("tau", 2.0))

@@ -72,6 +72,14 @@ class Backbone(ABC):
         """z_l (B, D) from the tokens h_l: the family's pooling and projection, not normalised."""
 
     @abstractmethod
+    def patch_readout(self, h: torch.Tensor, l: int | None = None) -> torch.Tensor:
+        """m_l (B, D) from the tokens h_l: the mean of the patch tokens through the same pooling and
+        projection; the distilled readouts read it beside z_l (an early class token is still immature)."""
+
+    def flops_patch_readout(self) -> float:
+        return _flops.flops_patch_readout(self.num_tokens, self.width, self.embed_dim)
+
+    @abstractmethod
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The stock full forward (get_image_features)."""
 
@@ -158,18 +166,19 @@ class Backbone(ABC):
         return self.readout(h, k)
 
     @torch.no_grad()
-    def hidden_states(self, pixels, layers=None, rates=False, batch_size=None):
-        """Readouts of several layers in one pass: {"layers", "z": (B, n, D)[, "rates": (B, n, M)]}."""
+    def hidden_states(self, pixels, layers=None, rates=False, batch_size=None, patch=False):
+        """Readouts of several layers in one pass: {"layers", "z": (B, n, D)[, "rates": (B, n, M)]
+        [, "patch": (B, n, D), the mean-patch readouts m_l]}."""
         layers = sorted({self.layer_index(l) for l in layers}) if layers is not None \
             else list(range(1, self.num_layers + 1))
         if not layers:
             raise TGEMError("hidden_states needs at least one layer")
         self.check_pixels(pixels)
-        wanted, zs, rs = set(layers), [], []
+        wanted, zs, rs, ms = set(layers), [], [], []
         step = batch_size or len(pixels)
         for start in range(0, len(pixels), step):
             h = self.embed(pixels[start:start + step])
-            z_chunk, r_chunk = [], []
+            z_chunk, r_chunk, m_chunk = [], [], []
             for l in range(1, layers[-1] + 1):
                 if rates and l in wanted:
                     h, r = self.block(l, h, return_rates=True)
@@ -178,12 +187,18 @@ class Backbone(ABC):
                     h = self.block(l, h)
                 if l in wanted:
                     z_chunk.append(self.readout(h, l))
+                    if patch:
+                        m_chunk.append(self.patch_readout(h, l))
             zs.append(torch.stack(z_chunk, dim=1))
+            if patch:
+                ms.append(torch.stack(m_chunk, dim=1))
             if rates:
                 rs.append(torch.stack(r_chunk, dim=1))
         out = {"layers": layers, "z": torch.cat(zs)}
         if rates:
             out["rates"] = torch.cat(rs)
+        if patch:
+            out["patch"] = torch.cat(ms)
         return out
 
     # ---- text

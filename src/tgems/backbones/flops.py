@@ -25,6 +25,11 @@ def flops_readout(W, D):
     return 2 * W * D
 
 
+def flops_patch_readout(T, W, D):
+    """The mean of the patch tokens (T W adds), then post_layernorm (not counted) and the projection."""
+    return T * W + 2 * W * D
+
+
 def flops_full(T, W, M, D, patch, L, channels=3):
     """The whole encoder: embed, L blocks, one readout (= get_image_features)."""
     return flops_embed(T, W, patch, channels) + L * flops_block(T, W, M) + flops_readout(W, D)

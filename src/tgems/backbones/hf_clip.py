@@ -36,6 +36,9 @@ class CLIPBackbone(Backbone):
     def readout(self, h, l=None):
         return self.model.visual_projection(self.model.vision_model.post_layernorm(h[:, 0]))
 
+    def patch_readout(self, h, l=None):
+        return self.model.visual_projection(self.model.vision_model.post_layernorm(h[:, 1:].mean(1)))
+
     def _image_features(self, pixels):
         return features(self.model.get_image_features(pixel_values=pixels))
 

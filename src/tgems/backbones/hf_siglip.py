@@ -65,6 +65,12 @@ class SiglipBackbone(Backbone):
         vm = self.model.vision_model
         return vm.head(vm.post_layernorm(h))
 
+    def patch_readout(self, h, l=None):
+        return self.model.vision_model.post_layernorm(h.mean(1))  # no class token: the mean of all tokens
+
+    def flops_patch_readout(self) -> float:
+        return float(self.num_tokens * self.width)  # no projection
+
     def _image_features(self, pixels):
         return features(self.model.get_image_features(pixel_values=pixels))
 

@@ -1,6 +1,8 @@
 """The study commands: `demo`, `pretrain`, `fit` and `eval` (the method's training and its measurements)."""
 from __future__ import annotations
 
+import argparse
+
 from tgems.cli.common import (DEGENERATE_EXIT, common, degenerate_exit, goal, layer_list, logger, placement,
                               positive_int, show_progress)
 from tgems.io import write_json
@@ -148,7 +150,8 @@ def add_parsers(sub):
     fit_option("cross_fit", "--no-cross-fit", action="store_false")
     fit_option("recipe", choices=RECIPES)
     fit_option("readout_mix", "--no-readout-mix", action="store_false")
-    fit_option("trajectory", action="store_true")
+    fit_option("readout_patch", "--no-readout-patch", action="store_false")
+    fit_option("trajectory", action=argparse.BooleanOptionalAction)
     f.add_argument("--accept-degenerate", action="store_true",
                    help="fit even when the full model's accuracy on the labels is at or near chance (default: "
                         "refused before training)")

@@ -12,14 +12,14 @@ from tgems.options import DELTA
 
 
 def guarantee_pool(backbone, n_calib: int = 2900, n_test: int = 20000, seed: int = 0,
-                   progress: bool = True) -> LayerFeatures:
+                   progress: bool = True, rates: bool = False) -> LayerFeatures:
     """Features of n_calib + n_test scenes:testall images (its seen / held-out mix) for `guarantee_study`
     with calib_fraction = n_calib / (n_calib + n_test): test parts that large measure a disagreement
     near 1 % to about +-0.07 points, so the count of held draws checks the promise, not the test noise."""
     from tgems.data import load_dataset
 
     data = load_dataset(f"scenes:testall:{n_calib + n_test}", seed=seed)
-    return extract_features(backbone, data, progress=progress, desc="guarantee pool")
+    return extract_features(backbone, data, rates=rates, progress=progress, desc="guarantee pool")
 
 
 def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 0.01, delta: float = DELTA,

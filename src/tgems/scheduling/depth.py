@@ -64,6 +64,7 @@ class _Policy:
         self.policy, layers = _as_policy(policy, backbone.num_layers)
         self.readout = frozenset(layers)
         self.needs_rates = bool(getattr(self.policy, "needs_rates", False))
+        self.needs_patch = bool(getattr(self.policy, "needs_patch", False))
         head = float(getattr(self.policy, "head_flops", 0.0) or 0.0)
         at = torch.arange(1, backbone.num_layers + 1, device="cpu")
         self.flops_at = [0.0] + exit_flops(backbone, at, layers, head,
@@ -248,7 +249,9 @@ class DepthScheduler(Driver):
         exits = [False] * len(rows)
         if read:
             idx = torch.tensor(read, dtype=torch.long, device=h.device)
-            z = bb.readout(h if len(read) == len(rows) else h[idx], l)  # no copy of h when every row reads out
+            hr = h if len(read) == len(rows) else h[idx]  # no copy of h when every row reads out
+            z = bb.readout(hr, l)
+            patch = bb.patch_readout(hr, l) if l < self.L and any(info[i].needs_patch for i in read) else None
             groups = {}
             for j, i in enumerate(read):
                 groups.setdefault(id(rows[i].policy), []).append(j)
@@ -256,7 +259,7 @@ class DepthScheduler(Driver):
                 rows_j = [rows[read[j]] for j in members]
                 sel = torch.tensor(members, dtype=torch.long, device=z.device)
                 exits_j = self._decide(l, z[sel], None if rates is None else rates[idx[sel]], rows_j,
-                                       info[read[members[0]]])
+                                       info[read[members[0]]], None if patch is None else patch[sel])
                 for j, e in zip(members, exits_j):
                     exits[read[j]] = e
         keep = [i for i, e in enumerate(exits) if not e]
@@ -268,7 +271,7 @@ class DepthScheduler(Driver):
         self._release([r for r, e in zip(rows, exits) if e])
         return h[torch.tensor(keep, dtype=torch.long, device=h.device)], [rows[i] for i in keep]
 
-    def _decide(self, l, z, rates, rows, info):
+    def _decide(self, l, z, rates, rows, info, patch=None):
         """Exit decisions of one policy's rows at layer l; answers the rows that exit. Audited rows (already
         answered) only run on, and at the last layer compare the full model's answer with theirs."""
         pol = info.policy
@@ -278,9 +281,10 @@ class DepthScheduler(Driver):
         outputs = None
         if live and (l in info.readout or l == self.L):
             sel = torch.tensor(live, dtype=torch.long, device=z.device)
-            zl = z[sel]
-            decision = (pol.decide(l, zl, slots[sel], None if rates is None else rates[sel]) if info.needs_rates
-                        else pol.decide(l, zl, slots[sel]))
+            extra = {"rates": None if rates is None else rates[sel]} if info.needs_rates else {}
+            if info.needs_patch and patch is not None:
+                extra["patch"] = patch[sel]
+            decision = pol.decide(l, z[sel], slots[sel], **extra)
             m, outputs = _split_decision(decision, len(live))
             m = m.cpu()
             if l == self.L:
@@ -290,8 +294,8 @@ class DepthScheduler(Driver):
         audited = [k for k, r in enumerate(rows) if r.audit]
         if audited and l == self.L:
             sel = torch.tensor(audited, dtype=torch.long, device=z.device)
-            decision = pol.decide(l, z[sel], slots[sel], None if rates is None else rates[sel]) \
-                if info.needs_rates else pol.decide(l, z[sel], slots[sel])
+            extra = {"rates": None if rates is None else rates[sel]} if info.needs_rates else {}
+            decision = pol.decide(l, z[sel], slots[sel], **extra)  # the last layer: no patch readout
             _, full = _split_decision(decision, len(audited))
             for j, k in enumerate(audited):
                 self._audited(rows[k], None if full is None else int(full[j].argmax()))

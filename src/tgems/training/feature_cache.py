@@ -79,6 +79,7 @@ class _ShardWriter:
         L, D = backbone.num_layers, backbone.embed_dim
         self.root, self.index = root, index
         self.files = {"z": _NpyRows(shard_file(root, index, "z"), FEATURE_DTYPE, (L, D)),
+                      "patch": _NpyRows(shard_file(root, index, "patch"), FEATURE_DTYPE, (L, D)),
                       "text": _NpyRows(shard_file(root, index, "text"), FEATURE_DTYPE, (D,)),
                       "label": _NpyRows(shard_file(root, index, "label"), np.int32, ()),
                       "key": _NpyRows(shard_file(root, index, "key"), np.int64, ())}
@@ -88,8 +89,10 @@ class _ShardWriter:
 
     def add(self, backbone, items: list, texts: list) -> None:
         """Encode and append kept items (decoded images and their Text)."""
-        out = backbone.hidden_states(backbone.preprocess([it.image for it in items]), rates="rates" in self.files)
+        out = backbone.hidden_states(backbone.preprocess([it.image for it in items]), rates="rates" in self.files,
+                                     patch=True)
         self.files["z"].append(out["z"].float().cpu().numpy())
+        self.files["patch"].append(out["patch"].float().cpu().numpy())
         if "rates" in self.files:
             self.files["rates"].append(out["rates"].float().cpu().numpy())
         emb = np.zeros((len(items), backbone.embed_dim), np.float32)
@@ -124,10 +127,11 @@ class _ShardWriter:
 
 
 def cache_identity(backbone, source, text_opts: dict, rates: bool, max_images: int | None) -> dict:
-    """What a cache is made of; a rerun must match it (rates aside: a cache with rates serves cls fits)."""
+    """What a cache is made of; a rerun must match it (rates aside: a cache with rates serves cls fits; and
+    mean-patch readouts, which caches made before them lack)."""
     return {"format": CACHE_FORMAT, "kind": CACHE_KIND, "backbone": backbone.name,
             "fingerprint": backbone.fingerprint(),
-            "settings": {"rates": bool(rates), "dtype": np.dtype(FEATURE_DTYPE).name,
+            "settings": {"rates": bool(rates), "patch": True, "dtype": np.dtype(FEATURE_DTYPE).name,
                          "model_dtype": str(backbone.dtype).replace("torch.", ""),
                          "image_size": backbone.image_size, "max_images": max_images, "text": dict(text_opts)},
             "input": source.manifest()}
@@ -145,6 +149,7 @@ def _check_same(root: Path, old: dict, new: dict) -> None:
         raise TGEMError(f"feature cache {root} holds no activation rates (it was made for a cls fit); a rates "
                         f"fit needs another --cache (a cache made for rates serves both spaces)")
     a.pop("rates", None)
+    b.pop("patch"), a.pop("patch", None)  # made before mean-patch readouts: a fit that reads them says so
     diff = [f"{k} {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
         raise TGEMError(f"feature cache {root} was made with other settings ({'; '.join(diff)}); use another "

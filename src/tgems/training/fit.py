@@ -23,7 +23,7 @@ from tgems.training.jumper_fit import check_jumper_target, fit_jumper, training_
 from tgems.heap import trim as trim_heap
 from tgems.training.spill import by_blocks
 from tgems.training.readout_fit import fit_mix, fit_readouts
-from tgems.training.settings import FIT_WORKERS, FitSettings
+from tgems.training.settings import FIT_WORKERS, FitSettings, recipe_for
 
 
 def _soft_exit_terms(logits, ce, final_ce, layers, num_layers, s: FitSettings):
@@ -163,7 +163,8 @@ def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings,
     if memo is not None and desc in memo:
         trained, soft_tau, history = memo[desc]
         s = replace(s, soft_tau=soft_tau)
-        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s))
+        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s),
+                    s.readout_patch)
         tgem.load_state_dict({k: v for k, v in trained.state_dict().items() if k not in RECIPE_BUFFERS}, strict=False)
     else:
         if s.soft_tau is None:
@@ -172,7 +173,8 @@ def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings,
             # the regularizer) neither vanish nor fire everywhere
             s = replace(s, soft_tau=round(float(_final_confidence(backbone, store, rows, t, s.batch_size).median()), 4))
         torch.manual_seed(seed)
-        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s))
+        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s),
+                    s.readout_patch)
         if s.space == "rates":
             tgem.center.copy_(_mean_features(store, rows, s.space, s.layers))
         tgem.to(dev)
@@ -181,14 +183,14 @@ def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings,
         if memo is not None:
             memo[desc] = (tgem, s.soft_tau, history)
     if tgem.recipe == "distilled":
-        w, b = fit_readouts(store, rows, s.layers, s.readout_l2)
+        w, b = fit_readouts(store, rows, s.layers, s.readout_l2, patch=tgem.readout_patch)
         tgem.readout_weight.copy_(w)
         tgem.readout_bias.copy_(b)
     return tgem, s, history
 
 
 def recipe_of(s: FitSettings) -> str:
-    return s.recipe
+    return s.recipe or recipe_for(s.space)
 
 
 def _set_mix(tgem: TGEM, main_text, store, jfeats, cross: list, halves, backbone) -> None:
@@ -206,7 +208,8 @@ def _set_mix(tgem: TGEM, main_text, store, jfeats, cross: list, halves, backbone
     for j, l in enumerate(tgem.layers):
         ts, ds, ps = [], [], []
         for prof, keep in sets:
-            t, d = prof.parts(j, feats.z[keep, l - 1])
+            m = None if feats.patch is None else feats.patch[keep, l - 1]  # caches made before it lack it
+            t, d = prof.parts(j, feats.z[keep, l - 1], patch=m)
             ts.append(t), ds.append(d), ps.append(full[keep])
         parts.append((torch.cat(ts), torch.cat(ds), torch.cat(ps)))
     mix = fit_mix(parts)
@@ -263,10 +266,12 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
     check_jumper_target(s.jumper_target)
     from tgems.options import RECIPES
 
-    if s.recipe not in RECIPES:
-        raise TGEMError(f"unknown exit recipe '{s.recipe}' (choose from {', '.join(RECIPES)})")
-    if recipe_of(s) == "distilled" and s.space != "cls":
+    recipe = recipe_of(s)
+    if recipe not in RECIPES:
+        raise TGEMError(f"unknown exit recipe '{recipe}' (choose from {', '.join(RECIPES)})")
+    if recipe == "distilled" and s.space != "cls":
         raise TGEMError("the distilled recipe maps the readout z_l: it needs --space cls (rates: --recipe tgem)")
+    s = replace(s, recipe=recipe, trajectory=recipe == "distilled" if s.trajectory is None else bool(s.trajectory))
     if s.soft_tau is not None and not 0 < s.soft_tau < 1:
         raise TGEMError(f"soft_tau must lie in (0, 1), got {s.soft_tau}")
     if s.jumper_max < 1 or s.caption_set < 2:

@@ -17,15 +17,18 @@ def ridge(xtx: torch.Tensor, xty: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.linalg.solve(xtx + torch.diag(pen), xty)
 
 
-def fit_readouts(store, rows: np.ndarray, layers: list[int], l2: float = READOUT_L2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight (n, D, D), bias (n, D)): per candidate layer, the ridge regression of unit z_L on unit z_l over
-    the feature rows `rows` (a cache on disk or in memory, read `_ROWS` at a time). Closed form, so
-    deterministic: no seed is needed."""
+def fit_readouts(store, rows: np.ndarray, layers: list[int], l2: float = READOUT_L2,
+                 patch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (n, D_in, D), bias (n, D)): per candidate layer, the ridge regression of unit z_L on unit z_l
+    (D_in = D), or on [unit z_l, unit m_l] with `patch` (D_in = 2 D), over the feature rows `rows` (a cache
+    on disk or in memory, read `_ROWS` at a time). Closed form, so deterministic: no seed is needed."""
     rows = np.asarray(rows)
     xtx = xty = None
     for a in range(0, len(rows), _ROWS):
         idx = rows[a:a + _ROWS]
         x = F.normalize(store.take(idx, "cls", layers), dim=-1).double()  # (B, n, D)
+        if patch:
+            x = torch.cat([x, F.normalize(store.take(idx, "patch", layers), dim=-1).double()], dim=-1)
         y = F.normalize(store.final_z(idx), dim=-1).double()
         if hasattr(store, "release"):
             store.release()

@@ -38,18 +38,26 @@ class FitSettings:
                                       "max_drop, the second for budgets (the default)")  # see fit_jumper
     cross_fit: bool = _cli(True, "fit the budget Jumper on the main modules only (about half the fit time; it then "
                                  "transfers less well to classes known only by text)")  # help of --no-cross-fit
-    recipe: str = _cli("tgem", "exit readouts: T-GEM profiles alone (default), or mixed with distilled readouts "
-                               "(label-free maps from z_l toward the final embedding; cls only; no gain measured, "
-                               "docs/design.md)")  # one of tgems.options.RECIPES
-    trajectory: bool = _cli(False, "the Jumper also reads trajectory signals (patience, agreement of the two "
-                                   "readouts)")  # no gain measured
+    recipe: str | None = _cli(None, "exit readouts: T-GEM profiles mixed with distilled readouts (label-free maps "
+                                    "from z_l and the mean patch token toward the final embedding; cls only), or "
+                                    "T-GEM profiles alone (default: distilled for cls, tgem for rates; "
+                                    "docs/design.md)")  # one of tgems.options.RECIPES; None: recipe_for(space)
+    trajectory: bool | None = _cli(None, "whether the Jumper also reads trajectory signals (patience, agreement of "
+                                         "the two readouts; default: with the distilled recipe)")
     readout_l2: float = READOUT_L2  # ridge penalty of the distilled readouts
+    readout_patch: bool = _cli(True, "distilled recipe: the maps read the class-token readout z_l alone, not "
+                                     "the mean-patch readout m_l beside it (an ablation)")  # help of --no-readout-patch
     readout_mix: bool = _cli(True, "distilled recipe: the T-GEM profiles alone predict; the distilled readout only "
                                    "informs the Jumper (an ablation)")  # help of --no-readout-mix
     jumper_max: int = _cli(4000, "at most this many held-out images fit the Jumper and set tau (default: "
                                  "{default:,}; its memory and time grow with it, not with the number of images)")
     caption_set: int = 1000  # captioned data: the Jumper learns caption retrieval among this many captions
     seed: int = 0
+
+
+def recipe_for(space: str) -> str:
+    """The default exit recipe of a feature space: the distilled maps read z_l, which `rates` does not score."""
+    return "distilled" if space == "cls" else "tgem"
 
 
 @dataclass
