@@ -208,9 +208,9 @@ def fmt_report(rec: dict) -> str:
 
 def fmt_engine_speed(rec: dict) -> str:
     d = rec["data"]
-    cases = [c for c in ("plain", "never_exit", "half_exit", "mixed") if c in d]
+    cases = [c for c in ("plain", "never_exit", "half_exit", "mixed", "readouts_half") if c in d]
     ratios = {"plain": 1.0, "never_exit": 1.0, "half_exit": d.get("half_flops_ratio"),
-              "mixed": d.get("mixed_flops_ratio")}
+              "mixed": d.get("mixed_flops_ratio"), "readouts_half": d.get("readouts_flops_ratio")}
     rows = []
     for c in cases:
         r = ratios.get(c)
@@ -223,6 +223,9 @@ def fmt_engine_speed(rec: dict) -> str:
         mixed = half and d["mixed"] / d["plain"] * d["mixed_flops_ratio"]
         txt += (f"\n\nnever_exit overhead {100 * (1 - never):+.1f} % (target <= 5 %); half_exit {half:.2f}x "
                 f"(target >= 1.8x); mixed at {100 * mixed:.0f} % of the speed-up its FLOPs predict (target >= 85 %).")
+        if "readouts_half" in d:
+            txt += (f" readouts_half (the default recipe's exit head at every candidate layer up to the middle, "
+                    f"{d.get('classes')} labels) {d['readouts_half'] / d['plain']:.2f}x (target >= 1.8x).")
     return txt
 
 

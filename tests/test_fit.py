@@ -22,6 +22,22 @@ def test_fit_refuses_an_unknown_jumper_target_before_training(bb, train, train_f
         fit_tgem(bb, train, FitSettings(jumper_target="accuracy", epochs=50), feats=train_feats, progress=False)
 
 
+def test_the_default_recipe_is_per_space_and_resolved_into_the_settings(bb):
+    """cls: distilled readouts (maps of z_l and m_l) with trajectory signals; rates: T-GEM alone (its policy
+    scores no z_l); what a fit records is the resolved recipe, and explicit choices stay as given."""
+    from tgems.training.fit import _checked_settings
+
+    cls, rates = _checked_settings(bb, FitSettings()), _checked_settings(bb, FitSettings(space="rates"))
+    assert (cls.recipe, cls.trajectory, cls.readout_patch) == ("distilled", True, True)
+    assert (rates.recipe, rates.trajectory) == ("tgem", False)
+    assert _checked_settings(bb, FitSettings(recipe="tgem")).trajectory is False
+    assert _checked_settings(bb, FitSettings(trajectory=False)).recipe == "distilled"
+    assert _checked_settings(bb, FitSettings(recipe="tgem", trajectory=True)).trajectory is True
+    with pytest.raises(TGEMError, match="needs --space cls"):
+        _checked_settings(bb, FitSettings(space="rates", recipe="distilled"))
+    assert FitSettings().recipe is None  # the caller's settings are not touched
+
+
 def _expected_depth(bb, train, train_feats, **kw):
     s = FitSettings(epochs=10, batch_size=64, r_target=0.2, seed=0, **kw)
     return fit_tgem(bb, train, s, feats=train_feats, progress=False)[2]["history"][-1]["expected_depth"]
