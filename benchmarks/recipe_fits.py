@@ -2,7 +2,7 @@
 T-GEM modules (main and cross-fitted halves) trained once and shared (the recipe does not change how they
 train: `training.fit._fit_modules`' memo). Each arm is saved as a checkpoint, as `tgems fit` saves it.
 
-    python benchmarks/recipe_fits.py --out results/fits        # arms: tgem, signal, mix_z, mix, mix_nt
+    python benchmarks/recipe_fits.py --out results/fits        # arms: tgem, signal, mix_z, mix, mix_nt, mix_main
 then `benchmarks/trajectory_ablation.py today=embedded:cls tgem=results/fits/tgem ...` measures them.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ ARMS = {"tgem": {"recipe": "tgem", "trajectory": True},  # today's modules and J
         "signal": {"recipe": "distilled", "readout_mix": False, "trajectory": True},  # + distilled readouts, Jumper only
         "mix_z": {"recipe": "distilled", "trajectory": True, "readout_patch": False},  # + both readouts mixed (maps of z_l)
         "mix": {"recipe": "distilled", "trajectory": True},  # the maps read the mean-patch readout m_l too
-        "mix_nt": {"recipe": "distilled", "trajectory": False}}  # the same without the trajectory signals
+        "mix_nt": {"recipe": "distilled", "trajectory": False},  # the same without the trajectory signals
+        "mix_main": {"recipe": "distilled", "mix_maps": "main"}}  # mixing weights judged with the main maps
 
 
 def main():

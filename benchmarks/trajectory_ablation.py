@@ -119,7 +119,8 @@ def main():
         pool, _ = cached_features(bb, f"scenes:testall:{2900 + args.pool}", args.seed, args.model)
         pool = LayerFeatures(pool.z, None, pool.labels, classes=pool.classes, patch=pool.patch)
     else:  # the demo's small-run pool: calibration and test images together, half-splits
-        pool = LayerFeatures(torch.cat([fc.z, ft.z]), None, torch.cat([fc.labels, ft.labels]), classes=ft.classes)
+        pool = LayerFeatures(torch.cat([fc.z, ft.z]), None, torch.cat([fc.labels, ft.labels]), classes=ft.classes,
+                             patch=torch.cat([fc.patch, ft.patch]))
     runs = []
     for c in args.checkpoints:
         name, _, path = c.rpartition("=")

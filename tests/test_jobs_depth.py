@@ -240,19 +240,22 @@ def test_an_image_the_encoder_refuses_is_an_error_record_as_in_the_drop_path(tmp
 
 
 def _distilled_checkpoint(path) -> str:
-    """The shipped cls checkpoint with distilled readouts (seeded maps near the identity, both readouts mixed)
-    and Jumpers that read the trajectory signals: the issue-27 recipe, whatever the shipped checkpoint holds."""
+    """The shipped cls modules with distilled readouts of z_l and the mean-patch readout (seeded maps near
+    the identity, both readouts mixed) and Jumpers that read the trajectory signals: the issue-27 recipe,
+    whatever the shipped checkpoint holds."""
     from tgems.backbones import load_backbone
     from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS, Jumper
-    from tgems.tgem import TGEM, load_tgem, save_tgem
+    from tgems.tgem import RECIPE_BUFFERS, TGEM, load_tgem, save_tgem
 
     bb = load_backbone("embedded")
     main, jumper, cfg = load_tgem(tgem_checkpoint(), bb)
-    tgem = TGEM(main.layers, main.num_layers, main.embed_dim, main.out_dim, main.space, main.hidden, "distilled")
-    tgem.load_state_dict(main.state_dict(), strict=False)
+    tgem = TGEM(main.layers, main.num_layers, main.embed_dim, main.out_dim, main.space, main.hidden, "distilled",
+                readout_patch=True)
+    tgem.load_state_dict({k: v for k, v in main.state_dict().items() if k not in RECIPE_BUFFERS}, strict=False)
     g = torch.Generator().manual_seed(0)
     n, D = len(main.layers), main.embed_dim
-    tgem.readout_weight.copy_(torch.eye(D) + 0.1 * torch.randn(n, D, D, generator=g))
+    tgem.readout_weight.copy_(torch.cat([torch.eye(D) + 0.1 * torch.randn(n, D, D, generator=g),
+                                         0.3 * torch.randn(n, D, D, generator=g)], 1))
     tgem.mix.copy_(torch.tensor([[0.6, 0.5]]).repeat(n, 1))
 
     def widen(j, extra):  # the trajectory weights replaced (a checkpoint fit without them has zeros there)
@@ -269,7 +272,7 @@ def test_depth_rows_equal_the_drop_rows_with_distilled_readouts(tmp_path, folder
 
     clf_d = PredictorSpec(tgem=_distilled_checkpoint(tmp_path / "dist"), labels=list(LABELS)).check()
     model = clf_d.build()
-    assert model.profiles.distilled
+    assert model.profiles.distilled and model.profiles.reads_patch
     for sched in ("drop", "depth"):
         run_job(model, JobSpec(data=folder, out=str(tmp_path / sched), task="classify", batch_size=8, workers=1,
                                scheduler=sched), settings=predictor_settings(model), progress=False)

@@ -85,7 +85,7 @@ class TGEM(nn.Module):
             if self.recipe == "distilled":
                 distilled = {"readout_weight": self.readout_weight.clone(), "readout_bias": self.readout_bias.clone(),
                              "mix": self.mix.clone(),
-                             "patch_flops": backbone.flops_patch_readout() if self.readout_patch else 0.0}
+                             "patch_flops": float(backbone.flops_patch_readout()) if self.readout_patch else 0.0}
             prof = ClassProfiles(self.space, self.layers, self.raw_profiles(text),
                                  self.center.clone() if self.space == "rates" else None,
                                  self.log_scale.exp().clone(), text, num_layers=self.num_layers,

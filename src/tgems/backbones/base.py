@@ -77,7 +77,7 @@ class Backbone(ABC):
         projection; the distilled readouts read it beside z_l (an early class token is still immature)."""
 
     def flops_patch_readout(self) -> float:
-        return _flops.flops_patch_readout(self.num_tokens, self.width, self.embed_dim)
+        return float(_flops.flops_patch_readout(self.num_tokens, self.width, self.embed_dim))
 
     @abstractmethod
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:

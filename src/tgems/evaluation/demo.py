@@ -92,7 +92,8 @@ def run_demo(model: str = "embedded", tgems=None, out="results/demo", n: int | N
     else:
         log("max-drop guarantee: 20 calibration/test half-splits of the demo's images, eps 0.01, delta 0.1")
         ft, fc = raw["features"]["test"], raw["features"]["calib"]
-        pool = LayerFeatures(torch.cat([fc.z, ft.z]), None, torch.cat([fc.labels, ft.labels]), classes=ft.classes)
+        pool = LayerFeatures(torch.cat([fc.z, ft.z]), None, torch.cat([fc.labels, ft.labels]), classes=ft.classes,
+                             patch=torch.cat([fc.patch, ft.patch]))
         frac = 0.5
     report["guarantee"] = guarantee_study(ref, pool, eps=0.01, delta=0.1, n_splits=20, seed=seed,
                                           calib_fraction=frac)

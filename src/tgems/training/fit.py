@@ -193,16 +193,21 @@ def recipe_of(s: FitSettings) -> str:
     return s.recipe or recipe_for(s.space)
 
 
-def _set_mix(tgem: TGEM, main_text, store, jfeats, cross: list, halves, backbone) -> None:
+def _set_mix(tgem: TGEM, main_text, store, jfeats, cross: list, halves, backbone, maps: str = "half") -> None:
     """Fit the distilled recipe's per-layer mixing weights (training.readout_fit.fit_mix) and set them in the
     main modules and the cross-fitted ones: on the Jumper's images scored by the half-models that never saw
-    their classes when there are cross-fitted ones, else by the main modules."""
+    their classes when there are cross-fitted ones, else by the main modules. `maps="main"` (an ablation)
+    scores the distilled side with the main maps, fit on every training class, instead of the half-maps."""
     feats = jfeats.subset(np.arange(len(jfeats)))
-    sets = [(tgem.profiles(main_text, backbone).to("cpu"), torch.ones(len(feats), dtype=torch.bool))]
+    main = tgem.profiles(main_text, backbone).to("cpu")
+    sets = [(main, torch.ones(len(feats), dtype=torch.bool))]
     if cross:
         labels = feats.labels.numpy()
         sets = [(h.profiles(main_text, backbone).to("cpu"), torch.as_tensor(~np.isin(labels, half)))
                 for h, half in zip(cross, halves)]
+        if maps == "main":
+            sets = [(replace(p, readout_weight=main.readout_weight, readout_bias=main.readout_bias), keep)
+                    for p, keep in sets]
     full = sets[0][0].probs(len(tgem.layers), feats.z[:, -1])
     parts = []
     for j, l in enumerate(tgem.layers):
@@ -274,6 +279,8 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
     s = replace(s, recipe=recipe, trajectory=recipe == "distilled" if s.trajectory is None else bool(s.trajectory))
     if s.soft_tau is not None and not 0 < s.soft_tau < 1:
         raise TGEMError(f"soft_tau must lie in (0, 1), got {s.soft_tau}")
+    if s.mix_maps not in ("half", "main"):
+        raise TGEMError(f"mix_maps must be 'half' or 'main', got {s.mix_maps!r}")
     if s.jumper_max < 1 or s.caption_set < 2:
         raise TGEMError(f"jumper_max must be >= 1 and caption_set >= 2, got {s.jumper_max} and {s.caption_set}")
     return replace(s, layers=layers)  # the caller's settings stay as given
@@ -409,7 +416,7 @@ def _fit(backbone, store, usable: np.ndarray, t: _Targets, classes, s: FitSettin
             cross_info.append({"classes": [classes[i] for i in half], "num_train": len(hi),
                                "final_loss": h_hist[-1]["loss"] if h_hist else None})
     if tgem.recipe == "distilled" and s.readout_mix:
-        _set_mix(tgem, profiles.text, store, jfeats, cross_tgems, halves, backbone)
+        _set_mix(tgem, profiles.text, store, jfeats, cross_tgems, halves, backbone, s.mix_maps)
         profiles = tgem.profiles(profiles.text, backbone).to("cpu")
     cross = [h.profiles(t.class_text, backbone).to("cpu") for h in cross_tgems]
     jumper = fit_jumper(profiles, jfeats, s.jumper_target, cross=cross, trajectory=s.trajectory)

@@ -45,6 +45,7 @@ class FitSettings:
     trajectory: bool | None = _cli(None, "whether the Jumper also reads trajectory signals (patience, agreement of "
                                          "the two readouts; default: with the distilled recipe)")
     readout_l2: float = READOUT_L2  # ridge penalty of the distilled readouts
+    mix_maps: str = "half"  # an ablation: "main" scores the mix's images with the main maps (docs/design.md)
     readout_patch: bool = _cli(True, "distilled recipe: the maps read the class-token readout z_l alone, not "
                                      "the mean-patch readout m_l beside it (an ablation)")  # help of --no-readout-patch
     readout_mix: bool = _cli(True, "distilled recipe: the T-GEM profiles alone predict; the distilled readout only "
