@@ -87,7 +87,8 @@ def kshot():
     g = torch.Generator().manual_seed(3)
     z = ftr.z.repeat(16, 1, 1)
     z = z * (1 + 1e-6 * torch.randn(z.shape, generator=g))
-    jumper_feats = dataclasses.replace(ftr, z=z, labels=ftr.labels.repeat(16), difficulty=None)
+    jumper_feats = dataclasses.replace(ftr, z=z, labels=ftr.labels.repeat(16), difficulty=None,
+                                       patch=ftr.patch.repeat(16, 1, 1))
     return bb, shots, fs, fc, jumper_feats
 
 

@@ -149,10 +149,11 @@ def test_fit_from_the_disk_cache_equals_the_in_memory_fit(trained_bb, scenes_tra
     manifest.write_text(json.dumps(m))
     old = FeatureCache.open(tmp_path / "cache", trained_bb, need_rates=True)
     assert old.subset(np.arange(3)).patch is None
-    with pytest.raises(TGEMError, match="holds no mean-patch readouts .*another --cache") as e:
-        fit_tgem_cached(trained_bb, old, FitSettings(epochs=1, batch_size=16, recipe="distilled"), progress=False)
+    with pytest.raises(TGEMError, match="holds no mean-patch readouts .*another --cache, or .*--no-readout-patch") as e:
+        fit_tgem_cached(trained_bb, old, FitSettings(epochs=1, batch_size=16), progress=False)  # the default recipe
     assert "\n" not in str(e.value)
-    fit_tgem_cached(trained_bb, old, FitSettings(epochs=1, batch_size=16, cross_fit=False), progress=False)
+    for given in ({"recipe": "tgem"}, {"readout_patch": False}):
+        fit_tgem_cached(trained_bb, old, FitSettings(epochs=1, batch_size=16, cross_fit=False, **given), progress=False)
 
 
 CHILD = """

@@ -30,8 +30,10 @@ def test_jumper_policy_creates_nothing_on_a_hard_coded_device(bb, fitted, space)
     for l in clf.profiles.exit_layers:  # every candidate layer (the first has no previous one), then L
         active = rows[: n - l]  # fewer rows each layer, as rows exit
         zl = z[: len(active)]
-        args = (l, zl, active) if rates is None else (l, zl, active, rates[: len(active)])
-        mask, probs = policy.decide(*args)
+        extra = {} if rates is None else {"rates": rates[: len(active)]}
+        if policy.needs_patch and l < bb.num_layers:  # the mean-patch readouts, as the engine passes them
+            extra["patch"] = z[: len(active)].clone()
+        mask, probs = policy.decide(l, zl, active, **extra)
         assert _on_meta(mask).dtype == torch.bool and mask.shape == (len(active),)
         assert _on_meta(probs).shape == (len(active), C)
         if l < bb.num_layers:  # the per-row state of the previous candidate layer follows the inputs too

@@ -25,7 +25,7 @@ def test_profile_and_logit_shapes(bb, L, fitted, test_feats, space):
     assert torch.allclose(raw.norm(dim=-1), torch.ones(L - 1, C), atol=1e-5)
     prof = tgem.profiles(text, bb)
     assert prof.layers == list(range(1, L)) and prof.num_classes == C
-    logits = prof.layer_logits(test_feats.space(space), test_feats.z[:, -1])
+    logits = prof.layer_logits(test_feats.space(space), test_feats.z[:, -1], test_feats.patch)
     assert logits.shape == (len(test_feats), L, C)
     probs = layer_probs(prof, test_feats)
     assert probs.shape == (len(test_feats), L, C)

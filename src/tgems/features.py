@@ -230,8 +230,8 @@ class FeatureCache:
             if "patch" not in self.maps:
                 from tgems.errors import TGEMError
 
-                raise TGEMError(f"feature cache {self.root} holds no mean-patch readouts (made by an older tgems); "
-                                f"the distilled recipe needs another --cache")
+                raise TGEMError(f"feature cache {self.root} holds no mean-patch readouts (made by an older tgems): "
+                                f"give another --cache, or fit with --no-readout-patch or --recipe tgem")
             return torch.from_numpy(self._gather("patch", idx, [l - 1 for l in layers])).float()
         if space != "cls" and not self.has_rates:
             from tgems.errors import TGEMError

@@ -297,9 +297,11 @@ class ClassProfiles:
         probs = torch.zeros(len(x), self.num_classes, device=logits.device, dtype=logits.dtype)
         return probs.scatter_(1, keep, logits.softmax(-1)), keep, t, d
 
-    def layer_logits(self, feats, final_z: torch.Tensor) -> torch.Tensor:
-        """(N, n + 1, C) logits on cached features (feats: (N, L, F) of this space)."""
-        out = [self.logits(j, feats[:, l - 1]) for j, l in enumerate(self.layers)]
+    def layer_logits(self, feats, final_z: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, n + 1, C) logits on cached features (feats: (N, L, F) of this space; patch: (N, L, D) the
+        mean-patch readouts, where `reads_patch`)."""
+        out = [self.logits(j, feats[:, l - 1], None if patch is None else patch[:, l - 1])
+               for j, l in enumerate(self.layers)]
         out.append(self.logits(len(self.layers), final_z))
         return torch.stack(out, 1)
 
