@@ -36,6 +36,7 @@ TITLES = {
     "jumper_study": "The Jumper in isolation on cached features",
     "trajectory_ablation": "Exit recipes side by side: T-GEM, distilled readouts, mixed readouts (issue 27)",
     "retrieval": "Early-exit image-text retrieval on scenes captions (`benchmarks/retrieval.py`)",
+    "serve_soak": "The server's resident memory over a long soak (`benchmarks/serve_soak.py`)",
 }
 ORDER = list(TITLES)
 SPLITS = ("all", "seen", "heldout")
@@ -439,6 +440,36 @@ def fmt_serve_load(rec: dict) -> str:
 
 
 FORMATTERS["serve_load"] = fmt_serve_load
+
+
+def fmt_serve_soak(rec: dict) -> str:
+    """serve_soak.py: the server's resident memory over a long closed loop of one-image requests."""
+    d = rec["data"]
+    samples = d.get("rss_samples") or []
+    warm = [(n, mb) for n, mb in samples if n > d.get("requests", 0) // 10]
+    trend = ""
+    if len(warm) >= 4:  # least squares after warm-up: the end-to-warm ratio alone reads the sampling noise
+        import numpy as np
+
+        x, y = np.array(warm, dtype=float).T
+        half = len(y) // 2
+        trend = (f" After warm-up, a least-squares trend of {np.polyfit(x, y, 1)[0] * 1000:+.2f} MB per 1,000 "
+                 f"requests; mean {y[:half].mean():.1f} MB over the first half of the samples, {y[half:].mean():.1f} "
+                 f"MB over the second (in-flight buffers swing it {y.min():.0f} - {y.max():.0f} MB).")
+    step = max(1, len(samples) // 10)
+    rows = [[num(n, 0), num(mb, 1)] for n, mb in samples[::step]] + ([[num(samples[-1][0], 0), num(samples[-1][1], 1)]]
+                                                                       if samples and (len(samples) - 1) % step else [])
+    return (f"Model shape `{d.get('model')}`, batch cap {d.get('batch')}, {d.get('in_flight')} requests in flight, "
+            f"{d.get('server_threads')} server thread{'' if d.get('server_threads') == 1 else 's'}: "
+            f"{num(d.get('requests'), 0)} requests in "
+            f"{num(d.get('seconds'), 0)} s ({num(d.get('rps'))} req/s), errors {json.dumps(d.get('errors') or {})}, "
+            f"server exit code {d.get('server_exit_code')}. Resident memory: {num(d.get('rss_mb_ready'), 1)} MB when "
+            f"ready, {num(d.get('rss_mb_warm'), 1)} MB after the first tenth (warm-up), {num(d.get('rss_mb_end'), 1)} MB "
+            f"at the end ({pct(d.get('rss_growth'))} % after warm-up), {num(d.get('rss_mb_max'), 1)} MB at most.{trend}\n\n"
+            + table(["requests answered", "server RSS MB"], rows, "rr"))
+
+
+FORMATTERS["serve_soak"] = fmt_serve_soak
 
 
 def fmt_retrieval(rec: dict) -> str:

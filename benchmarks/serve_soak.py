@@ -3,7 +3,8 @@ budget 0.5) under a closed loop of one-image requests, its resident memory sampl
 
 serve_load.py runs the same soak after its closed- and open-loop phases; this runs only the soak, for
 checking the server's memory where the whole benchmark does not fit the time (issue 30: on the shared
-2-core CPU the ViT-B/32 shape answers about 4 requests/s, so 20,000 requests take 80 minutes).
+2-core CPU with other jobs the ViT-B/32 shape answered about 4 requests/s, 80 minutes for 20,000 requests;
+alone on it, 15 requests/s, 22 minutes).
 
     python benchmarks/serve_soak.py --requests 3000 --json results/serve_soak.json            # ViT-B/32 shape
     python benchmarks/serve_soak.py --model embedded --requests 2000
