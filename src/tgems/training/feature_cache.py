@@ -1,6 +1,7 @@
 """Stream images from a folder, webdataset tars or parquet files into a feature cache on disk.
 
-One cache shard per input shard: `NNNNNN.z.npy` (readouts, (n, L, D)), `NNNNNN.rates.npy` (MLP activation
+One cache shard per input shard: `NNNNNN.z.npy` (readouts, (n, L, D)), `NNNNNN.patch.npy` (mean-patch readouts,
+(n, L, D); caches made before them lack it and say so in their manifest), `NNNNNN.rates.npy` (MLP activation
 rates, (n, L, M), when asked for), `NNNNNN.text.npy` (unit caption embeddings, (n, D)), `NNNNNN.label.npy`
 (int32 index into the shard's label names, -1 for none), `NNNNNN.key.npy` (int64 caption ids, equal for
 equal captions, 0 for none), all float16 where they are features, then `NNNNNN.json` (the items' ids,
