@@ -226,19 +226,14 @@ class FeatureCache:
 
     def take(self, idx, space: str, layers) -> torch.Tensor:
         """(B, n, F) float32 features of rows `idx` at `layers` (1-based) in one profile space."""
-        if space == "patch":
-            if "patch" not in self.maps:
-                from tgems.errors import TGEMError
-
-                raise TGEMError(f"feature cache {self.root} holds no mean-patch readouts (made by an older tgems): "
-                                f"give another --cache, or fit with --no-readout-patch or --recipe tgem")
-            return torch.from_numpy(self._gather("patch", idx, [l - 1 for l in layers])).float()
-        if space != "cls" and not self.has_rates:
+        what = {"cls": "z", "patch": "patch"}.get(space, "rates")
+        if what not in self.maps:
             from tgems.errors import TGEMError
 
-            raise TGEMError(f"feature cache {self.root} holds no activation rates")
-        return torch.from_numpy(self._gather("z" if space == "cls" else "rates", idx,
-                                             [l - 1 for l in layers])).float()
+            raise TGEMError(f"feature cache {self.root} holds no activation rates" if what == "rates" else
+                            f"feature cache {self.root} holds no mean-patch readouts (made by an older tgems): "
+                            f"give another --cache, or fit with --no-readout-patch or --recipe tgem")
+        return torch.from_numpy(self._gather(what, idx, [l - 1 for l in layers])).float()
 
     def final_z(self, idx) -> torch.Tensor:
         """(B, D) float32 readouts of the last layer."""
