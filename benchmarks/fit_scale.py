@@ -53,7 +53,8 @@ def vit_b16(path: Path) -> str:
 
 
 def synthetic_cache(root: Path, bb, classes: list, n: int, rates: bool, seed: int = 0) -> Path:
-    """A complete feature cache of n random rows in the on-disk format (docs/fit.md)."""
+    """A complete feature cache of n random rows in the on-disk format (docs/fit.md), mean-patch readouts
+    included (the default cls recipe reads them)."""
     from tgems.features import CACHE_FORMAT, CACHE_KIND, MANIFEST, shard_file
 
     root = Path(root)
@@ -67,7 +68,8 @@ def synthetic_cache(root: Path, bb, classes: list, n: int, rates: bool, seed: in
         m = min(SHARD, n - start)
         arrays = {"z": rng.standard_normal((m, L, D), dtype=np.float32).astype(np.float16),
                   "text": np.zeros((m, D), np.float16), "label": rng.integers(0, len(classes), m).astype(np.int32),
-                  "key": np.zeros(m, np.int64)}
+                  "key": np.zeros(m, np.int64),
+                  "patch": rng.standard_normal((m, L, D), dtype=np.float32).astype(np.float16)}
         if rates:
             arrays["rates"] = rng.random((m, L, M), dtype=np.float32).astype(np.float16)
         for what, a in arrays.items():
@@ -78,7 +80,7 @@ def synthetic_cache(root: Path, bb, classes: list, n: int, rates: bool, seed: in
         shards.append(k)
     (root / MANIFEST).write_text(json.dumps(
         {"format": CACHE_FORMAT, "kind": CACHE_KIND, "backbone": bb.name, "fingerprint": bb.fingerprint(),
-         "settings": {"rates": rates, "dtype": "float16"}, "input": {"synthetic": n}, "complete": True,
+         "settings": {"rates": rates, "patch": True, "dtype": "float16"}, "input": {"synthetic": n}, "complete": True,
          "shards_used": shards}))
     return root
 

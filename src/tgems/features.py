@@ -134,9 +134,9 @@ class FeatureCache:
     """A feature cache on disk, read in row batches from memory maps (see tgems.training.feature_cache).
 
     Rows are numbered through the shards in order. `labels` (N,) index `classes` (the sorted label names;
-    -1: no label); `has_caption` (N,) says which rows have a caption embedding. Pages a batch read are
-    handed back to the kernel by `release` (they stay in the page cache), so the process's memory does
-    not grow with the size of the cache as an epoch reads through it."""
+    -1: no label); `has_caption` (N,) says which rows have a caption embedding. The pages of a shard are
+    handed back to the kernel as soon as its rows are read (they stay in the page cache), so the process's
+    memory does not grow with the size of the cache."""
 
     def __init__(self, root: Path, manifest: dict, metas: list, maps: dict):
         self.root, self.manifest, self.metas, self.maps = root, manifest, metas, maps
@@ -153,9 +153,7 @@ class FeatureCache:
                 labels[self.starts[k]:self.starts[k] + m["n"]] = table[local]
         self.labels = labels
         self.has_caption = self._gather("key", np.arange(self.n)) != 0 if self.n else np.zeros(0, bool)
-        self.release()
         self.num_layers = int(maps["z"][next(k for k, m in enumerate(metas) if m["n"])].shape[1]) if self.n else 0
-        self._touched: set = set()
 
     def __len__(self) -> int:
         return self.n
@@ -210,6 +208,10 @@ class FeatureCache:
         return cls(root, man, metas, maps)
 
     def _gather(self, what: str, idx, cols=None) -> np.ndarray:
+        """Rows `idx` (at `cols`) of one array, copied out shard by shard. Each shard's pages are handed back to
+        the kernel as soon as its rows are copied: a fault on a mapped file maps its neighbours too (fault-around,
+        read-ahead), so a few rows read from every shard kept most of the cache resident until the batch ended,
+        and the fit's peak resident set grew with the cache's size (docs/fit.md, memory)."""
         idx = np.asarray(idx, dtype=np.int64)
         shard = np.searchsorted(self.starts, idx, side="right") - 1
         ref = next(m for m in self.maps[what] if m is not None)
@@ -220,8 +222,8 @@ class FeatureCache:
             rows = idx[sel] - self.starts[k]
             mm = self.maps[what][k]
             out[sel] = mm[rows] if cols is None else mm[rows[:, None], np.asarray(cols)[None, :]]
-            if hasattr(self, "_touched"):
-                self._touched.add((what, int(k)))
+            if getattr(mm, "_mmap", None) is not None:
+                mm._mmap.madvise(mmap.MADV_DONTNEED)
         return out
 
     def take(self, idx, space: str, layers) -> torch.Tensor:
@@ -258,15 +260,3 @@ class FeatureCache:
     def skipped(self) -> list:
         """Items left out at extraction, with their reasons, in input order."""
         return [s for m in self.metas for s in m["skipped"]]
-
-    def release(self) -> None:
-        """Hand the pages read so far back to the kernel: the next read maps them again from the page cache."""
-        touched = getattr(self, "_touched", None)
-        keys = list(touched) if touched is not None else [(w, k) for w, ms in self.maps.items()
-                                                            for k in range(len(ms))]
-        for w, k in keys:
-            mm = self.maps[w][k]
-            if mm is not None and getattr(mm, "_mmap", None) is not None:
-                mm._mmap.madvise(mmap.MADV_DONTNEED)
-        if touched is not None:
-            touched.clear()

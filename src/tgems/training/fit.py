@@ -104,7 +104,6 @@ def _train_modules(backbone, tgem: TGEM, store, rows: np.ndarray, t: _Targets, s
     pct_start = 0.1 if total != 10 else 0.2
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=pct_start)
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
-    release = getattr(store, "release", None)
     history = []
     for epoch in range(s.epochs):
         perm = torch.randperm(len(rows), generator=g)
@@ -115,8 +114,6 @@ def _train_modules(backbone, tgem: TGEM, store, rows: np.ndarray, t: _Targets, s
             loss.backward()
             opt.step()
             sched.step()
-            if release is not None:
-                release()
             trim_heap()  # without it the resident set crept up with the steps (docs/fit.md, memory)
             bar.update(1)
         history.append({"epoch": epoch, "loss": round(loss.item(), 4), "expected_depth": round(r.mean().item(), 4)})
@@ -126,6 +123,7 @@ def _train_modules(backbone, tgem: TGEM, store, rows: np.ndarray, t: _Targets, s
 
 
 _CHUNK = 4096  # rows per pass of the statistics below (memory, not results)
+_MIX_ROWS = 1024  # the Jumper's images in memory at once while the mixing weights' inputs are scored
 _CHUNK_VALUES = 1 << 23  # feature values per pass of _mean_features (64 MB in float64)
 
 
@@ -137,8 +135,6 @@ def _final_confidence(backbone, store, rows: np.ndarray, t: _Targets, batch_size
         gi = rows[a:a + step]
         text = t.class_text if t.mode == "labels" else t.caption_emb(gi)
         out.append(backbone.zero_shot_logits(store.final_z(gi), text).cpu().softmax(-1).max(-1).values)
-        if hasattr(store, "release"):
-            store.release()
     return torch.cat(out)
 
 
@@ -148,8 +144,6 @@ def _mean_features(store, rows: np.ndarray, space: str, layers) -> torch.Tensor:
     for a in range(0, len(rows), step):
         part = store.take(rows[a:a + step], space, layers).double().sum(0)
         total = part if total is None else total + part
-        if hasattr(store, "release"):
-            store.release()
     return (total / len(rows)).float()
 
 
@@ -198,25 +192,26 @@ def _set_mix(tgem: TGEM, main_text, store, jfeats, cross: list, halves, backbone
     main modules and the cross-fitted ones: on the Jumper's images scored by the half-models that never saw
     their classes when there are cross-fitted ones, else by the main modules. `maps="main"` (an ablation)
     scores the distilled side with the main maps, fit on every training class, instead of the half-maps."""
-    feats = jfeats.subset(np.arange(len(jfeats)))
     main = tgem.profiles(main_text, backbone).to("cpu")
-    sets = [(main, torch.ones(len(feats), dtype=torch.bool))]
+    profile_sets = [main]
     if cross:
-        labels = feats.labels.numpy()
-        sets = [(h.profiles(main_text, backbone).to("cpu"), torch.as_tensor(~np.isin(labels, half)))
-                for h, half in zip(cross, halves)]
+        profile_sets = [h.profiles(main_text, backbone).to("cpu") for h in cross]
         if maps == "main":
-            sets = [(replace(p, readout_weight=main.readout_weight, readout_bias=main.readout_bias), keep)
-                    for p, keep in sets]
-    full = sets[0][0].probs(len(tgem.layers), feats.z[:, -1])
-    parts = []
-    for j, l in enumerate(tgem.layers):
-        ts, ds, ps = [], [], []
-        for prof, keep in sets:
-            m = None if feats.patch is None else feats.patch[keep, l - 1]  # caches made before it lack it
-            t, d = prof.parts(j, feats.z[keep, l - 1], patch=m)
-            ts.append(t), ds.append(d), ps.append(full[keep])
-        parts.append((torch.cat(ts), torch.cat(ds), torch.cat(ps)))
+            profile_sets = [replace(p, readout_weight=main.readout_weight, readout_bias=main.readout_bias)
+                            for p in profile_sets]
+    n = len(tgem.layers)
+    got = [[[] for _ in range(n)] for _ in profile_sets]  # per set and layer: (t, d, full probs) of each block
+    for a in range(0, len(jfeats), _MIX_ROWS):  # a block of the Jumper's images in memory at a time
+        feats = jfeats.subset(np.arange(a, min(len(jfeats), a + _MIX_ROWS)))
+        full = main.probs(n, feats.z[:, -1])
+        keeps = [torch.as_tensor(~np.isin(feats.labels.numpy(), half)) for half in halves] if cross else \
+            [torch.ones(len(feats), dtype=torch.bool)]
+        for k, (prof, keep) in enumerate(zip(profile_sets, keeps)):
+            for j, l in enumerate(tgem.layers):
+                m = None if feats.patch is None else feats.patch[keep, l - 1]  # caches made before it lack it
+                got[k][j].append((*prof.parts(j, feats.z[keep, l - 1], patch=m), full[keep]))
+    parts = [tuple(torch.cat([x[i] for k in range(len(got)) for x in got[k][j]]) for i in range(3))
+             for j in range(n)]
     mix = fit_mix(parts)
     for m in [tgem] + list(cross):
         m.mix.copy_(mix)
@@ -252,8 +247,6 @@ def _check_full_model(backbone, store, rows: np.ndarray, t: _Targets, near_chanc
         gi = rows[a:a + _CHUNK]
         hits += int((backbone.zero_shot_logits(store.final_z(gi), t.class_text).cpu().argmax(-1)
                      == t.y[torch.as_tensor(gi)]).sum())
-        if hasattr(store, "release"):
-            store.release()
     what = "the full model's zero-shot accuracy"
     check = chance_check(hits, len(rows), len(t.class_text))
     if check["degenerate"] and near_chance == "refuse":
@@ -369,8 +362,6 @@ class _Rows:
 
     def subset(self, idx) -> LayerFeatures:
         part = self.store.subset(self.rows[np.asarray(idx)])
-        if hasattr(self.store, "release"):
-            self.store.release()
         if self.labels is not None:
             part.labels = self.labels[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
         return part

@@ -26,18 +26,18 @@ def fit_readouts(store, rows: np.ndarray, layers: list[int], l2: float = READOUT
     xtx = xty = None
     for a in range(0, len(rows), _ROWS):
         idx = rows[a:a + _ROWS]
-        x = F.normalize(store.take(idx, "cls", layers), dim=-1).double()  # (B, n, D)
-        if patch:
-            x = torch.cat([x, F.normalize(store.take(idx, "patch", layers), dim=-1).double()], dim=-1)
+        z = store.take(idx, "cls", layers)  # (B, n, D)
+        m = store.take(idx, "patch", layers) if patch else None
         y = F.normalize(store.final_z(idx), dim=-1).double()
-        if hasattr(store, "release"):
-            store.release()
-        x = torch.cat([x, torch.ones(*x.shape[:2], 1, dtype=x.dtype)], dim=-1)
-        if xtx is None:
-            xtx = torch.zeros(x.shape[1], x.shape[2], x.shape[2], dtype=torch.float64)
-            xty = torch.zeros(x.shape[1], x.shape[2], y.shape[1], dtype=torch.float64)
-        xtx += torch.einsum("bni,bnj->nij", x, x)
-        xty += torch.einsum("bni,bj->nij", x, y)
+        ones = torch.ones(len(idx), 1, dtype=torch.float64)
+        for j in range(len(layers)):  # one layer at a time: float64 copies of a layer, not of the batch
+            x = torch.cat([F.normalize(z[:, j], dim=-1).double()]
+                          + ([F.normalize(m[:, j], dim=-1).double()] if patch else []) + [ones], dim=1)
+            if xtx is None:
+                xtx = torch.zeros(len(layers), x.shape[1], x.shape[1], dtype=torch.float64)
+                xty = torch.zeros(len(layers), x.shape[1], y.shape[1], dtype=torch.float64)
+            xtx[j] += x.T @ x
+            xty[j] += x.T @ y
     dim = xtx.shape[-1] - 1
     lam = l2 * len(rows) / dim
     w = torch.stack([ridge(xtx[j], xty[j], lam) for j in range(len(layers))]).float()
