@@ -40,21 +40,24 @@ KS = (1, 5, 10)
 
 
 def cached(bb, spec, cache_dir: Path, seed: int):
-    """(z (N, L, D), labels, captions, heldout per image): one backbone pass, then a safetensors file."""
+    """(z (N, L, D), mean-patch readouts (N, L, D), labels, captions, heldout per image): one backbone pass, then
+    a safetensors file (one made before the mean-patch readouts is made again)."""
     from safetensors.torch import load_file, save_file
 
     key = f"{spec.replace(':', '_')}_s{seed}_{bb.fingerprint()}"
     tf, jf = cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
     if tf.is_file() and jf.is_file():
         t = load_file(str(tf))
-        return t["z"], t["labels"], json.loads(jf.read_text())["captions"], t["heldout"].bool(), None
+        if "patch" in t:
+            return t["z"], t["patch"], t["labels"], json.loads(jf.read_text())["captions"], t["heldout"].bool()
     data = load_dataset(spec, seed=seed)
     f = extract_features(bb, data, desc=f"features {spec}")
     held = torch.as_tensor(data.heldout[data.labels]) if data.heldout is not None else torch.zeros(len(data), dtype=torch.bool)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"z": f.z.contiguous(), "labels": f.labels.contiguous(), "heldout": held.to(torch.uint8)}, str(tf))
+    save_file({"z": f.z.contiguous(), "patch": f.patch.contiguous(), "labels": f.labels.contiguous(),
+               "heldout": held.to(torch.uint8)}, str(tf))
     jf.write_text(json.dumps({"spec": spec, "captions": data.captions}))
-    return f.z, f.labels, data.captions, held, data
+    return f.z, f.patch, f.labels, data.captions, held
 
 
 def recalls(scores, relevant, query_split):
@@ -120,6 +123,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=256, help="with --fit: hidden width of the maps' MLP (0: linear maps)")
     ap.add_argument("--epochs", type=int, default=40, help="with --fit: epochs of the maps")
     ap.add_argument("--caption-weight", type=float, default=0.0, help="with --fit: caption-contrastive term")
+    ap.add_argument("--no-readout-patch", dest="readout_patch", action="store_false",
+                    help="with --fit: the maps read z_l alone, not also the mean-patch readout m_l")
     ap.add_argument("--train", default="scenes:train")
     ap.add_argument("--calib", default="scenes:calib")
     ap.add_argument("--test", default="scenes:testall")
@@ -147,17 +152,20 @@ def main():
     if args.fit:
         from tgems.training.index_fit import IndexFitSettings, fit_index_model
 
-        ztr, *_ = cached(bb, args.train, cache, args.seed)
+        ztr, ptr, *_ = cached(bb, args.train, cache, args.seed)
         from tgems.features import LayerFeatures
         data = load_dataset(args.train, seed=args.seed) if args.caption_weight > 0 else None
-        model, info = fit_index_model(bb, data, IndexFitSettings(seed=args.seed, caption_weight=args.caption_weight, hidden=args.hidden,
-                                                                   epochs=args.epochs),
-                                      feats=LayerFeatures(ztr, None, torch.zeros(len(ztr), dtype=torch.long)))
+        settings = IndexFitSettings(seed=args.seed, caption_weight=args.caption_weight, hidden=args.hidden,
+                                    epochs=args.epochs, readout_patch=args.readout_patch)
+        model, info = fit_index_model(bb, data, settings, feats=LayerFeatures(
+            ztr, None, torch.zeros(len(ztr), dtype=torch.long), patch=ptr))
         write_index_model(args.index_model, model, bb, {"data": args.train, **info})
         print(f"fit the index maps on {args.train} ({len(ztr)} images) -> {args.index_model}")
     model = load_index_model(args.index_model, bb)
-    zc, _, _, _, _ = cached(bb, args.calib, cache, args.seed)
-    z, labels, captions, img_held, _ = cached(bb, args.test, cache, args.seed)
+    zc, pc, _, _, _ = cached(bb, args.calib, cache, args.seed)
+    z, pz, labels, captions, img_held = cached(bb, args.test, cache, args.seed)
+    if not model.reads_patch:
+        pc = pz = None
     caps = sorted(set(captions))
     cap_label = {}
     for c, y in zip(captions, labels.tolist()):
@@ -175,7 +183,7 @@ def main():
         results.extend(records(method, budget, layer, text @ emb.t(), rel, cap_held, img_held,
                                float(depth.double().mean()), float(flops.mean()) / full_f))
 
-    est = model.layer_estimates(z)  # (N, n + 1, D)
+    est = model.layer_estimates(z, pz)  # (N, n + 1, D)
     ones = torch.ones(len(z), dtype=torch.long)
     add("full", None, L, est[:, -1], ones * L, torch.full((len(z),), float(full_f), dtype=torch.float64))
     for j, l in enumerate(model.layers):
@@ -192,9 +200,9 @@ def main():
         calib_text = F.normalize(bb.encode_text(cdata_caps).float(), dim=-1)
     calibrations = {}
     for b in budgets:
-        tau, info = calibrate_index(model, zc, budget=b)
+        tau, info = calibrate_index(model, zc, budget=b, patch=pc)
         calibrations[str(b)] = info
-        emb, depth = model.simulate(z, tau)
+        emb, depth = model.simulate(z, tau, pz)
         flops = engine_flops(bb, model.layers, head, depth)
         add("index", b, None, emb, depth, flops)
         if tgem is not None:
@@ -213,7 +221,8 @@ def main():
         for rank in [int(r) for r in args.rank.split(",")]:
             fails = rank_failures(est, rtext, rank)
             for eps in [float(e) for e in args.max_drop.split(",")]:
-                tau, info = calibrate_index(model, zc, max_drop=eps, delta=args.delta, text=rtext, rank=rank)
+                tau, info = calibrate_index(model, zc, max_drop=eps, delta=args.delta, text=rtext, rank=rank,
+                                            patch=pc)
                 e_ = first_exit(model.layer_scores(z, est), tau)
                 f_ = fails[torch.arange(len(z)), e_].double()
                 depth = torch.as_tensor(model.layers + [L])[e_]
@@ -225,7 +234,8 @@ def main():
                        "mean_layers_heldout": round(float(depth[img_held].double().mean()), 3)}
                 if args.draws > 0:  # re-drawn calibration sets from one pool of seen images
                     pool_z = torch.cat([zc, z[~img_held]])
-                    pool_est = model.layer_estimates(pool_z)
+                    pool_p = None if pz is None else torch.cat([pc, pz[~img_held]])
+                    pool_est = model.layer_estimates(pool_z, pool_p)
                     pool_fail = rank_failures(pool_est, rtext, rank).double()
                     pool_scores = model.layer_scores(pool_z, pool_est)
                     rates = []
@@ -233,7 +243,7 @@ def main():
                         perm = torch.as_tensor(np.random.default_rng([args.seed, d]).permutation(len(pool_z)))
                         cal, test = perm[:args.n_cal], perm[args.n_cal:]
                         t_, _ = calibrate_index(model, pool_z[cal], max_drop=eps, delta=args.delta, text=rtext,
-                                                rank=rank)
+                                                rank=rank, patch=None if pool_p is None else pool_p[cal])
                         e2 = first_exit(pool_scores[test], t_)
                         rates.append(float(pool_fail[test][torch.arange(len(test)), e2].mean()))
                     row.update(draws=args.draws, n_cal=args.n_cal, n_test=len(pool_z) - args.n_cal,
@@ -250,7 +260,7 @@ def main():
         idx = np.linspace(0, len(data) - 1, n).round().astype(np.int64)
         tau = calibrations[str(b)]["tau"]
         index = EarlyExitIndex.build(bb, data.subset(idx), model, tau=tau)
-        emb, depth = model.simulate(z[idx], tau)
+        emb, depth = model.simulate(z[idx], tau, None if pz is None else pz[idx])
         check = {"budget": b, "images": n, "exit_layers_equal": bool(torch.equal(index.exit_layers, depth)),
                  "max_embedding_diff": float((index.embeddings - emb).abs().max()),
                  "flops_equal": bool(torch.allclose(index.flops, engine_flops(bb, model.layers, head, depth)))}

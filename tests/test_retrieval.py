@@ -51,9 +51,10 @@ def model(tiny_backbone, feats):
     return _fit(tiny_backbone, feats)[0]
 
 
-def _spread_tau(model, z):
+def _spread_tau(model, f):
     """The threshold that spreads exits over the most layers, so tests see real mixed exits."""
-    scores = model.layer_scores(z)
+    z = f.z
+    scores = model.layer_scores(z, patch=f.patch)
     layers = model.layers + [model.maps.num_layers]
     preds = torch.zeros(len(z), len(layers))
     return max(tau_grid(scores), key=lambda t: len(set(simulate(scores, preds, layers, float(t))[1].tolist())))
@@ -71,7 +72,7 @@ def test_fit_is_deterministic_and_maps_beat_the_plain_readout(tiny_backbone, fea
 
 
 def test_budget_one_is_full_clip_exactly(tiny_backbone, model, gallery, gallery_feats):
-    tau, info = calibrate_index(model, gallery_feats.z, budget=1.0)
+    tau, info = calibrate_index(model, gallery_feats.z, budget=1.0, patch=gallery_feats.patch)
     assert tau == NEVER and info["calib_mean_layers"] == tiny_backbone.num_layers
     index = EarlyExitIndex.build(tiny_backbone, gallery, model, tau=tau)
     assert index.exit_layers.tolist() == [tiny_backbone.num_layers] * len(gallery)
@@ -86,9 +87,14 @@ def test_budget_one_is_full_clip_exactly(tiny_backbone, model, gallery, gallery_
     assert [h.id for h in index.search_text(QUERIES[0], k=3)] == [gallery.name + f":{i}" for i in ref.indices[0, :3].tolist()]
 
 
-def test_engine_index_equals_simulation_and_saves_compute(tiny_backbone, model, gallery, gallery_feats):
-    tau = _spread_tau(model, gallery_feats.z)
-    emb, depth = model.simulate(gallery_feats.z, tau)
+@pytest.mark.parametrize("patch", [True, False], ids=["maps-read-m_l", "maps-of-z_l"])
+def test_engine_index_equals_simulation_and_saves_compute(tiny_backbone, model, feats, gallery, gallery_feats, patch):
+    if not patch:
+        model = fit_index_model(tiny_backbone, None, IndexFitSettings(epochs=4, batch_size=64, readout_patch=False),
+                                feats=feats, progress=False)[0]
+    assert model.reads_patch == patch
+    tau = _spread_tau(model, gallery_feats)
+    emb, depth = model.simulate(gallery_feats.z, tau, gallery_feats.patch)
     assert len(set(depth.tolist())) >= 2  # real mixed exits
     index = EarlyExitIndex.build(tiny_backbone, gallery, model, tau=tau, batch_size=17)
     assert torch.equal(index.exit_layers, depth)
@@ -96,6 +102,8 @@ def test_engine_index_equals_simulation_and_saves_compute(tiny_backbone, model, 
     assert index.mean_layers == pytest.approx(depth.double().mean().item())
     bb = tiny_backbone
     visits = torch.tensor([sum(1 for l in model.layers if l <= d) + (d == bb.num_layers) for d in depth.tolist()])
+    # the maps' mean-patch readout is counted in the head
+    assert model.config.get("patch_flops", 0.0) == (bb.flops_patch_readout() if patch else 0.0)
     expect = bb.flops_embed() + depth.double() * bb.flops_block() + visits.double() * (bb.flops_readout()
                                                                                       + model.head_flops())
     assert torch.allclose(index.flops, expect)
@@ -106,31 +114,31 @@ def test_engine_index_equals_simulation_and_saves_compute(tiny_backbone, model, 
 def test_budget_calibration_meets_the_budget(tiny_backbone, model, gallery_feats):
     L = tiny_backbone.num_layers
     for b in (0.5, 0.75, 0.9):
-        tau, info = calibrate_index(model, gallery_feats.z, budget=b)
-        _, depth = model.simulate(gallery_feats.z, tau)
+        tau, info = calibrate_index(model, gallery_feats.z, budget=b, patch=gallery_feats.patch)
+        _, depth = model.simulate(gallery_feats.z, tau, gallery_feats.patch)
         assert depth.double().mean().item() / L <= b + 1e-9
         assert info["calib_mean_layers"] == pytest.approx(depth.double().mean().item())
 
 
 def test_max_drop_calibration_bounds_rank_failures(tiny_backbone, model, gallery_feats):
     from tgems.calibration import clopper_pearson_upper
-    z = gallery_feats.z
+    z, m = gallery_feats.z, gallery_feats.patch
     text = F.normalize(tiny_backbone.encode_text(QUERIES + ["a purple ring", "an orange heart"]), dim=-1)
     eps, delta = 0.5, 0.2
-    tau, info = calibrate_index(model, z, max_drop=eps, delta=delta, text=text)
-    est = model.layer_estimates(z)
+    tau, info = calibrate_index(model, z, max_drop=eps, delta=delta, text=text, patch=m)
+    est = model.layer_estimates(z, m)
     fails = rank_failures(est, text)
     assert fails[:, -1].sum() == 0
-    e, depth = model.simulate(z, tau)
+    e, depth = model.simulate(z, tau, m)
     k = int(sum(fails[i, (model.layers + [tiny_backbone.num_layers]).index(int(d))] for i, d in enumerate(depth)))
     assert k == info["disagree"] and info["ucb"] == pytest.approx(clopper_pearson_upper(k, len(z), delta))
     assert info["ucb"] <= eps
     # too few images to certify a tight eps: never exit
-    assert calibrate_index(model, z, max_drop=0.001, delta=0.1, text=text)[0] == NEVER
+    assert calibrate_index(model, z, max_drop=0.001, delta=0.1, text=text, patch=m)[0] == NEVER
 
 
 def test_save_load_round_trip_and_refusals(tiny_backbone, tiny_clip_factory, model, gallery, gallery_feats, tmp_path):
-    tau = _spread_tau(model, gallery_feats.z)
+    tau = _spread_tau(model, gallery_feats)
     index = EarlyExitIndex.build(tiny_backbone, gallery, model, tau=tau, calibration={"goal": "test"})
     out = index.save(tmp_path / "idx")
     assert sorted(p.name for p in out.iterdir()) == sorted(INDEX_FILES)
@@ -249,10 +257,41 @@ def test_index_policy_creates_nothing_on_a_hard_coded_device(tiny_backbone, feat
     n, D = 6, tiny_backbone.embed_dim
     policy.start(n)
     rows = torch.arange(n, device=meta)
+    assert policy.needs_patch
     for l in model.layers + [tiny_backbone.num_layers]:
         active = rows[: n - l]
-        mask, out = policy.decide(l, torch.empty(len(active), D, device=meta), active)
+        x = torch.empty(len(active), D, device=meta)
+        mask, out = policy.decide(l, x, active, patch=x)
         assert mask.device == meta and mask.dtype == torch.bool and mask.shape == (len(active),)
         assert out.device == meta and out.shape == (len(active), D)
         if l < tiny_backbone.num_layers:
             assert policy.prev_est.device == meta and policy.prev_z.device == meta
+
+
+def test_maps_made_before_the_mean_patch_readouts_still_load_and_a_missing_readout_is_one_line(
+        tiny_backbone, feats, model, gallery_feats, tmp_path):
+    """A format-1 retrieval model (maps of z_l, no "patch" in its header) loads and scores as before; maps that
+    read m_l, given none, refuse in one line instead of scoring something else."""
+    old = fit_index_model(tiny_backbone, None, IndexFitSettings(epochs=4, batch_size=64, readout_patch=False),
+                          feats=feats, progress=False)[0]
+    d = write_index_model(tmp_path / "old", old, tiny_backbone)
+    cfg = json.loads((d / "retrieval.json").read_text())
+    for k in ("patch", "patch_flops"):
+        cfg.pop(k)
+    cfg["format"] = 1
+    (d / "retrieval.json").write_text(json.dumps(cfg))
+    back = load_index_model(d, tiny_backbone)
+    assert not back.reads_patch and back.head_flops() == old.head_flops()
+    assert torch.equal(back.layer_estimates(gallery_feats.z), old.layer_estimates(gallery_feats.z))
+    new = load_index_model(write_index_model(tmp_path / "new", model, tiny_backbone), tiny_backbone)
+    assert new.reads_patch and new.head_flops() > old.head_flops()
+    assert torch.equal(new.layer_estimates(gallery_feats.z, gallery_feats.patch),
+                       model.layer_estimates(gallery_feats.z, gallery_feats.patch))
+    with pytest.raises(TGEMError, match="mean-patch readouts") as e:
+        new.layer_estimates(gallery_feats.z)
+    assert "\n" not in str(e.value)
+    # a newer format than this tgems reads is refused by name
+    cfg["format"] = 3
+    (d / "retrieval.json").write_text(json.dumps(cfg))
+    with pytest.raises(TGEMError, match="format 3"):
+        load_index_model(d, tiny_backbone)

@@ -27,7 +27,7 @@ class Kind:
 
 TGEM = Kind("tgem.json", "tgem.safetensors", "a T-GEM checkpoint", format=3)
 CLASSIFIER = Kind("classifier.json", "classifier.safetensors", "a saved classifier", format=4)
-RETRIEVAL = Kind("retrieval.json", "retrieval.safetensors", "a retrieval model")  # maps + scorer
+RETRIEVAL = Kind("retrieval.json", "retrieval.safetensors", "a retrieval model", format=2)  # maps + scorer
 INDEX = Kind("index.json", "index.safetensors", "a tgems index")
 PRETRAIN_STATE = Kind("state.json", "model.safetensors", "a pretrain checkpoint")
 

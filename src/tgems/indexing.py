@@ -96,7 +96,7 @@ def index_images(spec: IndexSpec, progress: bool = False) -> dict:
         feats = extract_features(bb, cds, progress=progress, desc="calibration features")
         text = bb.encode_text(reference_texts(cds)) if max_drop is not None else None
         tau, calibration = calibrate_index(im, feats.z, budget=budget, max_drop=max_drop, delta=s.delta,
-                                           text=text, rank=s.rank)
+                                           text=text, rank=s.rank, patch=feats.patch)
         calibration["calib"] = calib or f"{n_calib} images of {data} (seed {seed})"
     meta = {"data": data, "model": model, "index_model": str(index_model), "seed": seed}
     if stream:

@@ -36,7 +36,7 @@ from tgems.calibration import calibrate_max_drop, first_exit, simulate, tau_grid
 from tgems.options import DELTA
 
 INDEX_FILES = (artifacts.INDEX.config, artifacts.INDEX.tensors)
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2  # 2: the maps may read the mean-patch readouts (header "patch"); format 1 loads as maps of z_l
 INDEX_FORMAT = 1
 NUM_INDEX_SIGNALS = 3  # scalar signals before the unit estimate zhat_l
 
@@ -52,37 +52,54 @@ def embedded_index_model_dir() -> Path:
 
 
 class IndexMaps(nn.Module):
-    """M_l for each candidate layer: unit z_l -> unit estimate of the unit final embedding z_L.
+    """M_l for each candidate layer: unit z_l (and, with `patch`, the unit mean-patch readout m_l beside it, as
+    the distilled readouts of `tgems.readouts` read it) -> unit estimate of the unit final embedding z_L.
 
-    A linear map (initialised to the identity: the plain readout) plus a residual MLP (initialised
+    A linear map (initialised to the identity on z_l: the plain readout) plus a residual MLP (initialised
     to zero), stacked over layers so training runs every layer in one einsum."""
 
-    def __init__(self, layers, num_layers: int, dim: int, hidden: int = 256):
+    def __init__(self, layers, num_layers: int, dim: int, hidden: int = 256, patch: bool = False):
         super().__init__()
         self.layers, self.num_layers, self.dim, self.hidden = list(layers), num_layers, dim, hidden
-        n = len(self.layers)
-        self.lin = nn.Parameter(torch.eye(dim).repeat(n, 1, 1))
-        self.w1 = nn.Parameter(torch.randn(n, dim, hidden) / math.sqrt(dim))
+        self.patch = bool(patch)
+        n, d_in = len(self.layers), self.dim_in
+        self.lin = nn.Parameter(torch.eye(d_in, dim).repeat(n, 1, 1))
+        self.w1 = nn.Parameter(torch.randn(n, d_in, hidden) / math.sqrt(d_in))
         self.b1 = nn.Parameter(torch.zeros(n, hidden))
         self.w2 = nn.Parameter(torch.zeros(n, hidden, dim))
         self.b2 = nn.Parameter(torch.zeros(n, dim))
 
-    def one(self, j: int, z: torch.Tensor) -> torch.Tensor:
-        """Estimate at candidate index j; z: (B, D) raw readouts."""
+    @property
+    def dim_in(self) -> int:
+        return 2 * self.dim if self.patch else self.dim
+
+    def inputs(self, z: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
+        """What the maps read: the unit readout, then the unit mean-patch readout where they read it."""
         u = F.normalize(z.float(), dim=-1)
+        if not self.patch:
+            return u
+        if patch is None:
+            raise TGEMError("these retrieval maps read the mean-patch readouts m_l, which were not given")
+        return torch.cat([u, F.normalize(patch.float(), dim=-1)], dim=-1)
+
+    def one(self, j: int, z: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
+        """Estimate at candidate index j; z (and patch): (B, D) raw readouts."""
+        u = self.inputs(z, patch)
         y = u @ self.lin[j] + F.gelu(u @ self.w1[j] + self.b1[j]) @ self.w2[j] + self.b2[j]
         return F.normalize(y, dim=-1)
 
-    def all(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, n, D) readouts of the candidate layers -> (B, n, D) unit estimates."""
-        u = F.normalize(z.float(), dim=-1)
+    def all(self, z: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, D) readouts (and mean-patch readouts) of the candidate layers -> (B, n, D) unit estimates."""
+        u = self.inputs(z, patch)
         h = F.gelu(torch.einsum("bnd,ndh->bnh", u, self.w1) + self.b1)
         y = torch.einsum("bnd,nde->bne", u, self.lin) + torch.einsum("bnh,nhd->bnd", h, self.w2) + self.b2
         return F.normalize(y, dim=-1)
 
     def flops(self) -> float:
-        """Per row and candidate layer: the linear map, the MLP and the normalisations."""
-        return float(2 * self.dim * self.dim + 4 * self.dim * self.hidden + 6 * self.dim)
+        """Per row and candidate layer: the linear map, the MLP and the normalisations (the mean-patch readout
+        itself is the backbone's, `IndexModel.patch_flops`)."""
+        return float(2 * self.dim_in * self.dim + 2 * self.dim_in * self.hidden + 2 * self.hidden * self.dim
+                     + 3 * self.dim_in + 3 * self.dim)
 
 
 def index_signals(zhat: torch.Tensor, prev_zhat: torch.Tensor | None, z: torch.Tensor,
@@ -113,8 +130,15 @@ class IndexModel:
     def layers(self) -> list[int]:
         return self.maps.layers
 
+    @property
+    def reads_patch(self) -> bool:
+        return self.maps.patch
+
     def head_flops(self) -> float:
-        return self.maps.flops() + 2.0 * (NUM_INDEX_SIGNALS + self.maps.dim) + 4.0 * self.maps.dim
+        """Per row and candidate layer: the map, the scorer and, where the maps read it, the backbone's
+        mean-patch readout (config["patch_flops"], set at fit time from the backbone)."""
+        return (self.maps.flops() + 2.0 * (NUM_INDEX_SIGNALS + self.maps.dim) + 4.0 * self.maps.dim
+                + (float(self.config.get("patch_flops", 0.0)) if self.maps.patch else 0.0))
 
     def to(self, device) -> "IndexModel":
         self.maps.to(device)
@@ -130,12 +154,13 @@ class IndexModel:
 
     def header(self) -> dict:
         return {"layers": self.layers, "num_layers": self.maps.num_layers, "dim": self.maps.dim,
-                "hidden": self.maps.hidden, "fingerprint": self.fingerprint, **self.config}
+                "hidden": self.maps.hidden, "patch": self.maps.patch, "fingerprint": self.fingerprint, **self.config}
 
     @classmethod
     def from_state(cls, header: dict, tensors: dict, where: str) -> "IndexModel":
         try:
-            maps = IndexMaps(header["layers"], header["num_layers"], header["dim"], header["hidden"])
+            maps = IndexMaps(header["layers"], header["num_layers"], header["dim"], header["hidden"],
+                             bool(header.get("patch", False)))
             maps.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("maps.")})
             scorer = Jumper(tensors["scorer.weight"].float(), tensors["scorer.bias"].float())
             if scorer.weight.shape != (len(maps.layers), NUM_INDEX_SIGNALS + maps.dim):
@@ -143,20 +168,24 @@ class IndexModel:
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise TGEMError(f"{where} is corrupted: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         maps.eval()
-        config = {k: v for k, v in header.items() if k not in ("layers", "num_layers", "dim", "hidden", "fingerprint")}
+        config = {k: v for k, v in header.items()
+                  if k not in ("layers", "num_layers", "dim", "hidden", "patch", "fingerprint")}
         return cls(maps, scorer, header.get("fingerprint", ""), config)
 
     # ---- on cached features (what calibration and the benchmark use; the engine decides identically)
 
-    def layer_estimates(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (N, L, D) cached readouts -> (N, n + 1, D) unit estimates at each candidate layer, then z_L."""
+    def layer_estimates(self, z: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
+        """z (and patch, for maps that read it): (N, L, D) cached readouts -> (N, n + 1, D) unit estimates at each
+        candidate layer, then z_L."""
+        cand = [l - 1 for l in self.layers]
         with torch.no_grad():
-            est = self.maps.all(z[:, [l - 1 for l in self.layers]])
+            est = self.maps.all(z[:, cand], None if patch is None else patch[:, cand])
         return torch.cat([est, F.normalize(z[:, -1].float(), dim=-1)[:, None]], 1)
 
-    def layer_scores(self, z: torch.Tensor, est: torch.Tensor | None = None) -> torch.Tensor:
+    def layer_scores(self, z: torch.Tensor, est: torch.Tensor | None = None,
+                     patch: torch.Tensor | None = None) -> torch.Tensor:
         """(N, n) scorer outputs (estimated cos(zhat_l, z_L)) at each candidate layer."""
-        est = self.layer_estimates(z) if est is None else est
+        est = self.layer_estimates(z, patch) if est is None else est
         out, prev, prev_z = [], None, None
         for j, l in enumerate(self.layers):
             zl = z[:, l - 1]
@@ -164,9 +193,9 @@ class IndexModel:
             prev, prev_z = est[:, j], zl
         return torch.stack(out, 1)
 
-    def simulate(self, z: torch.Tensor, tau: float):
+    def simulate(self, z: torch.Tensor, tau: float, patch: torch.Tensor | None = None):
         """(embeddings (N, D), exit layers (N,)) that the engine would produce for these cached readouts."""
-        est = self.layer_estimates(z)
+        est = self.layer_estimates(z, patch)
         scores = self.layer_scores(z, est)
         e = first_exit(scores, tau)
         depth = torch.as_tensor(self.layers + [self.maps.num_layers], dtype=torch.long)[e]
@@ -224,6 +253,7 @@ class IndexPolicy:
 
     def __init__(self, model: IndexModel, tau: float):
         self.model, self.tau = model, float(tau)
+        self.needs_patch = model.reads_patch
         self.candidate_layers = list(model.layers)
         self.head_flops = model.head_flops()
         self._index = {l: j for j, l in enumerate(model.layers)}
@@ -231,11 +261,11 @@ class IndexPolicy:
     def start(self, n: int):
         self.n, self.prev_est, self.prev_z = n, None, None
 
-    def decide(self, layer, z, rows):
+    def decide(self, layer, z, rows, patch=None):
         if layer not in self._index:  # the last layer: CLIP's own embedding
             return torch.ones(len(rows), dtype=torch.bool, device=z.device), F.normalize(z.float(), dim=-1)
         j = self._index[layer]
-        est = self.model.maps.one(j, z)
+        est = self.model.maps.one(j, z, patch)
         if self.prev_est is None:  # state lives where the inputs live
             self.prev_est = torch.zeros(self.n, est.shape[1], device=z.device)
             self.prev_z = torch.zeros(self.n, z.shape[1], device=z.device)
@@ -272,16 +302,18 @@ def rank_failures(est: torch.Tensor, text: torch.Tensor, rank: int = 1) -> torch
 
 
 def calibrate_index(model: IndexModel, z: torch.Tensor, budget: float | None = None, max_drop: float | None = None,
-                    delta: float = DELTA, text: torch.Tensor | None = None, rank: int = 1) -> tuple[float, dict]:
+                    delta: float = DELTA, text: torch.Tensor | None = None, rank: int = 1,
+                    patch: torch.Tensor | None = None) -> tuple[float, dict]:
     """tau for a budget (mean executed layers / L <= budget, best mean cos(stored, z_L) under it: label-free)
     or for max_drop = eps: the share of images whose full-CLIP best reference text (rows of `text`, unit) is
     not in the index's top `rank` stays <= eps with probability >= 1 - delta (Learn-then-Test, as
-    `tgems.jumper.calibrate_max_drop`). z: (N, L, D) cached readouts of calibration images."""
+    `tgems.jumper.calibrate_max_drop`). z (and patch, for maps that read it): (N, L, D) cached readouts of
+    calibration images."""
     if (budget is None) == (max_drop is None):
         raise TGEMError("calibrate needs exactly one of budget= or max_drop=")
     L = model.maps.num_layers
     layers = model.layers + [L]
-    est = model.layer_estimates(z)
+    est = model.layer_estimates(z, patch)
     scores = model.layer_scores(z, est)
     if budget is not None:
         if not 0 < budget <= 1:

@@ -28,7 +28,8 @@ def cmd_index(args):
 def cmd_index_fit(args):
     from tgems.training.index_fit import fit_and_save_index
 
-    info = fit_and_save_index(args.model, args.data, args.out, IndexFitSettings(epochs=args.epochs, seed=args.seed),
+    info = fit_and_save_index(args.model, args.data, args.out, IndexFitSettings(epochs=args.epochs, seed=args.seed,
+                                                                                 readout_patch=args.readout_patch),
                               n=args.n, device=args.device, dtype=args.dtype, progress=show_progress(args))
     logger(args)(f"saved retrieval maps for {args.model} to {args.out} ({info['images']} images, "
                f"{info['fit_seconds']} s); index with `tgems index --model {args.model} --tgem {args.out}`")
@@ -77,6 +78,8 @@ def add_parsers(sub):
     ixf.add_argument("--out", required=True, help="directory of the maps (written atomically)")
     ixf.add_argument("--n", type=positive_int, help="a seeded random sample of N images")
     ixf.add_argument("--epochs", type=positive_int, **option(IndexFitSettings, "epochs"))
+    ixf.add_argument("--no-readout-patch", dest="readout_patch", action="store_false",
+                     **option(IndexFitSettings, "readout_patch"))
     placement(ixf)
     common(ixf)
     ixf.set_defaults(func=cmd_index_fit)

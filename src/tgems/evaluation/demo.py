@@ -47,8 +47,8 @@ def retrieval_check(bb, ft, fc, text, budget: float = 0.6, k: int = 10) -> dict:
     from tgems.retrieval import calibrate_index, load_index_model
 
     model = load_index_model("embedded:retrieval", bb).to("cpu")
-    tau, _ = calibrate_index(model, fc.z, budget=budget)
-    emb, depth = model.simulate(ft.z, tau)
+    tau, _ = calibrate_index(model, fc.z, budget=budget, patch=fc.patch)
+    emb, depth = model.simulate(ft.z, tau, ft.patch)
     full = F.normalize(ft.z[:, -1].float(), dim=-1)
     q = text.float().cpu()
     top_idx = (q @ F.normalize(emb.float(), dim=-1).t()).topk(k, dim=1).indices

@@ -23,7 +23,7 @@ from tgems.retrieval import NUM_INDEX_SIGNALS, IndexMaps, IndexModel, calibrate_
 from tgems.training.settings import IndexFitSettings
 
 
-def _train_maps(maps: IndexMaps, x, target, cap_idx, cap_text, logit_scale, s: IndexFitSettings, progress):
+def _train_maps(maps: IndexMaps, x, patch, target, cap_idx, cap_text, logit_scale, s: IndexFitSettings, progress):
     opt = torch.optim.AdamW(maps.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     g = torch.Generator().manual_seed(s.seed)
     steps = max(1, math.ceil(len(x) / s.batch_size))
@@ -36,7 +36,7 @@ def _train_maps(maps: IndexMaps, x, target, cap_idx, cap_text, logit_scale, s: I
         perm = torch.randperm(len(x), generator=g)
         for i in range(steps):
             b = perm[i * s.batch_size:(i + 1) * s.batch_size]
-            est = maps.all(x[b])  # (B, n, D)
+            est = maps.all(x[b], None if patch is None else patch[b])  # (B, n, D)
             loss = (1 - (est * target[b][:, None]).sum(-1)).mean()
             if cap_text is not None and s.caption_weight > 0:
                 logits = logit_scale * torch.einsum("bnd,kd->bnk", est, cap_text[cap_idx[b]])
@@ -54,10 +54,11 @@ def _train_maps(maps: IndexMaps, x, target, cap_idx, cap_text, logit_scale, s: I
     return history
 
 
-def scorer_inputs(maps: IndexMaps, z: torch.Tensor):
+def scorer_inputs(maps: IndexMaps, z: torch.Tensor, patch: torch.Tensor | None = None):
     """(signals (N, n, S), targets (N, n)): the scorer's inputs and cos(M_l(z_l), z_L) clipped to [0, 1]."""
+    cand = [l - 1 for l in maps.layers]
     with torch.no_grad():
-        est = maps.all(z[:, [l - 1 for l in maps.layers]])
+        est = maps.all(z[:, cand], None if patch is None else patch[:, cand])
         final = F.normalize(z[:, -1].float(), dim=-1)
         sig, prev, prev_z = [], None, None
         for j, l in enumerate(maps.layers):
@@ -104,14 +105,22 @@ def fit_index_model(backbone, data=None, settings: IndexFitSettings | None = Non
             raise TGEMError("give training images (data) or their cached features (feats)")
         feats = extract_features(backbone, data, progress=progress, desc="cache features")
     z = feats.z.float()
+    patch = None
+    if s.readout_patch:
+        if feats.patch is None:
+            raise TGEMError("these features hold no mean-patch readouts: extract them again, or fit with "
+                            "--no-readout-patch")
+        patch = feats.patch.float()
     if len(z) < 8:
         raise TGEMError(f"fitting the index maps needs at least 8 images, got {len(z)}")
     torch.manual_seed(s.seed)
     perm = np.random.default_rng(s.seed).permutation(len(z))
     n_s = max(1, int(round(len(z) * s.scorer_fraction)))
     score_idx, train_idx = torch.as_tensor(np.sort(perm[:n_s])), torch.as_tensor(np.sort(perm[n_s:]))
-    maps = IndexMaps(layers, L, backbone.embed_dim, s.hidden)
-    x = z[train_idx][:, [l - 1 for l in layers]]
+    maps = IndexMaps(layers, L, backbone.embed_dim, s.hidden, patch=s.readout_patch)
+    cand = [l - 1 for l in layers]
+    x = z[train_idx][:, cand]
+    xp = None if patch is None else patch[train_idx][:, cand]
     target = F.normalize(z[train_idx, -1], dim=-1)
     cap_idx = cap_text = None
     if s.caption_weight > 0:
@@ -121,14 +130,16 @@ def fit_index_model(backbone, data=None, settings: IndexFitSettings | None = Non
         cap_text = F.normalize(backbone.encode_text(list(uniq)).float(), dim=-1)
         cap_idx = torch.as_tensor(inv, dtype=torch.long)[train_idx]
     scale = backbone.logit_scale()
-    history = _train_maps(maps, x, target, cap_idx, cap_text, scale, s, progress)
+    history = _train_maps(maps, x, xp, target, cap_idx, cap_text, scale, s, progress)
     maps.eval()
-    sig, tgt = scorer_inputs(maps, z[score_idx])
+    p_score = None if patch is None else patch[score_idx]
+    sig, tgt = scorer_inputs(maps, z[score_idx], p_score)
     scorer = fit_scorer(sig, tgt, s.scorer_ridge)
-    model = IndexModel(maps, scorer, backbone.fingerprint(), {})
-    tau, cal = calibrate_index(model, z[score_idx], budget=s.default_budget)
+    model = IndexModel(maps, scorer, backbone.fingerprint(),
+                       {"patch_flops": float(backbone.flops_patch_readout()) if s.readout_patch else 0.0})
+    tau, cal = calibrate_index(model, z[score_idx], budget=s.default_budget, patch=p_score)
     model.config["tau"] = tau
-    est = model.layer_estimates(z[score_idx])
+    est = model.layer_estimates(z[score_idx], p_score)
     per_layer = [{"layer": l, "cos_to_final": round(float((est[:, j] * est[:, -1]).sum(-1).mean()), 4),
                   "plain_readout_cos": round(float((F.normalize(z[score_idx, l - 1], dim=-1) * est[:, -1]).sum(-1)
                                                    .mean()), 4)}

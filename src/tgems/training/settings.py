@@ -73,6 +73,8 @@ class IndexFitSettings:
     scorer_fraction: float = 0.25  # images held out of the maps' training to fit the scorer
     scorer_ridge: float = 1e-4  # ridge strength of the scorer (per image, on standardised-free signals)
     default_budget: float = 0.6  # the model file's tau meets this budget on the scorer's images
+    readout_patch: bool = _cli(True, "the maps read the class-token readout z_l alone, not also the mean-patch "
+                                     "readout m_l beside it")
     seed: int = 0
 
 
