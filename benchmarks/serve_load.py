@@ -329,12 +329,16 @@ async def open_loop(port, bodies, rate, seconds, max_requests, drain_s, seed):
     t0 = time.perf_counter()
 
     async def one(k, at):
+        reused = bool(idle)
         conn = idle.pop() if idle else Connection(port)
-        try:
-            status, data = await conn.request("POST", "/v1/tgems/classify", bodies[k % len(bodies)])
-        except ConnectionError:
-            tally.error("connection")
-            return
+        for attempt in range(2 if reused else 1):  # an idle connection the server closed (keep-alive timeout)
+            try:  # is this client's doing, not the server's: once more on a new one
+                status, data = await conn.request("POST", "/v1/tgems/classify", bodies[k % len(bodies)])
+                break
+            except ConnectionError:
+                if attempt == (1 if reused else 0):
+                    tally.error("connection")
+                    return
         tally.add(status, data, time.perf_counter() - t0 - at)
         idle.append(conn)
 
