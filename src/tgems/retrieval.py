@@ -1,9 +1,10 @@
 """Cross-modal retrieval with early exits: an image index built with fewer encoder layers.
 
 No label set exists when a collection is indexed, so the exit rule is label-free (reading (b) of
-issue 14): at each candidate layer l a small map M_l turns the readout z_l into an estimate
-zhat_l of the image's *final* CLIP embedding z_L, and a per-layer scorer (a `Jumper`: one logistic
-model per layer) estimates cos(zhat_l, z_L) from cheap signals. An image leaves at the first layer
+issue 14): at each candidate layer l a small map M_l turns the readout z_l (and the mean-patch
+readout m_l beside it, in maps fit since issue 27) into an estimate zhat_l of the image's *final*
+CLIP embedding z_L, and a per-layer scorer (a `Jumper`: one logistic model per layer) estimates
+cos(zhat_l, z_L) from cheap signals. An image leaves at the first layer
 whose estimate reaches tau and the index stores zhat_l there (z_L itself for images that run to the
 end), so the whole index lives in CLIP's own joint space and is searched with CLIP's own text
 embeddings. tau is calibrated for a budget (mean executed layers / L) or, with Learn-then-Test and
@@ -97,7 +98,7 @@ class IndexMaps(nn.Module):
 
     def flops(self) -> float:
         """Per row and candidate layer: the linear map, the MLP and the normalisations (the mean-patch readout
-        itself is the backbone's, `IndexModel.patch_flops`)."""
+        itself is the backbone's, counted by `IndexModel.head_flops`)."""
         return float(2 * self.dim_in * self.dim + 2 * self.dim_in * self.hidden + 2 * self.hidden * self.dim
                      + 3 * self.dim_in + 3 * self.dim)
 

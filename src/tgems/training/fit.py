@@ -157,7 +157,7 @@ def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings,
     if memo is not None and desc in memo:
         trained, soft_tau, history = memo[desc]
         s = replace(s, soft_tau=soft_tau)
-        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s),
+        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, s.recipe,
                     s.readout_patch)
         tgem.load_state_dict({k: v for k, v in trained.state_dict().items() if k not in RECIPE_BUFFERS}, strict=False)
     else:
@@ -167,7 +167,7 @@ def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings,
             # the regularizer) neither vanish nor fire everywhere
             s = replace(s, soft_tau=round(float(_final_confidence(backbone, store, rows, t, s.batch_size).median()), 4))
         torch.manual_seed(seed)
-        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, recipe_of(s),
+        tgem = TGEM(s.layers, backbone.num_layers, backbone.embed_dim, out_dim, s.space, s.hidden, s.recipe,
                     s.readout_patch)
         if s.space == "rates":
             tgem.center.copy_(_mean_features(store, rows, s.space, s.layers))
@@ -181,10 +181,6 @@ def _fit_modules(backbone, store, rows: np.ndarray, t: _Targets, s: FitSettings,
         tgem.readout_weight.copy_(w)
         tgem.readout_bias.copy_(b)
     return tgem, s, history
-
-
-def recipe_of(s: FitSettings) -> str:
-    return s.recipe or recipe_for(s.space)
 
 
 def _set_mix(tgem: TGEM, main_text, store, jfeats, cross: list, halves, backbone, maps: str = "half") -> None:
@@ -264,7 +260,7 @@ def _checked_settings(backbone, settings: FitSettings | None) -> FitSettings:
     check_jumper_target(s.jumper_target)
     from tgems.options import RECIPES
 
-    recipe = recipe_of(s)
+    recipe = s.recipe or recipe_for(s.space)
     if recipe not in RECIPES:
         raise TGEMError(f"unknown exit recipe '{recipe}' (choose from {', '.join(RECIPES)})")
     if recipe == "distilled" and s.space != "cls":
