@@ -22,26 +22,10 @@ import torch
 
 import tgems
 from tgems.io import write_json
+from tgems.training.readout_fit import fit_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from jumper_study import cached_features  # noqa: E402
-
-
-def fit_weights(logits_of, n: int, target: torch.Tensor, steps: int = 100) -> torch.Tensor:
-    """Weights w (n,) minimising the cross-entropy of softmax(logits_of(w)) against the full model's probs."""
-    w = torch.zeros(n)
-    w[0] = 1.0
-    w.requires_grad_(True)
-    opt = torch.optim.LBFGS([w], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = -(target * logits_of(w).log_softmax(-1)).sum(-1).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach()
 
 
 def readouts(prof, feats):

@@ -329,14 +329,16 @@ async def open_loop(port, bodies, rate, seconds, max_requests, drain_s, seed):
     t0 = time.perf_counter()
 
     async def one(k, at):
-        reused = bool(idle)
+        # an idle connection the server has closed (its keep-alive timeout) is this client's doing, not the
+        # server's: such a request goes once more on a new connection (a broken one reconnects)
+        attempts = 2 if idle else 1
         conn = idle.pop() if idle else Connection(port)
-        for attempt in range(2 if reused else 1):  # an idle connection the server closed (keep-alive timeout)
-            try:  # is this client's doing, not the server's: once more on a new one
+        for attempt in range(attempts):
+            try:
                 status, data = await conn.request("POST", "/v1/tgems/classify", bodies[k % len(bodies)])
                 break
             except ConnectionError:
-                if attempt == (1 if reused else 0):
+                if attempt == attempts - 1:
                     tally.error("connection")
                     return
         tally.add(status, data, time.perf_counter() - t0 - at)

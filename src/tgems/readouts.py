@@ -15,15 +15,17 @@ def reads_patch(weight: torch.Tensor) -> bool:
     return weight.shape[-2] == 2 * weight.shape[-1]
 
 
-def map_input(z: torch.Tensor, patch: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
-    """What the map reads: the unit readout, then the unit mean-patch readout where the map reads it."""
+def map_input(z: torch.Tensor, patch: torch.Tensor | None, weight: torch.Tensor,
+              what: str = "distilled readouts") -> torch.Tensor:
+    """What the map reads: the unit readout, then the unit mean-patch readout where the map reads it (the
+    retrieval maps of `tgems.retrieval` read the same; `what` names the maps in the refusal)."""
     x = F.normalize(z.float(), dim=-1)
     if not reads_patch(weight):
         return x
     if patch is None:
         from tgems.errors import TGEMError
 
-        raise TGEMError("these distilled readouts read the mean-patch readouts m_l, which were not given")
+        raise TGEMError(f"these {what} read the mean-patch readouts m_l, which were not given")
     return torch.cat([x, F.normalize(patch.float(), dim=-1)], dim=-1)
 
 

@@ -31,6 +31,7 @@ import tgems.artifacts as artifacts
 from tgems.engine import run_early_exit
 from tgems.errors import TGEMError
 from tgems.jumper import Jumper
+from tgems.readouts import map_input, reads_patch
 
 from tgems.calibration import NEVER_EXIT as NEVER
 from tgems.calibration import calibrate_max_drop, first_exit, simulate, tau_grid
@@ -62,8 +63,7 @@ class IndexMaps(nn.Module):
     def __init__(self, layers, num_layers: int, dim: int, hidden: int = 256, patch: bool = False):
         super().__init__()
         self.layers, self.num_layers, self.dim, self.hidden = list(layers), num_layers, dim, hidden
-        self.patch = bool(patch)
-        n, d_in = len(self.layers), self.dim_in
+        n, d_in = len(self.layers), 2 * dim if patch else dim
         self.lin = nn.Parameter(torch.eye(d_in, dim).repeat(n, 1, 1))
         self.w1 = nn.Parameter(torch.randn(n, d_in, hidden) / math.sqrt(d_in))
         self.b1 = nn.Parameter(torch.zeros(n, hidden))
@@ -71,17 +71,17 @@ class IndexMaps(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(n, dim))
 
     @property
+    def patch(self) -> bool:
+        """Whether the maps read the mean-patch readout beside z_l (their input is then 2 D wide)."""
+        return reads_patch(self.lin)
+
+    @property
     def dim_in(self) -> int:
-        return 2 * self.dim if self.patch else self.dim
+        return self.lin.shape[-2]
 
     def inputs(self, z: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
-        """What the maps read: the unit readout, then the unit mean-patch readout where they read it."""
-        u = F.normalize(z.float(), dim=-1)
-        if not self.patch:
-            return u
-        if patch is None:
-            raise TGEMError("these retrieval maps read the mean-patch readouts m_l, which were not given")
-        return torch.cat([u, F.normalize(patch.float(), dim=-1)], dim=-1)
+        """What the maps read: as the distilled readouts (`tgems.readouts.map_input`)."""
+        return map_input(z, patch, self.lin, "retrieval maps")
 
     def one(self, j: int, z: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
         """Estimate at candidate index j; z (and patch): (B, D) raw readouts."""

@@ -44,22 +44,27 @@ def fit_readouts(store, rows: np.ndarray, layers: list[int], l2: float = READOUT
     return w[:, :-1].contiguous(), w[:, -1].contiguous()
 
 
+def fit_weights(logits_of, n: int, target: torch.Tensor, steps: int = 100) -> torch.Tensor:
+    """Weights w (n,), starting at (1, 0, ..., 0), minimising the cross-entropy of softmax(logits_of(w)) against
+    the class distribution `target` (L-BFGS): how much each of n logit sets is worth toward the full model."""
+    w = torch.zeros(n)
+    w[0] = 1.0
+    w.requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -(target * logits_of(w).log_softmax(-1)).sum(-1).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
 def fit_mix(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int = 100) -> torch.Tensor:
     """(n, 2) per-layer weights (T-GEM, distilled) minimising the KL divergence from the full model's class
     distribution to softmax(a t + b d). `parts`: per candidate layer, (t, d, full probs) over the same rows,
     which should be images of classes the readouts were not fit on (cross-fitting), so the weights say how
     much each readout is worth on text-only classes."""
-    out = []
-    for t, d, p in parts:
-        w = torch.tensor([1.0, 0.0], requires_grad=True)
-        opt = torch.optim.LBFGS([w], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = -(p * (w[0] * t + w[1] * d).log_softmax(-1)).sum(-1).mean()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        out.append(w.detach())
-    return torch.stack(out)
+    return torch.stack([fit_weights(lambda w: w[0] * t + w[1] * d, 2, p, steps) for t, d, p in parts])
