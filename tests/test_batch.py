@@ -201,11 +201,28 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str:
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] + " " + \
+            open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120]
+    except OSError:
+        return "gone"
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time in clock ticks: with the pid, it names one process even if the pid is reused."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+def _alive(pid: int, started: str | None = None) -> bool:
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     except OSError:
         return False
+    return fields[0] != "Z" and (started is None or fields[19] == started)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -217,26 +234,31 @@ def test_killed_job_leaves_no_worker_and_no_traceback(tmp_path, imgs):
     script = KILLED_JOB.format(tgem=tgem_checkpoint(), labels=list(LABELS), data=f"webdataset:{pattern}",
                                out=str(out)).replace("workers=1", "workers=2")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers = {}
     try:
         deadline = time.time() + 120
         while not (out / "part-00000.parquet").exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline, "the job wrote no part in time"
             time.sleep(0.02)
-        workers = _children(proc.pid)
+        workers = {pid: _started(pid) for pid in _children(proc.pid)}
         assert len(workers) >= 2
         proc.kill()
         try:
             _, err = proc.communicate(timeout=60)  # end of file on stderr: every worker has closed it
+            closed = "closed"
         except subprocess.TimeoutExpired:
-            err = b""
-        survivors = [pid for pid in workers if _alive(pid)]
+            err, closed = b"", "still open after 60 s"
+        settle = time.time() + 10  # a worker that has closed its pipes may not yet be a zombie in /proc
+        while (survivors := [p for p, t in workers.items() if _alive(p, t)]) and time.time() < settle:
+            time.sleep(0.05)
+        states = {pid: _state(pid) for pid in survivors}
     finally:
-        for pid in _children(proc.pid) + [proc.pid]:
+        for pid in _children(proc.pid) + [proc.pid] + [p for p, t in workers.items() if _alive(p, t)]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
-    assert survivors == []
+    assert survivors == [], f"workers alive 10 s after the job's stderr was {closed}: {states}"
     text = err.decode(errors="replace")
     assert "Traceback" not in text and "BrokenPipe" not in text and "leaked" not in text, text[-2000:]
 
