@@ -18,7 +18,8 @@ from tgems.engine import full_flops
 from tgems.classifier import EarlyExitClassifier
 from tgems.training.jumper_fit import from_samples
 from tgems.evaluation.harness import analytic_flops
-from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, Jumper, exit_head_flops, jumper_signals
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TAIL_SIGNALS, NUM_TRAJ_SIGNALS, Jumper, exit_head_flops, \
+    jumper_signals
 from tgems.profiles import layer_probs
 
 
@@ -107,7 +108,8 @@ def test_predict_is_independent_of_batch_size_and_order(bb, classifiers, test_da
     # so the test exercises real mixed exits whatever this barely trained model's own Jumper learned
     # (on it, one layer's score can be the same for every image)
     g = torch.Generator().manual_seed(0)
-    n, width = len(clf.profiles.layers), NUM_SIGNALS + bb.embed_dim + NUM_SET_SIGNALS
+    n = len(clf.profiles.layers)
+    width = NUM_SIGNALS + bb.embed_dim + NUM_SET_SIGNALS + NUM_TRAJ_SIGNALS + NUM_TAIL_SIGNALS
     clf.jumper = Jumper(torch.randn(n, width, generator=g), torch.zeros(n))
     scores, layer_preds = clf.layer_predictions(test_feats)
     layers = clf.profiles.exit_layers

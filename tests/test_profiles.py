@@ -9,7 +9,7 @@ from tgem_helpers import L, bb  # noqa: F401 (fixtures)
 from tgems import TGEMError
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import scenes
-from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TAIL_SIGNALS, NUM_TRAJ_SIGNALS
 from tgems.profiles import check_labels, class_embeddings, layer_probs, sample_profiles
 
 
@@ -31,9 +31,11 @@ def test_profile_and_logit_shapes(bb, L, fitted, test_feats, space):
     assert probs.shape == (len(test_feats), L, C)
     assert torch.allclose(probs.sum(-1), torch.ones(len(test_feats), L), atol=1e-5)
     # the agreement model reads the confidence and label-set signals (zero weights on the readout z_l between
-    # them) and the trajectory signals; the cross-fitted budget (no-loss) model reads z_l too
+    # them), the trajectory signals and the tail signals (without the trajectory, the one made from the readout
+    # pair is not read); the cross-fitted budget (no-loss) model reads z_l too, and no tail signal
     width = NUM_SIGNALS + bb.embed_dim + NUM_SET_SIGNALS + NUM_TRAJ_SIGNALS
-    assert jumper.weight.shape == (L - 1, width) and jumper.bias.shape == (L - 1,)
+    assert jumper.weight.shape == (L - 1, width + NUM_TAIL_SIGNALS) and jumper.bias.shape == (L - 1,)
+    assert jumper.weight[:, width:-1].any() and bool(jumper.weight[:, -1].any()) == (space == "cls")
     assert not jumper.weight[:, NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()
     assert jumper.budget.weight.shape == (L - 1, width)
     assert jumper.budget.weight[:, NUM_SIGNALS:NUM_SIGNALS + bb.embed_dim].any()

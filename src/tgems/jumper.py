@@ -16,6 +16,8 @@ from tgems.profiles import ClassProfiles
 NUM_SIGNALS = 6  # the confidence signals; the unit readout z_l follows them
 NUM_SET_SIGNALS = 3  # label-set signals, after z_l (when the label set's text embeddings are given)
 NUM_TRAJ_SIGNALS = 3  # trajectory signals, after the label-set ones (see trajectory_signals)
+NUM_TAIL_SIGNALS = 5  # tail signals, after the trajectory ones (see tail_signals); the agreement model reads them
+_TAIL_FLOOR = 1e-4
 TOP_K = 5  # ranking stability: overlap of the top-k classes with the previous candidate layer's
 
 
@@ -37,6 +39,15 @@ def trajectory_signals(patience: torch.Tensor, pair: torch.Tensor | None) -> tor
     return torch.cat([patience.float()[:, None], pair.float()], dim=1)
 
 
+def tail_signals(conf: torch.Tensor, traj: torch.Tensor) -> torch.Tensor:
+    """(n, NUM_TAIL_SIGNALS): how far from certainty the layer is, on a log scale: log(1 - top-1), log(margin),
+    log(entropy), log(1 - the previous candidate's probability of this top-1) and log(1 - the distilled
+    readout's top-1), each floored at 1e-4. A max_drop threshold sits where 1 - top-1 is a few thousandths;
+    linear in the probabilities, the agreement model could not tell 0.995 from 0.9999 (docs/design.md)."""
+    top1, margin, ent, prev_top, d_top1 = conf[:, 0], conf[:, 1], conf[:, 2], conf[:, 4], traj[:, 2]
+    return torch.log(torch.stack([1 - top1, margin, ent, 1 - prev_top, 1 - d_top1], dim=1) + _TAIL_FLOOR)
+
+
 def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.Tensor,
                  prev_z: torch.Tensor | None, text: torch.Tensor | None = None,
                  neighbours: torch.Tensor | None = None, traj: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,10 +58,11 @@ def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.
     describe the label set around the prediction rather than its class identity: the cosine between the
     top-2 classes' texts, the top-1 class text's cosine to its nearest other class text, and the overlap
     of the top-k classes with the previous candidate layer's top-k; then, with the label-set signals, the
-    trajectory signals `traj` (trajectory_signals; zeros when not given). A Jumper model reads the first
-    `weight.shape[-1]` of them (NUM_SIGNALS: agreement models fit before issue 12; NUM_SIGNALS + D: budget
-    models fit before the label-set signals; NUM_SIGNALS + D + NUM_SET_SIGNALS: before issue 27; all:
-    current models)."""
+    trajectory signals `traj` (trajectory_signals; zeros when not given) and the tail signals (tail_signals).
+    A Jumper model reads the first `weight.shape[-1]` of them (NUM_SIGNALS: agreement models fit before
+    issue 12; NUM_SIGNALS + D: budget models fit before the label-set signals; NUM_SIGNALS + D +
+    NUM_SET_SIGNALS: before issue 27; all but the tail: budget models, and agreement models fit before the
+    tail signals; all: current agreement models)."""
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     top1 = top2[:, 0]
     margin = top1 - (top2[:, 1] if top2.shape[1] > 1 else 0)
@@ -79,7 +91,8 @@ def exit_signals(probs: torch.Tensor, prev_probs: torch.Tensor | None, z: torch.
             prev_top_k = prev_probs.topk(k, dim=1).indices
             overlap = (top[:, :, None] == prev_top_k[:, None, :]).any(2).float().mean(1)
         out.append(torch.stack([pair, neighbours[pred].float(), overlap], dim=1))
-        out.append(traj.float() if traj is not None else torch.zeros(len(top1), NUM_TRAJ_SIGNALS, device=top1.device))
+        traj = traj.float() if traj is not None else torch.zeros(len(top1), NUM_TRAJ_SIGNALS, device=top1.device)
+        out += [traj, tail_signals(conf, traj)]
     return torch.cat(out, dim=1)
 
 
@@ -113,7 +126,8 @@ def exit_head_flops(profiles: ClassProfiles) -> float:
     input)."""
     C, D = profiles.num_classes, profiles.text.shape[-1]
     traj = 2 * NUM_TRAJ_SIGNALS + 2 + (6 * C if profiles.distilled else 0)  # patience; the readout pair
-    return profiles.scoring_flops() + float(15 * C + 2 * D + 2 * (NUM_SIGNALS + D + NUM_SET_SIGNALS) + traj)
+    tail = 4 * NUM_TAIL_SIGNALS  # a subtraction and a logarithm each, then the logistic model's 2
+    return profiles.scoring_flops() + float(15 * C + 2 * D + 2 * (NUM_SIGNALS + D + NUM_SET_SIGNALS) + traj + tail)
 
 
 def exit_head_flops_by_layer(profiles: ClassProfiles) -> dict:

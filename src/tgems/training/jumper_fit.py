@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from tgems.errors import TGEMError
-from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TRAJ_SIGNALS, Jumper, jumper_signals
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TAIL_SIGNALS, NUM_TRAJ_SIGNALS, Jumper, jumper_signals
 from tgems.profiles import ClassProfiles, layer_probs
 from tgems.training.logistic import fit_logistic  # deterministic across thread counts (issue 30.11)
 from tgems.training.settings import JUMPER_TARGETS
@@ -44,12 +44,14 @@ def training_signals(profile_sets: list[ClassProfiles], feats) -> tuple[torch.Te
     return signals, preds
 
 
-def _fit_on(signals: torch.Tensor, target: torch.Tensor, cols: torch.Tensor) -> Jumper:
-    """A Jumper fit on standardised signal columns `cols`, zero weights on the others."""
+def _fit_on(signals: torch.Tensor, target: torch.Tensor, cols: torch.Tensor, width: int) -> Jumper:
+    """A Jumper fit on standardised signal columns `cols`, zero weights on the others of the first `width`
+    (it reads the first `weight.shape[-1]` signals: a model that reads no tail signal is as wide as before
+    they existed, and scores bit for bit as it did)."""
     every = len(cols) == signals.shape[-1] and bool((cols == torch.arange(len(cols))).all())
     fit = fit_logistic(signals if every else by_blocks(lambda b: b[..., cols], signals), target.float(),
                        standardize=True)
-    weight = torch.zeros(fit.weight.shape[0], signals.shape[-1])
+    weight = torch.zeros(fit.weight.shape[0], width)
     weight[:, cols] = fit.weight
     return Jumper(weight, fit.bias)
 
@@ -67,8 +69,10 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list
     on part of the classes, see `training.fit.fit_tgem`); the no-loss model then learns from these images
     scored by every set of modules, and reads z_l too. Otherwise z_l weights are zero: fit on the modules'
     own classes only, a readout-based model learned which images of those classes settle early, and did
-    not transfer to text-only classes (docs/design.md). `trajectory`: also read the trajectory signals
-    (`jumper.trajectory_signals`); without, their weights are zero."""
+    not transfer to text-only classes (docs/design.md). The agreement model also reads the tail signals
+    (`jumper.tail_signals`: its max_drop thresholds sit near certainty); the budget models do not.
+    `trajectory`: also read the trajectory signals (`jumper.trajectory_signals`, and the tail signal made
+    from one); without, their weights are zero."""
     check_jumper_target(target)
     labelled = bool((feats.labels >= 0).all())
     if target == "no_loss" and not labelled:
@@ -76,17 +80,20 @@ def fit_jumper(profiles: ClassProfiles, feats, target: str = "goal", cross: list
     sets = [profiles] + (list(cross) if labelled and target != "agree" else [])
     signals, preds = training_signals(sets, feats)
     n_rows = len(feats)
-    width = signals.shape[-1]
+    width = signals.shape[-1] - NUM_TAIL_SIGNALS  # the budget models read no tail signal
     last = width if trajectory else width - NUM_TRAJ_SIGNALS  # without: zero weights on the trajectory signals
     readable = torch.cat([torch.arange(NUM_SIGNALS), torch.arange(width - NUM_SET_SIGNALS - NUM_TRAJ_SIGNALS, last)])
     agree = None
     if target != "no_loss":
-        agree = _fit_on(signals[:n_rows], preds[:n_rows, :-1] == preds[:n_rows, -1:], readable)
+        tail = torch.arange(width, width + NUM_TAIL_SIGNALS - (0 if trajectory else 1))  # the last: the readout pair's
+        agree = _fit_on(signals[:n_rows], preds[:n_rows, :-1] == preds[:n_rows, -1:], torch.cat([readable, tail]),
+                        signals.shape[-1])
     if target == "agree" or not labelled:
         return agree
     labels = feats.labels.repeat(len(sets))[:, None]
     every = torch.arange(width if trajectory else width - NUM_TRAJ_SIGNALS)
-    no_loss = _fit_on(signals, (preds[:, :-1] == labels) | (preds[:, -1:] != labels), every if cross else readable)
+    no_loss = _fit_on(signals, (preds[:, :-1] == labels) | (preds[:, -1:] != labels), every if cross else readable,
+                      width)
     if target == "no_loss":
         return no_loss
     agree.budget = no_loss
