@@ -244,8 +244,14 @@ def fmt_guarantee(rec: dict) -> str:
     g = rec["data"]
     rows = [[r.get("split"), num(r.get("tau"), 4), pct(r.get("test_disagreement")), num(r.get("test_mean_layers")),
              pct(r.get("calib_ucb"))] for r in g.get("rows", [])]
-    return (guarantee_block(g) + "\n\n"
-            + table(["draw", "tau", "test disagreement %", "test mean layers", "calibration upper bound %"], rows))
+    out = guarantee_block(g) + "\n\n"
+    if g.get("arms"):
+        out += ("Per checkpoint, on the same pool and draws; the best single threshold is the fewest mean layers of "
+                "one tau on the whole pool at disagreement <= eps (what the score's ranking allows):\n\n"
+                + table(["arm", "checkpoint", "draws held", "mean layers", "best single threshold: layers"],
+                        [[a["name"], f"`{a['tgem']}`", f"{a['held']}/{a['n_splits']}", num(a["mean_test_layers"]),
+                          num(a["headroom"]["mean_layers"])] for a in g["arms"]]) + "\n\n")
+    return out + table(["draw", "tau", "test disagreement %", "test mean layers", "calibration upper bound %"], rows)
 
 
 def fmt_regularizer(rec: dict) -> str:

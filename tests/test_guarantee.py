@@ -17,3 +17,27 @@ def test_guarantee_study_on_synthetic_pool():
     assert all(r["calib_ucb"] <= 0.05 for r in res["rows"])
     assert res["mean_test_layers"] < 4
 
+
+
+def test_threshold_headroom_is_the_best_single_threshold_within_eps():
+    """The headroom's tau keeps the pool's disagreement <= eps, no later tau of the sequence does, and the
+    guarantee's calibrated draws never beat it by more than their test noise."""
+    from tgems.calibration import simulate, tau_grid
+    from tgems.evaluation.guarantee import threshold_headroom
+
+    scores, preds = synthetic_exits(2000, 3)
+    stub = SimpleNamespace(layer_predictions=lambda feats, goal: (scores, preds) if goal == "max_drop" else None,
+                           profiles=SimpleNamespace(layers=[1, 2, 3], exit_layers=[1, 2, 3, 4]))
+    pool = list(range(2000))
+    h = threshold_headroom(stub, pool, eps=0.05)
+    p, d = simulate(scores, preds, [1, 2, 3, 4], h["tau"])
+    assert abs(float((p != preds[:, -1]).float().mean()) - h["disagreement"]) < 1e-6 and h["disagreement"] <= 0.05
+    assert abs(float(d.double().mean()) - h["mean_layers"]) < 1e-3 and h["mean_layers"] < 4
+    taus = tau_grid(scores, size=2000)
+    after = taus[list(taus).index(h["tau"]) + 1]
+    p, _ = simulate(scores, preds, [1, 2, 3, 4], float(after))
+    assert float((p != preds[:, -1]).float().mean()) > 0.05
+    strict = threshold_headroom(stub, pool, eps=0.0)
+    assert strict["mean_layers"] >= h["mean_layers"] and strict["disagreement"] == 0.0
+    res = guarantee_study(stub, pool, eps=0.05, delta=0.1, n_splits=10, seed=0)
+    assert res["mean_test_layers"] >= h["mean_layers"] - 0.1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tgems.calibration import calibrate_max_drop, simulate
+from tgems.calibration import calibrate_max_drop, simulate, tau_grid
 from tgems.classifier import EarlyExitClassifier
 from tgems.features import LayerFeatures, extract_features
 from tgems.options import DELTA
@@ -45,3 +45,21 @@ def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 
             "mean_test_layers": round(float(np.mean([r["test_mean_layers"] for r in rows])), 3)}
 
 
+
+
+def threshold_headroom(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 0.01) -> dict:
+    """The fewest mean layers that one threshold on this classifier's max_drop score reaches on the whole
+    pool while its disagreement with the full model stays <= eps (taus tried from safe to aggressive, as
+    Learn-then-Test tries them): what a calibration that knew the pool could give. Above it, the layers are
+    the price of the guarantee; up to it, they are the score's ranking of images."""
+    scores, preds = clf.layer_predictions(pool, goal="max_drop")
+    layers = clf.profiles.exit_layers
+    best = {"tau": None, "mean_layers": float(layers[-1]), "disagreement": 0.0}
+    for tau in tau_grid(scores, size=2000):
+        p, d = simulate(scores, preds, layers, float(tau))
+        dis = float((p != preds[:, -1]).float().mean())
+        if dis > eps:
+            break
+        best = {"tau": float(tau), "mean_layers": round(float(d.double().mean()), 3),
+                "disagreement": round(dis, 5)}
+    return {"eps": eps, "n": len(pool), **best}
