@@ -119,7 +119,7 @@ def test_checkpoints_carry_their_recipe_and_newer_or_unknown_ones_are_refused(tm
     bb = tiny_backbone
     path = _save(tmp_path, bb, "distilled")
     tgem, _, cfg = load_tgem(path, bb)
-    assert cfg["format"] == 3 and tgem.recipe == "distilled" and not tgem.readout_patch
+    assert cfg["format"] == 4 and tgem.recipe == "distilled" and not tgem.readout_patch
     prof = tgem.profiles(F.normalize(torch.randn(3, bb.embed_dim), dim=-1), bb)
     assert prof.distilled and torch.equal(prof.mix.cpu(), torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
     assert not prof.reads_patch and prof.patch_flops == 0
@@ -137,7 +137,7 @@ def test_checkpoints_carry_their_recipe_and_newer_or_unknown_ones_are_refused(tm
     c.pop("recipe"), c.pop("sha256", None)
     cfg_file.write_text(json.dumps(c | {"format": 1}))
     assert load_tgem(old, bb)[0].recipe == "tgem"
-    for change, words in (({"format": 4}, "format 4"), ({"recipe": "ztw", "format": 3}, "unknown exit recipe 'ztw'")):
+    for change, words in (({"format": 5}, "format 5"), ({"recipe": "ztw", "format": 4}, "unknown exit recipe 'ztw'")):
         cfg_file = path / "tgem.json"
         c = json.loads(cfg_file.read_text())
         c.pop("sha256", None)

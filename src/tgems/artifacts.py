@@ -25,8 +25,8 @@ class Kind:
     format: int = 1
 
 
-TGEM = Kind("tgem.json", "tgem.safetensors", "a T-GEM checkpoint", format=3)
-CLASSIFIER = Kind("classifier.json", "classifier.safetensors", "a saved classifier", format=4)
+TGEM = Kind("tgem.json", "tgem.safetensors", "a T-GEM checkpoint", format=4)
+CLASSIFIER = Kind("classifier.json", "classifier.safetensors", "a saved classifier", format=5)
 RETRIEVAL = Kind("retrieval.json", "retrieval.safetensors", "a retrieval model", format=2)  # maps + scorer
 INDEX = Kind("index.json", "index.safetensors", "a tgems index")
 PRETRAIN_STATE = Kind("state.json", "model.safetensors", "a pretrain checkpoint")

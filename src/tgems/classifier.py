@@ -31,7 +31,8 @@ from tgems.options import DELTA
 from tgems.tgem import TGEM, load_tgem
 
 FORMAT_VERSION = artifacts.CLASSIFIER.format  # 2: the backbone's source, a content hash; 3: distilled readouts in the
-# profiles; 4: distilled maps that read the mean-patch readouts (profiles.patch_flops)
+# profiles; 4: distilled maps that read the mean-patch readouts (profiles.patch_flops); 5: an agreement model
+# that may read the tail signals (jumper.tail_signals)
 CONFIG, TENSORS = artifacts.CLASSIFIER.config, artifacts.CLASSIFIER.tensors
 LABEL_COST_LIMIT = 0.05  # scoring the label set may add this share of plain CLIP's FLOPs before a warning
 

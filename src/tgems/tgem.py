@@ -19,7 +19,8 @@ from tgems.options import RECIPES, SPACES
 from tgems.profiles import ClassProfiles, zero_shot_head
 
 # 2: a `recipe` (issue 27); format 1 checkpoints load as "tgem". 3: `readout_patch`, distilled maps that read
-# the mean-patch readouts too; format 2 ones read z_l alone
+# the mean-patch readouts too; format 2 ones read z_l alone. 4: an agreement model that may read the tail
+# signals (jumper.tail_signals), wider than an older tgems computes; format 3 ones read the first 6 + D + 6
 FORMAT_VERSION = artifacts.TGEM.format
 RECIPE_BUFFERS = ("readout_weight", "readout_bias", "mix")  # what the distilled recipe adds to the modules
 CONFIG, TENSORS = artifacts.TGEM.config, artifacts.TGEM.tensors
