@@ -74,6 +74,15 @@ class _Policy:
             self.policy.start(capacity)  # per-row state indexed by slot
 
 
+def _inputs(info: _Policy, sel: torch.Tensor, rates, patch=None) -> dict:
+    """The keyword inputs a policy's `decide` takes for the rows `sel`: the rates and the mean-patch readout
+    where it reads them."""
+    out = {"rates": None if rates is None else rates[sel]} if info.needs_rates else {}
+    if info.needs_patch and patch is not None:
+        out["patch"] = patch[sel]
+    return out
+
+
 class DepthScheduler(Driver):
     """Depth-queue batching of one backbone's vision tower for many exit policies at once.
 
@@ -281,10 +290,7 @@ class DepthScheduler(Driver):
         outputs = None
         if live and (l in info.readout or l == self.L):
             sel = torch.tensor(live, dtype=torch.long, device=z.device)
-            extra = {"rates": None if rates is None else rates[sel]} if info.needs_rates else {}
-            if info.needs_patch and patch is not None:
-                extra["patch"] = patch[sel]
-            decision = pol.decide(l, z[sel], slots[sel], **extra)
+            decision = pol.decide(l, z[sel], slots[sel], **_inputs(info, sel, rates, patch))
             m, outputs = _split_decision(decision, len(live))
             m = m.cpu()
             if l == self.L:
@@ -294,8 +300,7 @@ class DepthScheduler(Driver):
         audited = [k for k, r in enumerate(rows) if r.audit]
         if audited and l == self.L:
             sel = torch.tensor(audited, dtype=torch.long, device=z.device)
-            extra = {"rates": None if rates is None else rates[sel]} if info.needs_rates else {}
-            decision = pol.decide(l, z[sel], slots[sel], **extra)  # the last layer: no patch readout
+            decision = pol.decide(l, z[sel], slots[sel], **_inputs(info, sel, rates))  # the last layer: no patch
             _, full = _split_decision(decision, len(audited))
             for j, k in enumerate(audited):
                 self._audited(rows[k], None if full is None else int(full[j].argmax()))
