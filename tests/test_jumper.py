@@ -7,7 +7,7 @@ import torch
 
 from tgem_helpers import bb, make_classifier, test_data  # noqa: F401 (fixtures)
 from tgems import TGEMError
-from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TAIL_SIGNALS, NUM_TRAJ_SIGNALS, Jumper, jumper_signals, \
+from tgems.jumper import NUM_SET_SIGNALS, NUM_SIGNALS, NUM_TAIL_SIGNALS, NUM_TRAJ_SIGNALS, jumper_signals, \
     text_neighbours
 from tgems.training.jumper_fit import fit_jumper, fit_logistic
 from tgems.profiles import layer_probs

@@ -45,8 +45,6 @@ def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 
             "mean_test_layers": round(float(np.mean([r["test_mean_layers"] for r in rows])), 3)}
 
 
-
-
 def threshold_headroom(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 0.01) -> dict:
     """The fewest mean layers that one threshold on this classifier's max_drop score reaches on the whole
     pool while its disagreement with the full model stays <= eps (taus tried from safe to aggressive, as
