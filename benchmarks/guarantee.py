@@ -25,7 +25,7 @@ import tgems
 from tgems.io import write_json
 from tgems.classifier import EarlyExitClassifier
 from tgems.data import scenes
-from tgems.evaluation.guarantee import guarantee_pool, guarantee_study, threshold_headroom
+from tgems.evaluation.guarantee import guarantee_pool, guarantee_study
 
 TGEM = "embedded:cls"
 
@@ -56,8 +56,7 @@ def main():
             pools[rates] = guarantee_pool(bb, args.n_calib, args.n_test, args.seed, rates=rates)
         pool = pools[rates]
         g = guarantee_study(clf, pool, eps=args.eps, delta=args.delta, n_splits=args.splits, seed=args.seed,
-                            calib_fraction=args.n_calib / len(pool))
-        g["headroom"] = threshold_headroom(clf, pool, args.eps)
+                            calib_fraction=args.n_calib / len(pool), headroom=True)
         dis = [r["test_disagreement"] for r in g["rows"]]
         print(f"[{name}: {ckpt}] max_drop eps {args.eps}, delta {args.delta}: {args.splits} draws of {g['n_calib']} "
               f"calibration images, {g['n_test']} test images each")

@@ -188,41 +188,37 @@ def test_killed_job_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, clf, s
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(d))
-    return kids
-
-
-def _state(pid: int) -> str:
+def _stat(pid) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (the state first, the parent pid next), or None
+    once the process is gone."""
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] + " " + \
-            open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120]
-    except OSError:
-        return "gone"
-
-
-def _started(pid: int) -> str | None:
-    """The process's start time in clock ticks: with the pid, it names one process even if the pid is reused."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     except OSError:
         return None
 
 
-def _alive(pid: int, started: str | None = None) -> bool:
+def _children(pid: int) -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and (f := _stat(d)) and int(f[1]) == pid]
+
+
+def _state(pid: int) -> str:
+    f = _stat(pid)
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        command = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120]
     except OSError:
-        return False
-    return fields[0] != "Z" and (started is None or fields[19] == started)
+        command = ""
+    return "gone" if f is None else f"{f[0]} {command}"
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time in clock ticks: with the pid, it names one process even if the pid is reused."""
+    f = _stat(pid)
+    return None if f is None else f[19]
+
+
+def _alive(pid: int, started: str | None = None) -> bool:
+    f = _stat(pid)
+    return f is not None and f[0] != "Z" and (started is None or f[19] == started)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -26,18 +26,19 @@ def test_threshold_headroom_is_the_best_single_threshold_within_eps():
     from tgems.evaluation.guarantee import threshold_headroom
 
     scores, preds = synthetic_exits(2000, 3)
-    stub = SimpleNamespace(layer_predictions=lambda feats, goal: (scores, preds) if goal == "max_drop" else None,
-                           profiles=SimpleNamespace(layers=[1, 2, 3], exit_layers=[1, 2, 3, 4]))
-    pool = list(range(2000))
-    h = threshold_headroom(stub, pool, eps=0.05)
-    p, d = simulate(scores, preds, [1, 2, 3, 4], h["tau"])
+    layers = [1, 2, 3, 4]
+    h = threshold_headroom(scores, preds, layers, eps=0.05)
+    p, d = simulate(scores, preds, layers, h["tau"])
     assert abs(float((p != preds[:, -1]).float().mean()) - h["disagreement"]) < 1e-6 and h["disagreement"] <= 0.05
     assert abs(float(d.double().mean()) - h["mean_layers"]) < 1e-3 and h["mean_layers"] < 4
     taus = tau_grid(scores, size=2000)
     after = taus[list(taus).index(h["tau"]) + 1]
-    p, _ = simulate(scores, preds, [1, 2, 3, 4], float(after))
+    p, _ = simulate(scores, preds, layers, float(after))
     assert float((p != preds[:, -1]).float().mean()) > 0.05
-    strict = threshold_headroom(stub, pool, eps=0.0)
+    strict = threshold_headroom(scores, preds, layers, eps=0.0)
     assert strict["mean_layers"] >= h["mean_layers"] and strict["disagreement"] == 0.0
-    res = guarantee_study(stub, pool, eps=0.05, delta=0.1, n_splits=10, seed=0)
+    stub = SimpleNamespace(layer_predictions=lambda feats, goal: (scores, preds) if goal == "max_drop" else None,
+                           profiles=SimpleNamespace(layers=layers[:-1], exit_layers=layers))
+    res = guarantee_study(stub, list(range(2000)), eps=0.05, delta=0.1, n_splits=10, seed=0, headroom=True)
+    assert res["headroom"] == h  # the study's own scores, the same threshold
     assert res["mean_test_layers"] >= h["mean_layers"] - 0.1

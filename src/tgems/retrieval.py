@@ -89,6 +89,13 @@ class IndexMaps(nn.Module):
         y = u @ self.lin[j] + F.gelu(u @ self.w1[j] + self.b1[j]) @ self.w2[j] + self.b2[j]
         return F.normalize(y, dim=-1)
 
+    def estimates(self, z: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, L, D) cached readouts (and mean-patch readouts, for maps that read them) -> (N, n, D) unit estimates
+        at the candidate layers, without gradients."""
+        cand = [l - 1 for l in self.layers]
+        with torch.no_grad():
+            return self.all(z[:, cand], None if patch is None else patch[:, cand])
+
     def all(self, z: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n, D) readouts (and mean-patch readouts) of the candidate layers -> (B, n, D) unit estimates."""
         u = self.inputs(z, patch)
@@ -116,6 +123,16 @@ def index_signals(zhat: torch.Tensor, prev_zhat: torch.Tensor | None, z: torch.T
         moved = (zhat * prev_zhat).sum(-1)
         moved_z = (u * F.normalize(prev_z.float(), dim=-1)).sum(-1)
     return torch.cat([torch.stack([moved, (zhat * u).sum(-1), moved_z], 1), zhat], 1)
+
+
+def layer_signals(layers: list[int], z: torch.Tensor, est: torch.Tensor):
+    """(j, (N, S) `index_signals`) at each candidate layer j, from (N, L, D) cached readouts and the (N, n, D)
+    estimates: what the scorer reads, on cached data as the engine reads it row by row."""
+    prev, prev_z = None, None
+    for j, l in enumerate(layers):
+        zl = z[:, l - 1]
+        yield j, index_signals(est[:, j], prev, zl, prev_z)
+        prev, prev_z = est[:, j], zl
 
 
 @dataclass
@@ -178,21 +195,14 @@ class IndexModel:
     def layer_estimates(self, z: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
         """z (and patch, for maps that read it): (N, L, D) cached readouts -> (N, n + 1, D) unit estimates at each
         candidate layer, then z_L."""
-        cand = [l - 1 for l in self.layers]
-        with torch.no_grad():
-            est = self.maps.all(z[:, cand], None if patch is None else patch[:, cand])
+        est = self.maps.estimates(z, patch)
         return torch.cat([est, F.normalize(z[:, -1].float(), dim=-1)[:, None]], 1)
 
     def layer_scores(self, z: torch.Tensor, est: torch.Tensor | None = None,
                      patch: torch.Tensor | None = None) -> torch.Tensor:
         """(N, n) scorer outputs (estimated cos(zhat_l, z_L)) at each candidate layer."""
         est = self.layer_estimates(z, patch) if est is None else est
-        out, prev, prev_z = [], None, None
-        for j, l in enumerate(self.layers):
-            zl = z[:, l - 1]
-            out.append(self.scorer.score(j, index_signals(est[:, j], prev, zl, prev_z)))
-            prev, prev_z = est[:, j], zl
-        return torch.stack(out, 1)
+        return torch.stack([self.scorer.score(j, sig) for j, sig in layer_signals(self.layers, z, est)], 1)
 
     def simulate(self, z: torch.Tensor, tau: float, patch: torch.Tensor | None = None):
         """(embeddings (N, D), exit layers (N,)) that the engine would produce for these cached readouts."""

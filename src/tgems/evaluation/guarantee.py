@@ -23,9 +23,10 @@ def guarantee_pool(backbone, n_calib: int = 2900, n_test: int = 20000, seed: int
 
 
 def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 0.01, delta: float = DELTA,
-                    n_splits: int = 20, seed: int = 0, calib_fraction: float = 0.5) -> dict:
+                    n_splits: int = 20, seed: int = 0, calib_fraction: float = 0.5, headroom: bool = False) -> dict:
     """Re-split a pool into calibration / test halves n_splits times; calibrate max_drop on one half and
-    measure the disagreement with the full model on the other."""
+    measure the disagreement with the full model on the other. `headroom`: also the best single threshold
+    on the whole pool (`threshold_headroom`), from the same scores."""
     scores, preds = clf.layer_predictions(pool, goal="max_drop")
     layers = clf.profiles.exit_layers
     rng = np.random.default_rng(seed)
@@ -40,18 +41,19 @@ def guarantee_study(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 
         rows.append({"split": i, "tau": round(tau, 5), "test_disagreement": round(dis, 5),
                      "test_mean_layers": round(float(d.float().mean()), 3), "calib_ucb": round(info["ucb"], 5)})
     held = sum(r["test_disagreement"] <= eps for r in rows)
-    return {"eps": eps, "delta": delta, "n_splits": n_splits, "n_calib": nc, "n_test": len(pool) - nc,
-            "held": held, "rows": rows,
-            "mean_test_layers": round(float(np.mean([r["test_mean_layers"] for r in rows])), 3)}
+    out = {"eps": eps, "delta": delta, "n_splits": n_splits, "n_calib": nc, "n_test": len(pool) - nc,
+           "held": held, "rows": rows,
+           "mean_test_layers": round(float(np.mean([r["test_mean_layers"] for r in rows])), 3)}
+    if headroom:
+        out["headroom"] = threshold_headroom(scores, preds, layers, eps)
+    return out
 
 
-def threshold_headroom(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float = 0.01) -> dict:
-    """The fewest mean layers that one threshold on this classifier's max_drop score reaches on the whole
-    pool while its disagreement with the full model stays <= eps (taus tried from safe to aggressive, as
-    Learn-then-Test tries them): what a calibration that knew the pool could give. Above it, the layers are
-    the price of the guarantee; up to it, they are the score's ranking of images."""
-    scores, preds = clf.layer_predictions(pool, goal="max_drop")
-    layers = clf.profiles.exit_layers
+def threshold_headroom(scores: torch.Tensor, preds: torch.Tensor, layers: list[int], eps: float = 0.01) -> dict:
+    """The fewest mean layers that one threshold on these max_drop scores reaches on the whole pool while its
+    disagreement with the full model (the last column of `preds`) stays <= eps (taus tried from safe to
+    aggressive, as Learn-then-Test tries them): what a calibration that knew the pool could give. Above it,
+    the layers are the price of the guarantee; up to it, they are the score's ranking of images."""
     best = {"tau": None, "mean_layers": float(layers[-1]), "disagreement": 0.0}
     for tau in tau_grid(scores, size=2000):
         p, d = simulate(scores, preds, layers, float(tau))
@@ -60,4 +62,4 @@ def threshold_headroom(clf: EarlyExitClassifier, pool: LayerFeatures, eps: float
             break
         best = {"tau": float(tau), "mean_layers": round(float(d.double().mean()), 3),
                 "disagreement": round(dis, 5)}
-    return {"eps": eps, "n": len(pool), **best}
+    return {"eps": eps, "n": len(scores), **best}

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from tgems.errors import TGEMError
 from tgems.features import LayerFeatures, extract_features
 from tgems.jumper import Jumper
-from tgems.retrieval import NUM_INDEX_SIGNALS, IndexMaps, IndexModel, calibrate_index, index_signals, \
+from tgems.retrieval import NUM_INDEX_SIGNALS, IndexMaps, IndexModel, calibrate_index, layer_signals, \
     write_index_model
 from tgems.training.settings import IndexFitSettings
 
@@ -56,16 +56,10 @@ def _train_maps(maps: IndexMaps, x, patch, target, cap_idx, cap_text, logit_scal
 
 def scorer_inputs(maps: IndexMaps, z: torch.Tensor, patch: torch.Tensor | None = None):
     """(signals (N, n, S), targets (N, n)): the scorer's inputs and cos(M_l(z_l), z_L) clipped to [0, 1]."""
-    cand = [l - 1 for l in maps.layers]
-    with torch.no_grad():
-        est = maps.all(z[:, cand], None if patch is None else patch[:, cand])
-        final = F.normalize(z[:, -1].float(), dim=-1)
-        sig, prev, prev_z = [], None, None
-        for j, l in enumerate(maps.layers):
-            zl = z[:, l - 1]
-            sig.append(index_signals(est[:, j], prev, zl, prev_z))
-            prev, prev_z = est[:, j], zl
-        return torch.stack(sig, 1), (est * final[:, None]).sum(-1).clamp(0, 1)
+    est = maps.estimates(z, patch)
+    final = F.normalize(z[:, -1].float(), dim=-1)
+    signals = torch.stack([sig for _, sig in layer_signals(maps.layers, z, est)], 1)
+    return signals, (est * final[:, None]).sum(-1).clamp(0, 1)
 
 
 def fit_scorer(signals: torch.Tensor, cos: torch.Tensor, ridge: float = 1e-4) -> Jumper:

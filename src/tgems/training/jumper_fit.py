@@ -48,9 +48,9 @@ def _fit_on(signals: torch.Tensor, target: torch.Tensor, cols: torch.Tensor, wid
     """A Jumper fit on standardised signal columns `cols`, zero weights on the others of the first `width`
     (it reads the first `weight.shape[-1]` signals: a model that reads no tail signal is as wide as before
     they existed, and scores bit for bit as it did)."""
-    every = len(cols) == signals.shape[-1] and bool((cols == torch.arange(len(cols))).all())
-    fit = fit_logistic(signals if every else by_blocks(lambda b: b[..., cols], signals), target.float(),
-                       standardize=True)
+    prefix = bool((cols == torch.arange(len(cols))).all())  # the first signals: a view, no copy
+    fit = fit_logistic(signals[..., :len(cols)] if prefix else by_blocks(lambda b: b[..., cols], signals),
+                       target.float(), standardize=True)
     weight = torch.zeros(fit.weight.shape[0], width)
     weight[:, cols] = fit.weight
     return Jumper(weight, fit.bias)
